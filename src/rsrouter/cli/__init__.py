@@ -1,0 +1,1 @@
+"""The `router` command line: a thin shell over the Python API."""

@@ -1,0 +1,3 @@
+from rsrouter.cli.main import main
+
+main()

@@ -1,0 +1,1 @@
+"""The workspace expert registry: named, pinned, hash-verified experts (Hub or folder)."""

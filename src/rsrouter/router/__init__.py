@@ -1,0 +1,1 @@
+"""Radius tables, router training and the dual-smoothing composition engine."""
