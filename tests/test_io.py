@@ -1,0 +1,43 @@
+"""Crash safety of the shared writers: atomic files and torn JSONL tails."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rsrouter.errors import UsageError
+from rsrouter.io import append_jsonl, atomic_path, read_json, read_jsonl, sha256_json, write_json
+
+
+def test_atomic_path_leaves_old_file_on_failure(tmp_path):
+    target = tmp_path / "out.json"
+    write_json(target, {"a": 1})
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("killed")
+    assert read_json(target) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
+
+
+def test_read_jsonl_drops_and_truncates_a_torn_last_line(tmp_path):
+    path = tmp_path / "records.jsonl"
+    append_jsonl(path, [{"i": 0}, {"i": 1}])
+    with path.open("a") as fh:
+        fh.write('{"i": 2, "rad')  # a kill in the middle of a write
+    assert read_jsonl(path) == [{"i": 0}, {"i": 1}]
+    append_jsonl(path, [{"i": 2}])
+    assert [json.loads(line)["i"] for line in path.read_text().splitlines()] == [0, 1, 2]
+
+
+def test_read_json_errors_are_one_sentence(tmp_path):
+    with pytest.raises(UsageError, match="does not exist"):
+        read_json(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(UsageError, match="not valid JSON"):
+        read_json(tmp_path / "bad.json")
+
+
+def test_sha256_json_ignores_key_order():
+    assert sha256_json({"a": 1, "b": [1, 2]}) == sha256_json({"b": [1, 2], "a": 1})
+    assert sha256_json({"a": 1}) != sha256_json({"a": 2})
