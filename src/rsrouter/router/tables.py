@@ -1,0 +1,418 @@
+"""Radius tables: each expert's counts and certified radius of the true label on every input.
+
+One column per expert, cached in ``<artifacts>/tables/<key>.safetensors`` where the key hashes
+(expert fingerprint, dataset fingerprint, n, alpha, seed, subset): registering a new expert
+computes only its column. A column is built in shards of inputs, each written atomically to
+``<key>.partial/shard-NNNNN.safetensors``; a killed run resumes from the shards that are there,
+and since the noise of input i is seeded by (seed, i), the merged column is the same however
+the work was split (batch size, shards, ranks).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from rsrouter.errors import UsageError
+from rsrouter.io import atomic_path, sha256_json
+from rsrouter.progress import progress_bar
+from rsrouter.smoothing import (
+    ESTIMATION,
+    certified_radius,
+    check_alpha,
+    check_count,
+    sample_counts,
+)
+
+FORMAT = "rsrouter.radius-column/1"
+
+
+def check_subset(subset: float) -> float:
+    if not isinstance(subset, (int, float)) or not 0 < subset <= 1:
+        raise UsageError(f"subset must be a fraction in (0, 1], got {subset!r}.")
+    return float(subset)
+
+
+def subset_indices(size: int, subset: float, seed: int) -> np.ndarray:
+    """Sorted dataset indices of a deterministic fraction of ``size`` inputs (all when 1)."""
+    subset = check_subset(subset)
+    if subset == 1:
+        return np.arange(size, dtype=np.int64)
+    keep = max(1, math.ceil(subset * size))
+    chosen = np.random.default_rng([int(seed), 0x5AB5E7]).permutation(size)[:keep]
+    return np.sort(chosen).astype(np.int64)
+
+
+def column_key(expert_fp: str, dataset_fp: str, n: int, alpha: float, seed: int, subset: float):
+    """The cache key of one expert's column."""
+    return sha256_json(
+        {
+            "expert": expert_fp,
+            "dataset": dataset_fp,
+            "n": int(n),
+            "alpha": float(alpha),
+            "seed": int(seed),
+            "subset": float(subset),
+        }
+    )
+
+
+@dataclass(frozen=True)
+class Column:
+    """One expert's part of the table (rows in the order of ``indices``)."""
+
+    counts: torch.Tensor  # (N, K) int64
+    radius: torch.Tensor  # (N,) float64
+    indices: torch.Tensor  # (N,) int64 dataset indices
+    metadata: dict
+
+
+@dataclass(frozen=True)
+class RadiusTable:
+    """Radii (N, E) of E experts on N inputs; column e is expert ``names[e]``."""
+
+    radii: torch.Tensor  # (N, E) float64
+    names: tuple[str, ...]
+    sigmas: tuple[float, ...]
+    fingerprints: tuple[str, ...]
+    labels: torch.Tensor  # (N,) int64
+    indices: torch.Tensor  # (N,) int64 dataset indices
+    n: int
+    alpha: float
+    seed: int
+    subset: float
+    dataset_fingerprint: str
+
+    @property
+    def best(self) -> torch.Tensor:
+        """Index of the expert with the largest radius per input (the first on ties)."""
+        return self.radii.argmax(dim=1)
+
+    @property
+    def certified(self) -> torch.Tensor:
+        """Rows that some expert certifies (R > 0): the rows the router trains on."""
+        return (self.radii > 0).any(dim=1)
+
+    def summary(self) -> list[dict]:
+        """Per expert: certified accuracy at r=0, mean radius, and how often it is the best."""
+        keep = self.certified
+        best = self.best[keep]
+        rows = []
+        for e, name in enumerate(self.names):
+            r = self.radii[:, e]
+            rows.append(
+                {
+                    "expert": name,
+                    "sigma": self.sigmas[e],
+                    "certified": float((r > 0).double().mean()),
+                    "mean_radius": float(r.mean()),
+                    "best_share": float((best == e).double().mean()) if len(best) else 0.0,
+                }
+            )
+        return rows
+
+
+def _labels_of(dataset, indices: np.ndarray) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(dataset.labels))[torch.as_tensor(indices)].long()
+
+
+def _check_expert(name: str, expert, dataset) -> None:
+    for attr in ("sigma", "num_classes", "fingerprint"):
+        if not hasattr(expert, attr):
+            raise UsageError(f"expert {name!r} has no {attr!r}: it is not an rsrouter Expert.")
+    shape = getattr(expert, "input_shape", None)
+    if shape is not None and tuple(dataset.images.shape[1:]) != tuple(shape):
+        raise UsageError(
+            f"expert {name!r} takes inputs of shape {tuple(shape)}, but dataset "
+            f"{getattr(dataset, 'name', '?')!r} has {tuple(dataset.images.shape[1:])}."
+        )
+
+
+def _shard_path(partial: Path, shard: int) -> Path:
+    return partial / f"shard-{shard:05d}.safetensors"
+
+
+def _compute_shard(expert, images, positions, indices, *, n, seed, batch_size, device, advance):
+    rows = indices[positions[0] : positions[1]]
+    xs = images[torch.as_tensor(rows)]
+    counts = sample_counts(
+        expert,
+        xs,
+        expert.sigma,
+        n,
+        seed=seed,
+        indices=[int(i) for i in rows],
+        stage=ESTIMATION,
+        batch_size=batch_size,
+        device=device,
+        num_classes=int(expert.num_classes),
+        progress=advance,
+    )
+    if counts.shape[1] > expert.num_classes:
+        raise UsageError(
+            f"the expert returned class ids up to {counts.shape[1] - 1}, "
+            f"but declares {expert.num_classes} classes."
+        )
+    return counts
+
+
+def _write(path: Path, tensors: dict[str, torch.Tensor], metadata: dict) -> None:
+    with atomic_path(path) as tmp:
+        save_file(
+            {k: v.contiguous() for k, v in tensors.items()},
+            str(tmp),
+            metadata={"format": FORMAT, "meta": json.dumps(metadata, sort_keys=True)},
+        )
+
+
+def read_column(path: str | Path) -> Column:
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"radius table column {path} does not exist.")
+    with safe_open(str(path), framework="pt") as fh:
+        meta = fh.metadata() or {}
+        if meta.get("format") != FORMAT:
+            raise UsageError(f"{path} is not an rsrouter radius table column.")
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
+    return Column(
+        counts=tensors["counts"],
+        radius=tensors["radius"],
+        indices=tensors["indices"],
+        metadata=json.loads(meta["meta"]),
+    )
+
+
+def build_column(
+    expert,
+    dataset,
+    path: Path,
+    metadata: dict,
+    indices: np.ndarray,
+    *,
+    n: int,
+    alpha: float,
+    seed: int,
+    shard_size: int,
+    batch_size: int,
+    device,
+    advance: Callable[[int], None],
+    rank: int = 0,
+    world: int = 1,
+    barrier: Callable[[], None] | None = None,
+) -> bool:
+    """Compute this rank's missing shards, then (rank 0) fill any gap and merge. True if merged."""
+    partial = path.with_name(path.stem + ".partial")
+    shards = [
+        (s, (start, min(start + shard_size, len(indices))))
+        for s, start in enumerate(range(0, len(indices), shard_size))
+    ]
+    images = torch.as_tensor(np.asarray(dataset.images))
+
+    def run(shard, positions):
+        target = _shard_path(partial, shard)
+        if target.is_file():
+            return
+        counts = _compute_shard(
+            expert,
+            images,
+            positions,
+            indices,
+            n=n,
+            seed=seed,
+            batch_size=batch_size,
+            device=device,
+            advance=advance,
+        )
+        _write(target, {"counts": counts}, {"shard": shard, "positions": list(positions)})
+
+    for shard, positions in shards:
+        if shard % world == rank:
+            run(shard, positions)
+    if barrier is not None:
+        barrier()
+    if rank != 0:
+        return False
+    for shard, positions in shards:  # a rank that died leaves gaps: fill them here
+        run(shard, positions)
+    width = int(expert.num_classes)
+    parts = []
+    for shard, _ in shards:
+        counts = read_column_shard(_shard_path(partial, shard))
+        parts.append(torch.nn.functional.pad(counts, (0, width - counts.shape[1])))
+    counts = torch.cat(parts)
+    idx = torch.as_tensor(indices, dtype=torch.long)
+    hits = counts.gather(1, _labels_of(dataset, indices).unsqueeze(1)).squeeze(1)
+    radius = torch.as_tensor(
+        np.asarray(certified_radius(hits.numpy(), n, expert.sigma, alpha), dtype=np.float64)
+    ).reshape(-1)
+    _write(path, {"counts": counts, "radius": radius, "indices": idx}, metadata)
+    shutil.rmtree(partial, ignore_errors=True)
+    return True
+
+
+def read_column_shard(path: Path) -> torch.Tensor:
+    with safe_open(str(path), framework="pt") as fh:
+        return fh.get_tensor("counts")
+
+
+def _columns(experts: Mapping, dataset, artifacts, n, alpha, seed, subset):
+    out = []
+    for name, expert in experts.items():
+        _check_expert(name, expert, dataset)
+        key = column_key(expert.fingerprint, dataset.fingerprint, n, alpha, seed, subset)
+        meta = {
+            "expert": name,
+            "sigma": float(expert.sigma),
+            "fingerprint": expert.fingerprint,
+            "num_classes": int(expert.num_classes),
+            "n": int(n),
+            "alpha": float(alpha),
+            "seed": int(seed),
+            "subset": float(subset),
+            "dataset": getattr(dataset, "name", ""),
+            "dataset_fingerprint": dataset.fingerprint,
+        }
+        out.append((name, expert, Path(artifacts) / "tables" / f"{key}.safetensors", meta))
+    return out
+
+
+def _validate(experts, n, alpha, seed, subset):
+    if not experts:
+        raise UsageError("no experts are registered: add one with `router add` first.")
+    check_count("n", n)
+    check_alpha(alpha)
+    check_subset(subset)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise UsageError(f"seed must be a non-negative whole number, got {seed!r}.")
+
+
+def build_tables(
+    experts: Mapping,
+    dataset,
+    artifacts: str | Path,
+    *,
+    n: int = 100,
+    alpha: float = 0.001,
+    seed: int = 0,
+    subset: float = 1.0,
+    shard_size: int = 256,
+    batch_size: int = 1000,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    rank: int = 0,
+    world: int = 1,
+    barrier: Callable[[], None] | None = None,
+) -> RadiusTable | None:
+    """Build the missing columns for ``experts`` (name -> Expert, router output order).
+
+    With ``world`` > 1 each rank computes the shards ``s % world == rank``; after ``barrier``
+    rank 0 merges. Returns the table on every rank whose merged columns are readable
+    (all ranks after the final barrier), else None.
+    """
+    _validate(experts, n, alpha, seed, subset)
+    check_count("shard_size", shard_size)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    indices = subset_indices(len(dataset.labels), subset, seed)
+    columns = _columns(experts, dataset, artifacts, n, alpha, seed, subset)
+    missing = [c for c in columns if not c[2].is_file()]
+    if missing:
+        mine = sum(
+            min(shard_size, len(indices) - start)
+            for s, start in enumerate(range(0, len(indices), shard_size))
+            if s % world == rank
+        )
+        total = mine * n * len(missing)
+        with progress_bar("radius tables", total, enabled=progress and total > 0) as advance:
+            for _name, expert, path, meta in missing:
+                was = expert.training
+                expert.to(device).eval()
+                try:
+                    build_column(
+                        expert,
+                        dataset,
+                        path,
+                        meta,
+                        indices,
+                        n=n,
+                        alpha=alpha,
+                        seed=seed,
+                        shard_size=shard_size,
+                        batch_size=batch_size,
+                        device=device,
+                        advance=advance,
+                        rank=rank,
+                        world=world,
+                        barrier=barrier,
+                    )
+                finally:
+                    expert.train(was)
+        if barrier is not None:
+            barrier()
+    if not all(c[2].is_file() for c in columns):
+        return None
+    return _assemble(columns, dataset, indices, n, alpha, seed, subset)
+
+
+def missing_columns(
+    experts: Mapping, dataset, artifacts, *, n=100, alpha=0.001, seed=0, subset=1.0
+):
+    """Names of the experts whose column is not cached yet."""
+    _validate(experts, n, alpha, seed, subset)
+    columns = _columns(experts, dataset, artifacts, n, alpha, seed, subset)
+    return [name for name, _, path, _ in columns if not path.is_file()]
+
+
+def load_tables(
+    experts: Mapping,
+    dataset,
+    artifacts: str | Path,
+    *,
+    n: int = 100,
+    alpha: float = 0.001,
+    seed: int = 0,
+    subset: float = 1.0,
+) -> RadiusTable:
+    """The cached table for ``experts`` on ``dataset``; a missing column is a UsageError."""
+    _validate(experts, n, alpha, seed, subset)
+    columns = _columns(experts, dataset, artifacts, n, alpha, seed, subset)
+    absent = [name for name, _, path, _ in columns if not path.is_file()]
+    if absent:
+        raise UsageError(
+            f"no radius table column for {', '.join(absent)} with these settings: "
+            "run `router tables` first."
+        )
+    indices = subset_indices(len(dataset.labels), subset, seed)
+    return _assemble(columns, dataset, indices, n, alpha, seed, subset)
+
+
+def _assemble(columns, dataset, indices, n, alpha, seed, subset) -> RadiusTable:
+    radii = []
+    for name, expert, path, _ in columns:
+        col = read_column(path)
+        if not torch.equal(col.indices, torch.as_tensor(indices, dtype=torch.long)):
+            raise UsageError(f"the cached column of {name!r} covers other inputs: delete {path}.")
+        if col.metadata.get("fingerprint") != expert.fingerprint:
+            raise UsageError(f"the cached column {path} belongs to another expert: delete it.")
+        radii.append(col.radius.double())
+    return RadiusTable(
+        radii=torch.stack(radii, dim=1),
+        names=tuple(c[0] for c in columns),
+        sigmas=tuple(float(c[1].sigma) for c in columns),
+        fingerprints=tuple(c[1].fingerprint for c in columns),
+        labels=_labels_of(dataset, indices),
+        indices=torch.as_tensor(indices, dtype=torch.long),
+        n=int(n),
+        alpha=float(alpha),
+        seed=int(seed),
+        subset=float(subset),
+        dataset_fingerprint=dataset.fingerprint,
+    )
