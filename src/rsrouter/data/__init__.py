@@ -1,0 +1,267 @@
+"""Image datasets as [0, 1] float tensors with class names and a content fingerprint.
+
+Sources: the Fashion-MNIST subset shipped in this package, raw IDX .gz files of Fashion-MNIST and
+MNIST (our layout or torchvision's), CIFAR-10 through torchvision (download=False), and an
+ImageFolder directory. Nothing here touches the network.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rsrouter.errors import UsageError
+from rsrouter.io import atomic_path
+
+SUBSET = "fashion-mnist-subset"
+SUBSET_FILE = Path(__file__).with_name("fashion_mnist_subset.npz")
+SPLITS = ("train", "test")
+ENV_ROOT = "RSROUTER_DATA"
+
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+MNIST_CLASSES = tuple(str(d) for d in range(10))
+CIFAR10_CLASSES = (
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)
+# name -> (class names, folder names to look for under a root: ours, then torchvision's raw/).
+IDX_DATASETS = {
+    "fashion-mnist": (FASHION_MNIST_CLASSES, ("fashion-mnist", "FashionMNIST/raw")),
+    "mnist": (MNIST_CLASSES, ("mnist", "MNIST/raw")),
+}
+IDX_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+@dataclass(frozen=True, eq=False)
+class Dataset:
+    """Images (N, C, H, W) float32 in [0, 1], labels (N,) int64, and where they came from."""
+
+    name: str
+    split: str
+    images: torch.Tensor
+    labels: torch.Tensor
+    class_names: tuple[str, ...]
+    fingerprint: str
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return tuple(self.images.shape[1:])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def subset(self, indices) -> Dataset:
+        """The inputs at ``indices``; its fingerprint names the parent and the indices."""
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        digest = hashlib.sha256(self.fingerprint.encode())
+        digest.update(idx.numpy().astype("<i8").tobytes())
+        return Dataset(
+            self.name,
+            self.split,
+            self.images[idx],
+            self.labels[idx],
+            self.class_names,
+            digest.hexdigest(),
+        )
+
+
+def fingerprint_arrays(images: np.ndarray, labels: np.ndarray, class_names) -> str:
+    """sha256 over the uint8 pixels, their shape, the labels and the class names."""
+    digest = hashlib.sha256()
+    digest.update(repr((images.shape, str(images.dtype), tuple(class_names))).encode())
+    digest.update(np.ascontiguousarray(images).tobytes())
+    digest.update(np.ascontiguousarray(labels, dtype="<i8").tobytes())
+    return digest.hexdigest()
+
+
+def from_uint8(name: str, split: str, images, labels, class_names) -> Dataset:
+    """A Dataset from uint8 images (N, H, W) or (N, H, W, C) and integer labels."""
+    label = f"{name}:{split}"
+    images = np.asarray(images)
+    if images.dtype != np.uint8:
+        raise UsageError(f"dataset {label!r}: expected uint8 images, got {images.dtype}.")
+    if images.ndim == 3:
+        images = images[:, None]
+    elif images.ndim == 4:
+        images = images.transpose(0, 3, 1, 2)
+    else:
+        raise UsageError(f"dataset {label!r}: images must be (N, H, W[, C]), got {images.shape}.")
+    labels = np.asarray(labels).astype(np.int64)
+    if len(labels) != len(images):
+        raise UsageError(f"dataset {label!r}: {len(images)} images but {len(labels)} labels.")
+    if len(labels) and (labels.min() < 0 or labels.max() >= len(class_names)):
+        raise UsageError(f"dataset {label!r}: labels outside 0..{len(class_names) - 1}.")
+    images = np.require(images, requirements=("C", "W"))
+    fingerprint = fingerprint_arrays(images, labels, class_names)
+    return Dataset(
+        name=name,
+        split=split,
+        images=torch.from_numpy(images).float().div_(255),
+        labels=torch.from_numpy(labels),
+        class_names=tuple(class_names),
+        fingerprint=fingerprint,
+    )
+
+
+def load_dataset(name_or_path: str | os.PathLike, split: str = "test", root=None) -> Dataset:
+    """Load a dataset by name (see module docstring) or an ImageFolder directory path.
+
+    ``root`` (or the RSROUTER_DATA environment variable) is where the raw files live, for every
+    name except the bundled subset.
+    """
+    if split not in SPLITS:
+        raise UsageError(f"split must be one of {SPLITS}, got {split!r}.")
+    name = str(name_or_path)
+    if name == SUBSET:
+        return load_subset(split)
+    if name in IDX_DATASETS:
+        return load_idx(name, split, data_root(name, root))
+    if name == "cifar10":
+        return load_cifar10(split, data_root(name, root))
+    if Path(name).is_dir():
+        return load_image_folder(Path(name), split)
+    raise UsageError(
+        f"unknown dataset {name!r}: use {SUBSET}, fashion-mnist, mnist, cifar10 or an "
+        "ImageFolder directory."
+    )
+
+
+def data_root(name: str, root) -> Path:
+    root = root or os.environ.get(ENV_ROOT)
+    if not root:
+        raise UsageError(
+            f"dataset {name!r} needs its files: pass root= (--data-root) or set {ENV_ROOT}."
+        )
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise UsageError(f"data root {root} is not a directory.")
+    return root
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX array (big-endian header, uint8 data), gzipped or not."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as fh:
+        raw = fh.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise UsageError(f"{path} is not an IDX file of unsigned bytes.")
+    ndim = raw[3]
+    dims = np.frombuffer(raw, dtype=">u4", count=ndim, offset=4).astype(int)
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(dims)):
+        raise UsageError(f"{path} is truncated: expected {int(np.prod(dims))} values.")
+    return data.reshape(tuple(dims))
+
+
+def find_idx(root: Path, folders, stem: str) -> Path:
+    for folder in (*folders, "."):
+        for suffix in (".gz", ""):
+            path = root / folder / (stem + suffix)
+            if path.is_file():
+                return path
+    raise UsageError(
+        f"{stem}[.gz] not found under {root} (looked in {', '.join(folders)} and the root itself)."
+    )
+
+
+def load_idx(name: str, split: str, root: Path) -> Dataset:
+    class_names, folders = IDX_DATASETS[name]
+    image_stem, label_stem = IDX_FILES[split]
+    images = read_idx(find_idx(root, folders, image_stem))
+    labels = read_idx(find_idx(root, folders, label_stem))
+    return from_uint8(name, split, images, labels, class_names)
+
+
+def load_subset(split: str) -> Dataset:
+    if not SUBSET_FILE.is_file():
+        raise UsageError(f"the bundled subset {SUBSET_FILE} is missing from this installation.")
+    with np.load(SUBSET_FILE, allow_pickle=False) as npz:
+        images, labels = npz[f"{split}_images"], npz[f"{split}_labels"]
+    return from_uint8(SUBSET, split, images, labels, FASHION_MNIST_CLASSES)
+
+
+def load_cifar10(split: str, root: Path) -> Dataset:
+    from torchvision.datasets import CIFAR10
+
+    try:
+        ds = CIFAR10(str(root), train=split == "train", download=False)
+    except RuntimeError as exc:
+        raise UsageError(
+            f"CIFAR-10 not found under {root} (expects cifar-10-batches-py/ as torchvision "
+            "unpacks it; nothing is downloaded)."
+        ) from exc
+    return from_uint8("cifar10", split, ds.data, np.asarray(ds.targets), CIFAR10_CLASSES)
+
+
+def load_image_folder(path: Path, split: str) -> Dataset:
+    """``path/<split>/<class>/*`` if that exists, else ``path/<class>/*``; one image size."""
+    from PIL import Image
+    from torchvision.datasets import ImageFolder
+
+    folder = path / split if (path / split).is_dir() else path
+    try:
+        ds = ImageFolder(str(folder), loader=lambda p: Image.open(p).convert("RGB"))
+    except (FileNotFoundError, RuntimeError) as exc:
+        raise UsageError(
+            f"{folder} is not an ImageFolder (one sub-folder of images per class)."
+        ) from exc
+    if not len(ds):
+        raise UsageError(f"{folder} holds no images.")
+    arrays = [np.asarray(ds.loader(p), dtype=np.uint8) for p, _ in ds.samples]
+    shapes = {a.shape for a in arrays}
+    if len(shapes) > 1:
+        raise UsageError(f"{folder}: images differ in size ({sorted(shapes)[:3]}…); resize them.")
+    labels = np.asarray([y for _, y in ds.samples])
+    return from_uint8(str(folder.resolve()), split, np.stack(arrays), labels, ds.classes)
+
+
+def build_subset(root, out=SUBSET_FILE, n_train: int = 2000, n_test: int = 500, seed: int = 0):
+    """Write the bundled subset: a class-balanced random draw from raw Fashion-MNIST IDX files."""
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for split, count in (("train", n_train), ("test", n_test)):
+        folders = IDX_DATASETS["fashion-mnist"][1]
+        ds_images, ds_labels = (
+            read_idx(find_idx(Path(root), folders, s)) for s in IDX_FILES[split]
+        )
+        per_class = count // 10
+        picks = [rng.permutation(np.flatnonzero(ds_labels == c))[:per_class] for c in range(10)]
+        idx = np.sort(np.concatenate(picks))
+        arrays[f"{split}_images"] = ds_images[idx]
+        arrays[f"{split}_labels"] = ds_labels[idx].astype(np.uint8)
+        arrays[f"{split}_source_index"] = idx.astype(np.int32)
+    with atomic_path(out) as tmp, tmp.open("wb") as fh:
+        np.savez_compressed(fh, **arrays)
+    return Path(out)
