@@ -76,7 +76,7 @@ def test_gaussian_training_learns_under_noise_and_is_deterministic(lam):
 
 def test_bad_configs_and_data_are_usage_errors():
     with pytest.raises(UsageError):
-        TrainConfig(sigma=0.0)
+        TrainConfig(sigma=-0.5)
     with pytest.raises(UsageError):
         TrainConfig(sigma=0.5, epochs=0)
     with pytest.raises(UsageError):

@@ -26,7 +26,7 @@ from rsrouter.smoothing import check_count, check_sigma
 class TrainConfig:
     """Hyperparameters of a Gaussian-augmented classifier; recorded in the expert's config."""
 
-    sigma: float
+    sigma: float  # training noise level; 0 = clean training (an off-the-shelf classifier)
     epochs: int = 10
     batch_size: int = 128
     lr: float = 1e-3
@@ -37,7 +37,8 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self):
-        check_sigma(self.sigma)
+        if self.sigma != 0:
+            check_sigma(self.sigma)
         check_count("epochs", self.epochs)
         check_count("batch_size", self.batch_size)
         check_count("noise_copies", self.noise_copies)
@@ -147,12 +148,13 @@ def noisy_accuracy(
 ) -> float:
     """Accuracy of the base model on one Gaussian copy of each image (a quick sanity figure)."""
     _check_data(images, labels)
+    sigma = check_sigma(sigma) if sigma else 0.0
     gen = torch.Generator().manual_seed(seed)
     model.to(device).eval()
     correct = 0
     for i in range(0, len(images), batch_size):
         x = images[i : i + batch_size]
-        noisy = x + check_sigma(sigma) * torch.randn(x.shape, generator=gen)
+        noisy = x + sigma * torch.randn(x.shape, generator=gen)
         pred = model(noisy.to(device)).argmax(1).cpu()
         correct += int((pred == labels[i : i + batch_size]).sum())
     return correct / len(images)
