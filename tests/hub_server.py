@@ -163,6 +163,19 @@ class HubServer:
                     raise HubError(400, None, f"the loopback hub cannot handle {key!r} lines.")
             return self._commit(repo, branch, files, header.get("summary", ""), parent=head.sha)
 
+    def create_branch(
+        self, repo_id: str, branch: str, start: str | None = None, repo_type: str = "model"
+    ) -> None:
+        with self.lock:
+            repo = self.repo(repo_id, repo_type)
+            branch = unquote(branch)
+            if branch in repo.refs:
+                raise HubError(409, None, f"Reference refs/heads/{branch} already exists.")
+            commit = repo.resolve(start or DEFAULT_BRANCH)
+            if commit is None:
+                raise HubError(404, "RevisionNotFound", f"Invalid rev id: {start}")
+            repo.refs[branch] = commit.sha
+
     def drop_commit(self, repo_id: str, sha: str, repo_type: str = "model") -> None:
         """Forget one commit, as a history rewrite on the Hub would: its hash no longer resolves."""
         with self.lock:
@@ -305,6 +318,11 @@ def _make_handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
                 {"commitUrl": url, "commitOid": commit.sha, "pullRequestUrl": None, "success": True}
             )
 
+        def branch(self, query, body, type, repo, branch):
+            start = json.loads(body or b"{}").get("startingPoint")
+            hub.create_branch(repo, branch, start, _TYPES[type])
+            self._json({})
+
         def info(self, query, body, type, repo, rev=DEFAULT_BRANCH):
             r = hub.repo(repo, _TYPES[type])
             commit = self._resolve(r, rev)
@@ -397,6 +415,11 @@ _ROUTES = [
         "POST",
         re.compile(rf"/api/{_TYPE}/{_REPO}/commit/(?P<rev>[^/]+)"),
         lambda h, **kw: h.commit(**kw),
+    ),
+    (
+        "POST",
+        re.compile(rf"/api/{_TYPE}/{_REPO}/branch/(?P<branch>.+)"),
+        lambda h, **kw: h.branch(**kw),
     ),
     (
         "GET",

@@ -100,3 +100,24 @@ def test_dropped_commit_no_longer_resolves(hub, tmp_path):
     hub.drop_commit("org/model", first)
     with pytest.raises(RevisionNotFoundError):
         api.model_info("org/model", revision=first)
+
+
+def test_branches_hold_their_own_head(hub, tmp_path):
+    api = HfApi(endpoint=hub.endpoint, token="hf_test")
+    api.create_repo("org/model")
+    main = api.upload_folder(repo_id="org/model", folder_path=_folder(tmp_path / "a", "main")).oid
+    api.create_branch("org/model", branch="v1", exist_ok=True)
+    api.create_branch("org/model", branch="v1", exist_ok=True)
+    v1 = api.upload_folder(
+        repo_id="org/model", folder_path=_folder(tmp_path / "a", "v1"), revision="v1"
+    ).oid
+    assert api.model_info("org/model").sha == main
+    assert api.model_info("org/model", revision="v1").sha == v1
+    path = hf_hub_download(
+        "org/model",
+        "config.json",
+        revision="v1",
+        endpoint=hub.endpoint,
+        cache_dir=tmp_path / "cache",
+    )
+    assert Path(path).read_text() == "v1"
