@@ -1,0 +1,574 @@
+"""An expert: a base classifier bound to the sigma it is smoothed at, saved as a Hub-ready folder.
+
+Folder format (``save_pretrained`` / ``Expert.from_pretrained``)::
+
+    config.json         ExpertConfig (format version, kind, sigma, architecture, data, licence)
+    model.safetensors   the classifier's state dict
+    denoiser/           kind "denoised" only: diffusers UNet2DModel + DDPMScheduler, safetensors
+    README.md           a model card
+
+Kinds: "classifier" (a Gaussian-trained classifier, Cohen et al. 2019) and "denoised" (a one-step
+diffusion denoiser then an off-the-shelf classifier, Carlini et al. 2023; one denoised folder
+can serve several sigma, so its sigma may be given when loading).
+
+huggingface_hub's PyTorchModelHubMixin is not used: its loader is non-strict, falls back to
+unpickling ``pytorch_model.bin``, takes no endpoint and has no subfolder for a diffusers model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from rsrouter.errors import UsageError
+from rsrouter.experts.denoiser import OneStepDenoiser
+from rsrouter.experts.nets import build_classifier, count_parameters, normalize
+from rsrouter.io import atomic_path, sha256_file, sha256_json, write_json, write_text
+from rsrouter.smoothing import check_sigma
+
+FORMAT_VERSION = 1
+KINDS = ("classifier", "denoised")
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+CARD_NAME = "README.md"
+DENOISER_DIR = "denoiser"
+UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
+UNET_CONFIG = "config.json"
+SCHEDULER_CONFIG = "scheduler_config.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+# What an expert repo needs from the Hub (nothing else is downloaded).
+EXPERT_PATTERNS = [CONFIG_NAME, WEIGHTS_NAME, CARD_NAME, f"{DENOISER_DIR}/*.json"]
+EXPERT_PATTERNS += [f"{DENOISER_DIR}/*.safetensors"]
+# What a diffusers denoiser repo needs (UNet at the root or in unet/, scheduler likewise).
+DENOISER_PATTERNS = ["*.json", "*.safetensors", "unet/*.json", "unet/*.safetensors"]
+DENOISER_PATTERNS += ["scheduler/*.json", CARD_NAME]
+# Config fields that change what the expert computes (the rest documents it).
+FUNCTIONAL_FIELDS = (
+    "kind",
+    "sigma",
+    "arch",
+    "arch_args",
+    "num_classes",
+    "in_chans",
+    "input_size",
+    "mean",
+    "std",
+    "classifier_input_size",
+)
+
+
+@dataclass
+class ExpertConfig:
+    """Everything needed to rebuild an expert from its weights, and to describe it."""
+
+    kind: str
+    sigma: float | None
+    arch: str
+    num_classes: int
+    in_chans: int
+    input_size: list[int]
+    arch_args: dict = field(default_factory=dict)
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    class_names: list[str] = field(default_factory=list)
+    dataset: str = ""
+    source: str = ""
+    license: str = "unknown"
+    training: dict = field(default_factory=dict)
+    classifier_input_size: list[int] | None = None  # "denoised": the classifier's H, W
+    denoiser_subfolder: str | None = None  # "denoised": where the diffusers files are
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise UsageError(f"expert kind must be one of {KINDS}, got {self.kind!r}.")
+        if self.sigma is not None:
+            self.sigma = check_sigma(self.sigma)
+        self.input_size = _size(self.input_size)
+        if self.classifier_input_size is not None:
+            self.classifier_input_size = _size(self.classifier_input_size)
+        if self.kind == "denoised":
+            self.classifier_input_size = self.classifier_input_size or list(self.input_size)
+            self.denoiser_subfolder = self.denoiser_subfolder or DENOISER_DIR
+        self.mean = [
+            float(m) for m in (self.mean if self.mean is not None else [0.0] * self.in_chans)
+        ]
+        self.std = [float(s) for s in (self.std if self.std is not None else [1.0] * self.in_chans)]
+        if len(self.mean) != self.in_chans or len(self.std) != self.in_chans:
+            raise UsageError(f"mean and std need one value per input channel ({self.in_chans}).")
+        if any(s <= 0 for s in self.std):
+            raise UsageError("std values must be positive.")
+        self.class_names = [str(c) for c in self.class_names]
+        if self.class_names and len(self.class_names) != self.num_classes:
+            raise UsageError(f"{len(self.class_names)} class names for {self.num_classes} classes.")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "config.json") -> ExpertConfig:
+        version = data.get("format_version", FORMAT_VERSION)
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise UsageError(
+                f"{where} has expert format version {version!r}; this rsrouter reads up to "
+                f"{FORMAT_VERSION}: upgrade rsrouter."
+            )
+        known = {f.name for f in fields(cls)}
+        missing = [
+            k for k in ("kind", "arch", "num_classes", "in_chans", "input_size") if k not in data
+        ]
+        if missing:
+            raise UsageError(f"{where} is not an rsrouter expert config (missing {missing}).")
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def functional(self) -> dict:
+        """The fields that change the expert's output: part of its fingerprint."""
+        d = self.to_dict()
+        return {k: d[k] for k in FUNCTIONAL_FIELDS}
+
+
+def _size(value) -> list[int]:
+    size = [int(value)] * 2 if isinstance(value, int) else [int(v) for v in value]
+    if len(size) != 2 or min(size) <= 0:
+        raise UsageError(f"an input size is (height, width), got {value!r}.")
+    return size
+
+
+class Expert(nn.Module):
+    """Noisy [0, 1] images (B, C, H, W) → logits (B, K); normalisation and denoising inside."""
+
+    def __init__(self, config: ExpertConfig, classifier: nn.Module, unet=None, scheduler=None):
+        super().__init__()
+        if config.sigma is None:
+            raise UsageError("an expert needs its sigma: pass sigma= (a denoised expert's noise).")
+        if (config.kind == "denoised") != (unet is not None and scheduler is not None):
+            raise UsageError('a "denoised" expert needs a UNet and a scheduler; a classifier none.')
+        self.config = config
+        self.classifier = classifier
+        self.scheduler = scheduler
+        self.denoiser = OneStepDenoiser(unet, scheduler, config.sigma) if unet is not None else None
+        self.register_buffer("mean", torch.tensor(config.mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(config.std).view(1, -1, 1, 1), persistent=False)
+        self._file_hashes: dict[str, str] | None = None
+        self._hashed_version: int | None = None
+
+    # ---- the contract
+    @property
+    def sigma(self) -> float:
+        return float(self.config.sigma)
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_classes
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return (self.config.in_chans, *self.config.input_size)
+
+    @property
+    def kind(self) -> str:
+        return self.config.kind
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.config.class_names or [str(k) for k in range(self.num_classes)]
+
+    @property
+    def num_parameters(self) -> int:
+        return count_parameters(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.denoiser is not None:
+            x = self.denoiser(x)
+            size = tuple(self.config.classifier_input_size)
+            if tuple(x.shape[-2:]) != size:
+                x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        return self.classifier(normalize(x, self.mean, self.std))
+
+    # ---- identity
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the functional config (with sigma) and of each weight file's sha256.
+
+        Computed from the files an expert was loaded from or saved to; an expert whose weights
+        changed in place since (training, load_state_dict) is hashed again.
+        """
+        if self._file_hashes is None or self._hashed_version != self._weights_version():
+            with tempfile.TemporaryDirectory(prefix="rsrouter-fingerprint-") as tmp:
+                self._write_weights(Path(tmp))
+        return fingerprint_of(self.config, self._file_hashes)
+
+    @property
+    def file_hashes(self) -> dict[str, str]:
+        """sha256 of every weight and diffusers config file, by path inside the folder."""
+        self.fingerprint  # noqa: B018  (refreshes the hashes if the weights changed)
+        return dict(self._file_hashes)
+
+    def _weights_version(self) -> int:
+        # torch bumps a tensor's _version on every in-place change (optimizer steps, copy_).
+        return sum(t._version for t in self.state_dict(keep_vars=True).values())
+
+    def with_sigma(self, sigma: float) -> Expert:
+        """The same denoised expert at another sigma (the UNet and classifier are shared)."""
+        if self.kind != "denoised":
+            raise UsageError(
+                f"a Gaussian-trained classifier is bound to sigma={self.sigma}; only a denoised "
+                "expert can serve another sigma."
+            )
+        config = ExpertConfig.from_dict({**self.config.to_dict(), "sigma": sigma})
+        other = Expert(config, self.classifier, self.denoiser.unet, self.scheduler)
+        other._file_hashes, other._hashed_version = self._file_hashes, self._hashed_version
+        return other
+
+    # ---- construction
+    @classmethod
+    def from_module(
+        cls,
+        module: nn.Module,
+        *,
+        sigma: float,
+        arch: str,
+        num_classes: int,
+        in_chans: int,
+        input_size,
+        arch_args: dict | None = None,
+        **config_fields,
+    ) -> Expert:
+        """Wrap a trained classifier built by ``build_classifier(arch, …)`` as a classifier expert.
+
+        Its state dict must fit that architecture, so the saved folder reloads exactly.
+        """
+        config = ExpertConfig(
+            kind="classifier",
+            sigma=sigma,
+            arch=arch,
+            num_classes=num_classes,
+            in_chans=in_chans,
+            input_size=input_size,
+            arch_args=dict(arch_args or {}),
+            **config_fields,
+        )
+        reference = build_classifier(arch, num_classes, in_chans, **config.arch_args)
+        _check_state_dict(reference, module.state_dict(), arch)
+        return cls(config, module)
+
+    @classmethod
+    def from_parts(
+        cls,
+        classifier: Expert,
+        unet,
+        scheduler,
+        *,
+        sigma: float,
+        **config_fields,
+    ) -> Expert:
+        """A denoised expert: ``unet`` + ``scheduler`` one-step denoise, then ``classifier``."""
+        in_chans = int(unet.config.in_channels)
+        if in_chans != classifier.config.in_chans or int(unet.config.out_channels) != in_chans:
+            raise UsageError(
+                f"the denoiser maps {unet.config.in_channels}→{unet.config.out_channels} "
+                f"channels but the classifier takes {classifier.config.in_chans}."
+            )
+        base = classifier.config.to_dict()
+        base.update(
+            kind="denoised",
+            sigma=sigma,
+            input_size=_size(unet.config.sample_size),
+            classifier_input_size=classifier.config.input_size,
+            denoiser_subfolder=DENOISER_DIR,
+        )
+        base.update(config_fields)
+        return cls(ExpertConfig.from_dict(base), classifier.classifier, unet, scheduler)
+
+    # ---- folders
+    def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
+        """Write config.json, model.safetensors (+ denoiser/) and README.md; return the folder."""
+        folder = Path(save_directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        self._write_weights(folder)
+        write_json(folder / CONFIG_NAME, self.config.to_dict())
+        write_text(folder / CARD_NAME, model_card(self))
+        return folder
+
+    def _write_weights(self, folder: Path) -> None:
+        from safetensors.torch import save_model
+
+        with atomic_path(folder / WEIGHTS_NAME) as tmp:
+            save_model(self.classifier, str(tmp))
+        if self.denoiser is not None:
+            sub = folder / self.config.denoiser_subfolder
+            self.denoiser.unet.save_pretrained(sub, safe_serialization=True)
+            self.scheduler.save_pretrained(sub)
+        self._file_hashes = weight_file_hashes(folder, self.config)
+        self._hashed_version = self._weights_version()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        dir_or_repo: str | os.PathLike,
+        *,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        endpoint: str | None = None,
+        token: str | bool | None = None,
+        local_files_only: bool = False,
+        sigma: float | None = None,
+        device: str | torch.device = "cpu",
+    ) -> Expert:
+        """Load an expert folder, or fetch a Hub repo (only the files an expert needs) first."""
+        folder = Path(dir_or_repo)
+        if not folder.is_dir():
+            folder, _ = fetch_snapshot(
+                str(dir_or_repo),
+                revision=revision,
+                cache_dir=cache_dir,
+                endpoint=endpoint,
+                token=token,
+                local_files_only=local_files_only,
+                allow_patterns=EXPERT_PATTERNS,
+            )
+        return load_folder(folder, sigma=sigma, device=device)
+
+
+def fingerprint_of(config: ExpertConfig, file_hashes: dict[str, str]) -> str:
+    return sha256_json({"config": config.functional(), "files": dict(sorted(file_hashes.items()))})
+
+
+def _check_state_dict(reference: nn.Module, state: dict, arch: str) -> None:
+    want = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    if want != got:
+        diff = sorted(set(want) ^ set(got)) or [k for k in want if want[k] != got[k]]
+        raise UsageError(
+            f"the weights do not fit architecture {arch!r} with these arguments "
+            f"(first differences: {diff[:3]})."
+        )
+
+
+def weight_files(folder: Path, config: ExpertConfig) -> list[str]:
+    """The files (relative paths) whose bytes determine what the expert computes."""
+    names = [WEIGHTS_NAME]
+    if config.kind == "denoised":
+        unet_dir, sched_dir = denoiser_dirs(folder / config.denoiser_subfolder)
+        for path in (unet_dir / UNET_CONFIG, unet_dir / UNET_WEIGHTS, sched_dir / SCHEDULER_CONFIG):
+            names.append(path.relative_to(folder).as_posix())
+    return names
+
+
+def weight_file_hashes(folder: Path, config: ExpertConfig) -> dict[str, str]:
+    return {name: sha256_file(folder / name) for name in weight_files(folder, config)}
+
+
+def refuse_pickles(folder: Path, wanted: str) -> None:
+    """Raise the one-sentence refusal when ``wanted`` is absent (pickles named if present)."""
+    pickles = sorted(
+        p.relative_to(folder).as_posix()
+        for p in folder.rglob("*")
+        if p.suffix.lower() in PICKLE_SUFFIXES
+    )
+    if pickles:
+        raise UsageError(
+            f"{folder} has no {wanted}, only pickle checkpoints ({', '.join(pickles[:3])}); "
+            "rsrouter loads safetensors only: convert one explicitly with "
+            "`router convert-checkpoint`."
+        )
+    raise UsageError(f"{folder} has no {wanted}: it is not an rsrouter expert folder.")
+
+
+def read_config(folder: Path) -> ExpertConfig:
+    path = folder / CONFIG_NAME
+    if not path.is_file():
+        refuse_pickles(folder, CONFIG_NAME)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}).") from exc
+    if not isinstance(data, dict):
+        raise UsageError(f"{path} is not an rsrouter expert config.")
+    return ExpertConfig.from_dict(data, where=str(path))
+
+
+def resolve_sigma(config: ExpertConfig, sigma: float | None, where) -> ExpertConfig:
+    """The sigma to bind: a classifier keeps its own; a denoised expert takes the one asked."""
+    if sigma is None:
+        if config.sigma is None:
+            raise UsageError(f"{where} is a denoised expert without a sigma: pass one (--sigma).")
+        return config
+    sigma = check_sigma(sigma)
+    if config.kind == "classifier" and config.sigma is not None and config.sigma != sigma:
+        raise UsageError(
+            f"{where} was trained at sigma={config.sigma}, not {sigma}: a Gaussian-trained "
+            "classifier is only certified at its own sigma."
+        )
+    return ExpertConfig.from_dict({**config.to_dict(), "sigma": sigma})
+
+
+def load_classifier(folder: Path, config: ExpertConfig, device) -> nn.Module:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_model
+
+    if not (folder / WEIGHTS_NAME).is_file():
+        refuse_pickles(folder, WEIGHTS_NAME)
+    net = build_classifier(config.arch, config.num_classes, config.in_chans, **config.arch_args)
+    try:
+        load_model(net, str(folder / WEIGHTS_NAME), strict=True, device=str(device))
+    except (RuntimeError, SafetensorError) as exc:
+        raise UsageError(
+            f"{folder / WEIGHTS_NAME} does not fit architecture {config.arch!r} "
+            f"({str(exc).splitlines()[0][:160]})."
+        ) from exc
+    return net.to(device).eval()
+
+
+def denoiser_dirs(folder: Path) -> tuple[Path, Path]:
+    """Where the UNet and the scheduler config are: the folder itself, or unet/ + scheduler/."""
+    unet_dir = folder / "unet" if (folder / "unet" / UNET_CONFIG).is_file() else folder
+    sched = folder / "scheduler" if (folder / "scheduler" / SCHEDULER_CONFIG).is_file() else folder
+    return unet_dir, sched
+
+
+def load_denoiser(folder: Path, device="cpu"):
+    """(UNet2DModel, DDPMScheduler) from a diffusers folder; safetensors only."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    unet_dir, sched_dir = denoiser_dirs(folder)
+    if not (unet_dir / UNET_CONFIG).is_file():
+        raise UsageError(f"{folder} has no diffusers UNet (config.json).")
+    if not (unet_dir / UNET_WEIGHTS).is_file():
+        refuse_pickles(unet_dir, UNET_WEIGHTS)
+    if not (sched_dir / SCHEDULER_CONFIG).is_file():
+        raise UsageError(f"{folder} has no {SCHEDULER_CONFIG} (a diffusers DDPM scheduler).")
+    try:
+        unet = UNet2DModel.from_pretrained(
+            unet_dir, use_safetensors=True, local_files_only=True, low_cpu_mem_usage=False
+        )
+        scheduler = DDPMScheduler.from_pretrained(sched_dir, local_files_only=True)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise UsageError(
+            f"{folder} is not a loadable diffusers UNet2DModel + DDPMScheduler."
+        ) from exc
+    return unet.to(device).eval(), scheduler
+
+
+def load_folder(folder: str | os.PathLike, *, sigma: float | None = None, device="cpu") -> Expert:
+    """An expert from a local folder (hashes are the registry's business, not this one's)."""
+    folder = Path(folder)
+    config = resolve_sigma(read_config(folder), sigma, folder)
+    classifier = load_classifier(folder, config, device)
+    unet = scheduler = None
+    if config.kind == "denoised":
+        unet, scheduler = load_denoiser(folder / config.denoiser_subfolder, device)
+    expert = Expert(config, classifier, unet, scheduler).to(device).eval()
+    expert._file_hashes = weight_file_hashes(folder, config)
+    expert._hashed_version = expert._weights_version()
+    return expert
+
+
+def fetch_snapshot(
+    repo_id: str,
+    *,
+    revision: str | None = None,
+    cache_dir=None,
+    endpoint: str | None = None,
+    token=None,
+    local_files_only: bool = False,
+    allow_patterns=None,
+) -> tuple[Path, str]:
+    """Download (or find in the cache) a pinned snapshot of a Hub repo: (folder, commit hash)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    where = f"{repo_id}@{revision}" if revision else repo_id
+    try:
+        path = snapshot_download(
+            repo_id,
+            revision=revision,
+            cache_dir=cache_dir,
+            endpoint=endpoint,
+            token=token,
+            local_files_only=local_files_only,
+            allow_patterns=allow_patterns,
+        )
+    except RepositoryNotFoundError as exc:
+        raise UsageError(
+            f"Hub repo {repo_id!r} does not exist or is private (pass --token)."
+        ) from exc
+    except RevisionNotFoundError as exc:
+        raise UsageError(f"Hub repo {repo_id!r} has no revision {revision!r}.") from exc
+    except LocalEntryNotFoundError as exc:
+        raise UsageError(
+            f"Hub repo {where!r} is not in the local cache and the Hub cannot be reached "
+            "(offline or no network)."
+        ) from exc
+    except (HfHubHTTPError, OSError, ValueError) as exc:
+        raise UsageError(
+            f"could not fetch Hub repo {where!r}: {str(exc).splitlines()[0][:200]}"
+        ) from exc
+    path = Path(path)
+    commit = path.name if path.parent.name == "snapshots" else (revision or "")
+    return path, commit
+
+
+def model_card(expert: Expert) -> str:
+    """A Hub model card: metadata header, what the expert is, how to load it."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    c = expert.config
+    data = ModelCardData(
+        library_name="rsrouter",
+        license=c.license if c.license and c.license != "unknown" else None,
+        tags=["randomized-smoothing", "certified-robustness", f"rsrouter-{c.kind}"],
+        datasets=[c.dataset] if c.dataset else None,
+    )
+    if c.kind == "classifier":
+        what = f"a Gaussian-trained classifier (`{c.arch}`) smoothed at σ = {c.sigma}"
+    else:
+        h, w = c.classifier_input_size
+        what = (
+            "a one-step diffusion denoiser (diffusers `UNet2DModel` in "
+            f"`{c.denoiser_subfolder}/`), then `{c.arch}` at {h}×{w}, smoothed at σ = {c.sigma}"
+        )
+    shape = "×".join(str(s) for s in expert.input_shape)
+    lines = [
+        f"# rsrouter expert: {c.arch}, σ = {c.sigma}",
+        "",
+        f"A randomized-smoothing expert for rsrouter: {what}.",
+        f"Input: noisy images in [0, 1] of shape {shape}; output: logits over {c.num_classes} "
+        "classes. Normalisation (mean/std in `config.json`) is applied inside, after the noise.",
+        "",
+        f"- dataset: {c.dataset or 'not recorded'}",
+        f"- source: {c.source or 'not recorded'}",
+        f"- parameters: {expert.num_parameters:,}",
+        f"- classes: {', '.join(expert.class_names)}",
+        f"- fingerprint: `{expert.fingerprint}`",
+    ]
+    if c.training:
+        lines.append(f"- training: `{json.dumps(c.training, sort_keys=True)}`")
+    lines += [
+        "",
+        "## Use",
+        "",
+        "```bash",
+        f"router add-expert <this repo or folder> --sigma {c.sigma}",
+        "```",
+        "",
+        "```python",
+        "from rsrouter.experts import Expert",
+        f'expert = Expert.from_pretrained("<this repo or folder>", sigma={c.sigma})',
+        "```",
+        "",
+        "Weights are safetensors only.",
+    ]
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n"))
