@@ -63,14 +63,21 @@ class Normalized(nn.Module):
         return self.classifier(normalize(x, self.mean, self.std))
 
 
-def consistency_loss(logits: torch.Tensor, lam: float, eta: float) -> torch.Tensor:
-    """Jeong & Shin (2020) on (m, B, K) logits of m noisy copies: λ·mean_j KL(p̄‖p_j) + η·H(p̄)."""
+def consistency_terms(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-input parts of Jeong & Shin's (2020) term on (m, B, K) logits of m noisy copies:
+    (mean_j KL(p̄ ‖ p_j), H(p̄)), each of shape (B,)."""
     log_p = F.log_softmax(logits, dim=-1)
     p_bar = log_p.exp().mean(dim=0)
     log_p_bar = p_bar.clamp_min(1e-12).log()
-    kl = (p_bar.unsqueeze(0) * (log_p_bar.unsqueeze(0) - log_p)).sum(-1).mean()
-    entropy = -(p_bar * log_p_bar).sum(-1).mean()
-    return lam * kl + eta * entropy
+    kl = (p_bar.unsqueeze(0) * (log_p_bar.unsqueeze(0) - log_p)).sum(-1).mean(0)
+    entropy = -(p_bar * log_p_bar).sum(-1)
+    return kl, entropy
+
+
+def consistency_loss(logits: torch.Tensor, lam: float, eta: float) -> torch.Tensor:
+    """λ · mean_j KL(p̄ ‖ p_j) + η · H(p̄), averaged over the batch."""
+    kl, entropy = consistency_terms(logits)
+    return (lam * kl + eta * entropy).mean()
 
 
 def _check_data(images: torch.Tensor, labels: torch.Tensor) -> None:
