@@ -1,0 +1,204 @@
+"""The router g_e: a classifier over experts, smoothed with the global sigma_e.
+
+Its base model maps a noisy [0, 1] batch x + δ_e to one logit per expert: optionally a one-step
+diffusion denoiser at sigma_e first (the paper's design), then per-channel normalisation, then
+the classifier. It is a valid ``base`` for ``rsrouter.smoothing`` at ``sigma = sigma_e``.
+A self-describing folder: ``config.json`` + ``model.safetensors`` (+ ``denoiser/unet`` and
+``denoiser/scheduler`` in diffusers format).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from rsrouter.errors import UsageError
+from rsrouter.experts.denoiser import OneStepDenoiser
+from rsrouter.experts.nets import build_classifier, normalize
+from rsrouter.io import atomic_path, read_json, sha256_json, write_json
+from rsrouter.smoothing import check_sigma
+
+FORMAT = "rsrouter.router/1"
+
+
+class RouterModel(nn.Module):
+    """Router base model: noisy images (B, C, H, W) in [0, 1] → logits (B, E) over experts."""
+
+    def __init__(
+        self,
+        *,
+        arch: str,
+        expert_names: Sequence[str],
+        sigmas: Sequence[float],
+        fingerprints: Sequence[str],
+        in_chans: int,
+        input_size: Sequence[int],
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        sigma_e: float | None = None,
+        arch_args: dict | None = None,
+        unet: nn.Module | None = None,
+        scheduler=None,
+        info: dict | None = None,
+    ):
+        super().__init__()
+        if not expert_names or not len(expert_names) == len(sigmas) == len(fingerprints):
+            raise UsageError("a router needs one name, sigma and fingerprint per expert.")
+        if len(set(expert_names)) != len(expert_names):
+            raise UsageError("expert names of a router must be distinct.")
+        if (unet is None) != (scheduler is None):
+            raise UsageError("a router denoiser needs both a UNet and its scheduler.")
+        self.arch, self.arch_args = arch, dict(arch_args or {})
+        self.expert_names = tuple(str(n) for n in expert_names)
+        self.sigmas = tuple(check_sigma(float(s)) for s in sigmas)
+        self.fingerprints = tuple(str(f) for f in fingerprints)
+        self.sigma_e = check_sigma(float(sigma_e if sigma_e is not None else max(self.sigmas)))
+        self.in_chans, self.input_size = int(in_chans), tuple(int(s) for s in input_size)
+        self.mean = tuple(float(m) for m in (mean if mean is not None else [0.5] * in_chans))
+        self.std = tuple(float(s) for s in (std if std is not None else [0.5] * in_chans))
+        if len(self.mean) != self.in_chans or len(self.std) != self.in_chans:
+            raise UsageError(f"mean and std need {self.in_chans} values, one per channel.")
+        self.info = dict(info or {})
+        self.scheduler = scheduler
+        self.denoiser = OneStepDenoiser(unet, scheduler, self.sigma_e) if unet is not None else None
+        self.classifier = build_classifier(
+            arch, len(self.expert_names), self.in_chans, **self.arch_args
+        )
+
+    @classmethod
+    def create(cls, *, seed: int = 0, **kwargs) -> RouterModel:
+        """A new router whose random initial weights depend only on ``seed``."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return cls(**kwargs)
+
+    # -- the smoothing-base contract
+    @property
+    def sigma(self) -> float:
+        return self.sigma_e
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.expert_names)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return (self.in_chans, *self.input_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.denoiser is not None:
+            x = self.denoiser(x)
+        return self.classifier(normalize(x, self.mean, self.std))
+
+    def trainable_parameters(self):
+        """The classifier's parameters: a denoiser in front stays frozen."""
+        return self.classifier.parameters()
+
+    # -- folder format
+    def config(self) -> dict:
+        return {
+            "format": FORMAT,
+            "arch": self.arch,
+            "arch_args": self.arch_args,
+            "sigma_e": self.sigma_e,
+            "experts": list(self.expert_names),
+            "sigmas": list(self.sigmas),
+            "fingerprints": list(self.fingerprints),
+            "in_chans": self.in_chans,
+            "input_size": list(self.input_size),
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "denoiser": self.denoiser is not None,
+            **self.info,
+        }
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the config and every weight: changes when anything that routes changes."""
+        digest = hashlib.sha256(sha256_json(self.config()).encode())
+        for name, tensor in sorted(self.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Write config.json, model.safetensors (classifier) and denoiser/ (diffusers format)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        if self.denoiser is not None:
+            self.denoiser.unet.save_pretrained(
+                folder / "denoiser" / "unet", safe_serialization=True
+            )
+            self.scheduler.save_pretrained(folder / "denoiser" / "scheduler")
+        state = {k: v.detach().cpu().contiguous() for k, v in self.classifier.state_dict().items()}
+        with atomic_path(folder / "model.safetensors") as tmp:
+            save_file(state, str(tmp), metadata={"format": FORMAT})
+        write_json(folder / "config.json", self.config())
+        return folder
+
+    @classmethod
+    def from_config(cls, config: dict, *, unet=None, scheduler=None) -> RouterModel:
+        if config.get("format") != FORMAT:
+            raise UsageError("this config.json does not describe an rsrouter router.")
+        known = {
+            "format", "arch", "arch_args", "sigma_e", "experts", "sigmas", "fingerprints",
+            "in_chans", "input_size", "mean", "std", "denoiser",
+        }  # fmt: skip
+        return cls(
+            arch=config["arch"],
+            arch_args=config.get("arch_args") or {},
+            expert_names=config["experts"],
+            sigmas=config["sigmas"],
+            fingerprints=config["fingerprints"],
+            in_chans=config["in_chans"],
+            input_size=config["input_size"],
+            mean=config["mean"],
+            std=config["std"],
+            sigma_e=config["sigma_e"],
+            unet=unet,
+            scheduler=scheduler,
+            info={k: v for k, v in config.items() if k not in known},
+        )
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, *, device: str | torch.device = "cpu"):
+        """Load a router folder written by ``save_pretrained`` (safetensors only)."""
+        folder = Path(folder)
+        config = read_json(folder / "config.json")
+        unet = scheduler = None
+        if config.get("denoiser"):
+            from diffusers import DDPMScheduler, UNet2DModel
+
+            unet = UNet2DModel.from_pretrained(folder / "denoiser" / "unet", use_safetensors=True)
+            scheduler = DDPMScheduler.from_pretrained(folder / "denoiser" / "scheduler")
+        router = cls.from_config(config, unet=unet, scheduler=scheduler)
+        weights = folder / "model.safetensors"
+        if not weights.is_file():
+            raise UsageError(f"{weights} does not exist.")
+        try:
+            router.classifier.load_state_dict(load_file(str(weights)))
+        except RuntimeError as exc:
+            raise UsageError(f"{weights} does not fit the architecture in config.json.") from exc
+        return router.to(device).eval()
+
+    def check_experts(self, names: Sequence[str], fingerprints: Sequence[str]) -> None:
+        """Refuse to route for experts other than the ones (in the order) it was trained on."""
+        if tuple(names) != self.expert_names:
+            raise UsageError(
+                f"the router was trained for experts {list(self.expert_names)} in that order, "
+                f"but the workspace has {list(names)}: retrain it with `router train`."
+            )
+        if len(fingerprints) != len(names):
+            raise UsageError("check_experts needs one fingerprint per expert name.")
+        pairs = zip(names, fingerprints, self.fingerprints, strict=True)
+        changed = [n for n, a, b in pairs if a != b]
+        if changed:
+            raise UsageError(
+                f"expert(s) {', '.join(changed)} changed since the router was trained: "
+                "rebuild the tables and retrain it."
+            )

@@ -1,0 +1,313 @@
+"""Training the router on radius tables (the paper's §5.2.1 objective).
+
+L = E_x[ w_e(x) · ( softCE(x) + w_r(x) · L_con(x) ) ] with soft labels softmax(R / T), class
+balance w_e = 1/q_best(x), and the consistency term of Jeong & Shin (2020) over m noisy copies,
+L_con = λ · mean_j KL(p̄ ‖ p_j) + η · H(p̄), weighted per input by w_r (none = 1, weak / strong =
+the radius of the smallest / largest sigma the router picks among the copies, over C). Inputs
+that no expert certifies are dropped. AdamW with lr × gamma every ``lr_step`` epochs; an atomic
+checkpoint each epoch; a rerun resumes and gives bit-identical weights on CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.nn import functional as F
+
+from rsrouter.errors import UsageError
+from rsrouter.io import atomic_path, sha256_json
+from rsrouter.progress import progress_bar
+from rsrouter.router.model import RouterModel
+from rsrouter.router.tables import RadiusTable
+from rsrouter.smoothing import check_count
+
+WEIGHTINGS = ("none", "weak", "strong")
+
+
+@dataclass(frozen=True)
+class RouterTrainConfig:
+    """Router training hyperparameters (workspace [train]; CLI flags override)."""
+
+    epochs: int = 30
+    batch_size: int = 256
+    lr: float = 0.01
+    weight_decay: float = 0.01
+    lr_step: int = 0  # epochs between lr × lr_gamma; 0 = epochs / 3 (the paper's schedule)
+    lr_gamma: float = 0.5
+    noise_copies: int = 2  # m
+    consistency_lambda: float = 40.0  # λ (CIFAR-10 in the paper; ImageNet 10)
+    consistency_eta: float = 0.5  # η
+    consistency_weight: str = "strong"  # w_r: none / weak / strong
+    balance: bool = True  # w_e = 1/q_i; off for strong experts (§6.1)
+    soft_label_scale: float = 1.0  # T in softmax(R / T)
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size", "noise_copies"):
+            check_count(name, getattr(self, name))
+        if self.lr <= 0 or self.weight_decay < 0:
+            raise UsageError("lr must be positive and weight_decay non-negative.")
+        if self.lr_step < 0 or not 0 < self.lr_gamma <= 1:
+            raise UsageError("lr_step must be >= 0 and lr_gamma in (0, 1].")
+        if self.consistency_lambda < 0 or self.consistency_eta < 0:
+            raise UsageError("the consistency weights lambda and eta must be non-negative.")
+        if self.consistency_weight not in WEIGHTINGS:
+            raise UsageError(f"consistency_weight must be one of {', '.join(WEIGHTINGS)}.")
+        if self.soft_label_scale <= 0:
+            raise UsageError("soft_label_scale must be positive.")
+
+    @classmethod
+    def from_settings(cls, settings: dict, **overrides) -> RouterTrainConfig:
+        """From a workspace [train] section plus CLI overrides (None = not given)."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(settings) - names)
+        if unknown:
+            raise UsageError(f"unknown [train] setting(s): {', '.join(unknown)}.")
+        values = {**settings, **{k: v for k, v in overrides.items() if v is not None}}
+        return cls(**values)
+
+    @property
+    def step(self) -> int:
+        return self.lr_step or max(1, self.epochs // 3)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------- the objective (pure)
+
+
+def soft_labels(radii: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """y_i = softmax_i(R_i / T) per row of (B, E) radii."""
+    return torch.softmax(radii / scale, dim=-1)
+
+
+def balance_weights(radii: torch.Tensor) -> torch.Tensor:
+    """w_e(x) = 1 / q_best(x), q_i = share of rows whose best expert is i."""
+    best = radii.argmax(dim=1)
+    q = torch.bincount(best, minlength=radii.shape[1]).double() / len(best)
+    return (1.0 / q[best]).to(radii.dtype)
+
+
+def consistency_weights(
+    logits: torch.Tensor, radii: torch.Tensor, sigmas: torch.Tensor, mode: str, scale: float
+) -> torch.Tensor:
+    """w_r per row: 1 (none), or R(x, σ̂_min) / C (weak), R(x, σ̂_max) / C (strong).
+
+    σ̂_min / σ̂_max are the smallest / largest sigma the router picks among the m copies; two
+    experts with the same sigma are told apart by their radius (smaller for weak).
+    """
+    if mode == "none":
+        return torch.ones(radii.shape[0], dtype=radii.dtype, device=radii.device)
+    picks = logits.detach().argmax(dim=-1)  # (m, B)
+    s = sigmas.to(radii.device)[picks]
+    r = radii.gather(1, picks.T).T  # (m, B)
+    if mode == "weak":
+        chosen = torch.where(s == s.min(0).values, r, torch.inf).min(0).values
+    else:
+        chosen = torch.where(s == s.max(0).values, r, -torch.inf).max(0).values
+    return chosen / scale
+
+
+def router_loss(
+    logits: torch.Tensor,
+    radii: torch.Tensor,
+    *,
+    sigmas: torch.Tensor,
+    w_e: torch.Tensor | None = None,
+    lam: float = 40.0,
+    eta: float = 0.5,
+    weighting: str = "strong",
+    radius_scale: float = 1.0,
+    label_scale: float = 1.0,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The router objective on (m, B, E) logits of m noisy copies and (B, E) radii.
+
+    Returns the loss and its parts (batch means): soft_ce, kl, entropy, consistency, w_r.
+    """
+    if logits.ndim != 3 or logits.shape[1:] != radii.shape:
+        raise UsageError(f"logits {tuple(logits.shape)} do not fit radii {tuple(radii.shape)}.")
+    logits, radii = logits.float(), radii.float()
+    log_p = F.log_softmax(logits, dim=-1)
+    y = soft_labels(radii, label_scale)
+    soft_ce = -(y.unsqueeze(0) * log_p).sum(-1).mean(0)  # (B,)
+    p_bar = log_p.exp().mean(0)
+    log_p_bar = p_bar.clamp_min(1e-12).log()
+    kl = (p_bar.unsqueeze(0) * (log_p_bar.unsqueeze(0) - log_p)).sum(-1).mean(0)
+    entropy = -(p_bar * log_p_bar).sum(-1)
+    con = lam * kl + eta * entropy
+    w_r = consistency_weights(logits, radii, sigmas, weighting, radius_scale)
+    w_e = torch.ones_like(soft_ce) if w_e is None else w_e.float().to(soft_ce.device)
+    loss = (w_e * (soft_ce + w_r * con)).mean()
+    parts = {
+        "soft_ce": soft_ce,
+        "kl": kl,
+        "entropy": entropy,
+        "consistency": con,
+        "w_r": w_r,
+    }
+    return loss, {k: float(v.detach().mean()) for k, v in parts.items()}
+
+
+# ---------------------------------------------------------------- training loop
+
+
+def _epoch_seed(seed: int, epoch: int, stream: int) -> int:
+    return int(sha256_json([int(seed), int(epoch), int(stream)])[:15], 16)
+
+
+def _checkpoint_paths(folder: Path, epoch: int) -> tuple[Path, Path]:
+    stem = folder / "checkpoints" / f"epoch-{epoch:04d}"
+    return stem.with_suffix(".safetensors"), stem.with_suffix(".optim.pt")
+
+
+def _latest_checkpoint(folder: Path, run_key: str, epochs: int):
+    for epoch in range(epochs, 0, -1):
+        weights, state = _checkpoint_paths(folder, epoch)
+        if weights.is_file() and state.is_file():
+            with safe_open(str(weights), framework="pt") as fh:
+                if (fh.metadata() or {}).get("run") == run_key:
+                    return epoch, weights, state
+    return None
+
+
+def _save_checkpoint(folder, run_key, epoch, router, opt, sched, history):
+    weights, state = _checkpoint_paths(folder, epoch)
+    with atomic_path(state) as tmp:  # the weights file, written last, marks a whole checkpoint
+        torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                    "history": history}, tmp)  # fmt: skip
+    tensors = {k: v.detach().cpu().contiguous() for k, v in router.classifier.state_dict().items()}
+    with atomic_path(weights) as tmp:
+        save_file(tensors, str(tmp), metadata={"run": run_key, "epoch": str(epoch)})
+    for old in (folder / "checkpoints").glob("epoch-*"):
+        if not old.name.startswith(f"epoch-{epoch:04d}."):
+            old.unlink(missing_ok=True)
+
+
+def _load_checkpoint(router, opt, sched, weights: Path, state: Path) -> list[dict]:
+    from safetensors.torch import load_file
+
+    router.classifier.load_state_dict(load_file(str(weights)))
+    saved = torch.load(state, weights_only=True)  # our own file, and still weights_only
+    opt.load_state_dict(saved["optimizer"])
+    sched.load_state_dict(saved["scheduler"])
+    return list(saved["history"])
+
+
+def train_router(
+    router: RouterModel,
+    table: RadiusTable,
+    images: torch.Tensor,
+    out_dir: str | Path,
+    config: RouterTrainConfig = RouterTrainConfig(),  # noqa: B008 (frozen, immutable)
+    *,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> list[dict]:
+    """Train ``router`` in place on ``table`` (rows index ``images``); saves it to ``out_dir``.
+
+    Resumes from the latest checkpoint of the same run in ``out_dir/checkpoints``. Returns the
+    per-epoch history (loss, its parts, and how often the router picks the best expert).
+    """
+    if tuple(table.names) != router.expert_names:
+        raise UsageError(
+            f"the table has experts {list(table.names)}, the router {list(router.expert_names)}."
+        )
+    keep = table.certified
+    if int(keep.sum()) == 0:
+        raise UsageError("no expert certifies any input of the table: nothing to train on.")
+    radii = table.radii[keep].float()
+    rows = table.indices[keep]
+    images = torch.as_tensor(images)
+    if tuple(images.shape[1:]) != router.input_shape:
+        raise UsageError(
+            f"images have shape {tuple(images.shape[1:])}, the router takes {router.input_shape}."
+        )
+    w_e = balance_weights(radii) if config.balance else torch.ones(len(radii))
+    scale = float(radii.max())
+    sigmas = torch.tensor(router.sigmas)
+    best = radii.argmax(dim=1)
+    device = torch.device(device)
+    bf16 = device.type == "cuda"
+    out_dir = Path(out_dir)
+    table_info = {
+        "n": table.n,
+        "alpha": table.alpha,
+        "seed": table.seed,
+        "subset": table.subset,
+        "dataset_fingerprint": table.dataset_fingerprint,
+        "rows": len(table.indices),
+        "rows_kept": int(keep.sum()),
+    }
+    structure = {k: v for k, v in router.config().items() if k not in router.info}
+    run_key = sha256_json(
+        {
+            "config": config.to_dict(),
+            "table": table_info,
+            "router": structure,
+            "fingerprints": list(table.fingerprints),
+        }  # fmt: skip
+    )
+    router.to(device)
+    if router.denoiser is not None:
+        router.denoiser.requires_grad_(False)
+    opt = torch.optim.AdamW(
+        router.trainable_parameters(), lr=config.lr, weight_decay=config.weight_decay
+    )
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=config.step, gamma=config.lr_gamma)
+    history: list[dict] = []
+    start = 0
+    found = _latest_checkpoint(out_dir, run_key, config.epochs)
+    if found:
+        start, weights, state = found
+        history = _load_checkpoint(router, opt, sched, weights, state)
+    m, steps_per_epoch = config.noise_copies, -(-len(rows) // config.batch_size)
+    total = (config.epochs - start) * steps_per_epoch
+    with progress_bar("train router", total, enabled=progress and total > 0) as advance:
+        for epoch in range(start + 1, config.epochs + 1):
+            router.train()
+            order = torch.randperm(
+                len(rows),
+                generator=torch.Generator().manual_seed(_epoch_seed(config.seed, epoch, 0)),
+            )
+            noise_gen = torch.Generator().manual_seed(_epoch_seed(config.seed, epoch, 1))
+            sums: dict[str, float] = {}
+            for batch in order.split(config.batch_size):
+                x = images[rows[batch]].float()
+                noise = torch.randn((m, *x.shape), generator=noise_gen)
+                noisy = (x.unsqueeze(0) + router.sigma_e * noise).flatten(0, 1).to(device)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    logits = router(noisy)
+                logits = logits.float().view(m, len(batch), -1)
+                loss, parts = router_loss(
+                    logits,
+                    radii[batch].to(device),
+                    sigmas=sigmas,
+                    w_e=w_e[batch],
+                    lam=config.consistency_lambda,
+                    eta=config.consistency_eta,
+                    weighting=config.consistency_weight,
+                    radius_scale=scale,
+                    label_scale=config.soft_label_scale,
+                )
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                parts["loss"] = float(loss.detach())
+                parts["picks_best"] = float(
+                    (logits.detach().argmax(-1).cpu() == best[batch]).float().mean()
+                )
+                for k, v in parts.items():
+                    sums[k] = sums.get(k, 0.0) + v * len(batch)
+                advance(1)
+            sched.step()
+            history.append({"epoch": epoch, **{k: v / len(rows) for k, v in sums.items()}})
+            _save_checkpoint(out_dir, run_key, epoch, router, opt, sched, history)
+    router.eval()
+    router.info.update({"training": config.to_dict(), "table": table_info, "history": history[-1:]})
+    router.save_pretrained(out_dir)
+    return history

@@ -1,0 +1,193 @@
+"""Router model and training: each loss term by hand, a task with a known best expert, resume."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from rsrouter.errors import UsageError
+from rsrouter.router.model import RouterModel
+from rsrouter.router.tables import RadiusTable, build_tables
+from rsrouter.router.train import (
+    RouterTrainConfig,
+    balance_weights,
+    consistency_weights,
+    router_loss,
+    soft_labels,
+    train_router,
+)
+from rsrouter.smoothing import sample_counts
+
+# ---------------------------------------------------------------- loss terms by hand
+
+LOGITS = torch.tensor([[[2.0, 0.0]], [[0.0, 1.0]]])  # m = 2 copies, B = 1, E = 2
+RADII = torch.tensor([[0.5, 1.0]])
+SIGMAS = torch.tensor([0.25, 1.0])
+
+
+def _softmax(z):
+    e = [math.exp(v) for v in z]
+    return [v / sum(e) for v in e]
+
+
+def test_soft_labels_and_balance_weights():
+    y = soft_labels(torch.tensor([[0.0, math.log(3.0)]]), 1.0)
+    assert y.tolist()[0] == pytest.approx([0.25, 0.75])
+    y = soft_labels(torch.tensor([[0.0, 2 * math.log(3.0)]]), 2.0)  # T = 2 halves the radii
+    assert y.tolist()[0] == pytest.approx([0.25, 0.75])
+    # best experts 0, 1, 1, 1: q = (1/4, 3/4) -> w_e = 4, 4/3, 4/3, 4/3
+    w = balance_weights(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.2, 0.3], [0.0, 0.5]]))
+    assert w.tolist() == pytest.approx([4.0, 4 / 3, 4 / 3, 4 / 3])
+
+
+def test_consistency_weights_pick_the_smallest_or_largest_routed_sigma():
+    # copy 0 picks expert 0 (sigma 0.25, R 0.5), copy 1 picks expert 1 (sigma 1.0, R 1.0)
+    assert consistency_weights(LOGITS, RADII, SIGMAS, "none", 2.0).tolist() == [1.0]
+    assert consistency_weights(LOGITS, RADII, SIGMAS, "weak", 2.0).tolist() == [0.25]
+    assert consistency_weights(LOGITS, RADII, SIGMAS, "strong", 2.0).tolist() == [0.5]
+
+
+def test_router_loss_against_hand_computed_values():
+    p0, p1 = _softmax([2.0, 0.0]), _softmax([0.0, 1.0])
+    y = _softmax([0.5, 1.0])
+    ce = [-sum(yi * math.log(pi) for yi, pi in zip(y, p, strict=True)) for p in (p0, p1)]
+    soft_ce = sum(ce) / 2
+    pbar = [(a + b) / 2 for a, b in zip(p0, p1, strict=True)]
+    kl = sum(
+        sum(q * math.log(q / pj) for q, pj in zip(pbar, p, strict=True)) for p in (p0, p1)
+    ) / 2  # fmt: skip
+    entropy = -sum(q * math.log(q) for q in pbar)
+    lam, eta, w_e = 4.0, 0.5, 3.0
+    for weighting, w_r in (("none", 1.0), ("weak", 0.25), ("strong", 0.5)):
+        loss, parts = router_loss(
+            LOGITS, RADII, sigmas=SIGMAS, w_e=torch.tensor([w_e]), lam=lam, eta=eta,
+            weighting=weighting, radius_scale=2.0,
+        )  # fmt: skip
+        assert parts["soft_ce"] == pytest.approx(soft_ce, rel=1e-6)
+        assert parts["kl"] == pytest.approx(kl, rel=1e-5)
+        assert parts["entropy"] == pytest.approx(entropy, rel=1e-6)
+        assert parts["consistency"] == pytest.approx(lam * kl + eta * entropy, rel=1e-5)
+        expected = w_e * (soft_ce + w_r * (lam * kl + eta * entropy))
+        assert float(loss) == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(UsageError):
+        router_loss(LOGITS[0], RADII, sigmas=SIGMAS)
+
+
+def test_loss_gradient_points_to_the_larger_radius():
+    logits = torch.zeros(1, 1, 2, requires_grad=True)
+    loss, _ = router_loss(logits, RADII, sigmas=SIGMAS, lam=0.0, eta=0.0, weighting="none")
+    loss.backward()
+    assert logits.grad[0, 0, 1] < 0 < logits.grad[0, 0, 0]
+
+
+# ---------------------------------------------------------------- a task with a known answer
+
+
+class GroupExpert(nn.Module):
+    """Right (label = right half bright) only on inputs whose left half matches its group."""
+
+    def __init__(self, group: int, sigma: float = 0.25):
+        super().__init__()
+        self.group, self.sigma, self.num_classes = group, sigma, 2
+        self.input_shape, self.fingerprint = (1, 8, 8), f"group-{group}-{sigma}"
+
+    def forward(self, x):
+        left, right = x[..., :4].flatten(1).mean(1), x[..., 4:].flatten(1).mean(1)
+        truth = (right > 0.5).long()
+        return torch.where((left > 0.5).long() == self.group, truth, 1 - truth)
+
+
+def group_data(size: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    group = torch.randint(0, 2, (size,), generator=gen)
+    label = torch.randint(0, 2, (size,), generator=gen)
+    images = torch.empty(size, 1, 8, 8)
+    images[..., :4] = (0.15 + 0.7 * group.float()).view(-1, 1, 1, 1)
+    images[..., 4:] = (0.15 + 0.7 * label.float()).view(-1, 1, 1, 1)
+    return SimpleNamespace(images=images, labels=label, group=group, name="groups",
+                           fingerprint=f"groups-{seed}")  # fmt: skip
+
+
+def make_router(experts, seed=0, **kw):
+    return RouterModel.create(
+        seed=seed, arch="small_cnn", arch_args={"width": 4}, expert_names=list(experts),
+        sigmas=[e.sigma for e in experts.values()],
+        fingerprints=[e.fingerprint for e in experts.values()], in_chans=1, input_size=(8, 8),
+        **kw,
+    )  # fmt: skip
+
+
+FAST = dict(epochs=6, batch_size=32, lr=0.01, consistency_lambda=1.0, soft_label_scale=0.05, seed=0)
+
+
+def test_trained_router_sends_inputs_to_the_right_expert(tmp_path: Path):
+    experts = {"dark": GroupExpert(0), "bright": GroupExpert(1, sigma=0.5)}
+    data = group_data(192, seed=0)
+    table = build_tables(experts, data, tmp_path / "art", n=20, progress=False)
+    assert torch.equal(table.best, data.group)  # the best expert is known by construction
+    router = make_router(experts)
+    assert router.sigma_e == 0.5  # default: the largest expert sigma
+    history = train_router(
+        router, table, data.images, tmp_path / "router", RouterTrainConfig(**FAST), progress=False
+    )
+    assert history[-1]["loss"] < history[0]["loss"]
+    test = group_data(100, seed=1)
+    counts = sample_counts(router, test.images, router.sigma_e, 20, seed=5, num_classes=2)
+    assert (counts.argmax(1) == test.group).float().mean() >= 0.9
+    loaded = RouterModel.from_pretrained(tmp_path / "router")
+    assert loaded.fingerprint == router.fingerprint
+    assert loaded.config()["training"]["epochs"] == 6 and loaded.config()["table"]["n"] == 20
+    assert torch.equal(loaded(test.images), router(test.images))
+    loaded.check_experts(list(experts), [e.fingerprint for e in experts.values()])
+    with pytest.raises(UsageError, match="order"):
+        loaded.check_experts(["bright", "dark"], ["x", "y"])
+
+
+def test_training_resumes_to_identical_weights(tmp_path: Path):
+    experts = {"dark": GroupExpert(0), "bright": GroupExpert(1)}
+    data = group_data(64, seed=2)
+    table = build_tables(experts, data, tmp_path / "art", n=10, progress=False)
+    config = RouterTrainConfig(**{**FAST, "epochs": 3})
+    whole = make_router(experts)
+    train_router(whole, table, data.images, tmp_path / "whole", config, progress=False)
+
+    killed = make_router(experts)
+    calls = {"n": 0}
+
+    def kill(module, args):
+        calls["n"] += 1
+        if calls["n"] > 3:  # 2 batches per epoch: dies during epoch 2, after 1 checkpoint
+            raise KeyboardInterrupt("simulated kill")
+
+    hook = killed.classifier.register_forward_pre_hook(kill)
+    with pytest.raises(KeyboardInterrupt):
+        train_router(killed, table, data.images, tmp_path / "run", config, progress=False)
+    hook.remove()
+    assert (tmp_path / "run" / "checkpoints" / "epoch-0001.safetensors").is_file()
+    fresh = make_router(experts, seed=99)  # other init: the checkpoint must overwrite it
+    history = train_router(fresh, table, data.images, tmp_path / "run", config, progress=False)
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    for (name, a), (_, b) in zip(
+        whole.state_dict().items(), fresh.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
+
+
+def test_router_refuses_a_table_for_other_experts(tmp_path: Path):
+    experts = {"dark": GroupExpert(0), "bright": GroupExpert(1)}
+    table = RadiusTable(
+        radii=torch.zeros(2, 2), names=("a", "b"), sigmas=(0.25, 0.25), fingerprints=("x", "y"),
+        labels=torch.zeros(2, dtype=torch.long), indices=torch.arange(2), n=10, alpha=0.001,
+        seed=0, subset=1.0, dataset_fingerprint="d",
+    )  # fmt: skip
+    with pytest.raises(UsageError, match="table has experts"):
+        train_router(make_router(experts), table, torch.zeros(2, 1, 8, 8), tmp_path)
+    with pytest.raises(UsageError, match="consistency_weight"):
+        RouterTrainConfig(consistency_weight="medium")
+    with pytest.raises(UsageError, match="unknown"):
+        RouterTrainConfig.from_settings({"epoch": 3})
