@@ -19,6 +19,7 @@ from torch import nn
 
 from rsrouter.errors import UsageError
 from rsrouter.experts.denoiser import OneStepDenoiser
+from rsrouter.experts.expert import load_denoiser
 from rsrouter.experts.nets import build_classifier, normalize
 from rsrouter.io import atomic_path, read_json, sha256_json, write_json
 from rsrouter.smoothing import check_sigma
@@ -172,10 +173,7 @@ class RouterModel(nn.Module):
         config = read_json(folder / "config.json")
         unet = scheduler = None
         if config.get("denoiser"):
-            from diffusers import DDPMScheduler, UNet2DModel
-
-            unet = UNet2DModel.from_pretrained(folder / "denoiser" / "unet", use_safetensors=True)
-            scheduler = DDPMScheduler.from_pretrained(folder / "denoiser" / "scheduler")
+            unet, scheduler = load_denoiser(folder / "denoiser")
         router = cls.from_config(config, unet=unet, scheduler=scheduler)
         weights = folder / "model.safetensors"
         if not weights.is_file():

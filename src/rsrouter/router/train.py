@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from torch.nn import functional as F
 
 from rsrouter.errors import UsageError
+from rsrouter.experts.train import consistency_terms
 from rsrouter.io import atomic_path, sha256_json
 from rsrouter.progress import progress_bar
 from rsrouter.router.model import RouterModel
@@ -135,10 +136,7 @@ def router_loss(
     log_p = F.log_softmax(logits, dim=-1)
     y = soft_labels(radii, label_scale)
     soft_ce = -(y.unsqueeze(0) * log_p).sum(-1).mean(0)  # (B,)
-    p_bar = log_p.exp().mean(0)
-    log_p_bar = p_bar.clamp_min(1e-12).log()
-    kl = (p_bar.unsqueeze(0) * (log_p_bar.unsqueeze(0) - log_p)).sum(-1).mean(0)
-    entropy = -(p_bar * log_p_bar).sum(-1)
+    kl, entropy = consistency_terms(logits)
     con = lam * kl + eta * entropy
     w_r = consistency_weights(logits, radii, sigmas, weighting, radius_scale)
     w_e = torch.ones_like(soft_ce) if w_e is None else w_e.float().to(soft_ce.device)
