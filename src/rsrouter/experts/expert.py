@@ -215,6 +215,11 @@ class Expert(nn.Module):
         # torch bumps a tensor's _version on every in-place change (optimizer steps, copy_).
         return sum(t._version for t in self.state_dict(keep_vars=True).values())
 
+    def adopt_file_hashes(self, file_hashes: dict[str, str]) -> None:
+        """Take already-verified file hashes (the registry's) instead of hashing again."""
+        self._file_hashes = dict(file_hashes)
+        self._hashed_version = self._weights_version()
+
     def with_sigma(self, sigma: float) -> Expert:
         """The same denoised expert at another sigma (the UNet and classifier are shared)."""
         if self.kind != "denoised":
@@ -262,30 +267,34 @@ class Expert(nn.Module):
     @classmethod
     def from_parts(
         cls,
-        classifier: Expert,
+        classifier_config: ExpertConfig,
+        classifier: nn.Module,
         unet,
         scheduler,
         *,
         sigma: float,
         **config_fields,
     ) -> Expert:
-        """A denoised expert: ``unet`` + ``scheduler`` one-step denoise, then ``classifier``."""
+        """A denoised expert: ``unet`` + ``scheduler`` one-step denoise, then ``classifier``.
+
+        ``classifier_config`` describes the classifier (its sigma, if any, is replaced).
+        """
         in_chans = int(unet.config.in_channels)
-        if in_chans != classifier.config.in_chans or int(unet.config.out_channels) != in_chans:
+        if in_chans != classifier_config.in_chans or int(unet.config.out_channels) != in_chans:
             raise UsageError(
                 f"the denoiser maps {unet.config.in_channels}→{unet.config.out_channels} "
-                f"channels but the classifier takes {classifier.config.in_chans}."
+                f"channels but the classifier takes {classifier_config.in_chans}."
             )
-        base = classifier.config.to_dict()
+        base = classifier_config.to_dict()
         base.update(
             kind="denoised",
             sigma=sigma,
             input_size=_size(unet.config.sample_size),
-            classifier_input_size=classifier.config.input_size,
+            classifier_input_size=classifier_config.input_size,
             denoiser_subfolder=DENOISER_DIR,
         )
         base.update(config_fields)
-        return cls(ExpertConfig.from_dict(base), classifier.classifier, unet, scheduler)
+        return cls(ExpertConfig.from_dict(base), classifier, unet, scheduler)
 
     # ---- folders
     def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
@@ -457,8 +466,10 @@ def load_denoiser(folder: Path, device="cpu"):
     return unet.to(device).eval(), scheduler
 
 
-def load_folder(folder: str | os.PathLike, *, sigma: float | None = None, device="cpu") -> Expert:
-    """An expert from a local folder (hashes are the registry's business, not this one's)."""
+def load_folder(
+    folder: str | os.PathLike, *, sigma: float | None = None, device="cpu", file_hashes=None
+) -> Expert:
+    """An expert from a local folder; ``file_hashes`` (already verified) saves hashing again."""
     folder = Path(folder)
     config = resolve_sigma(read_config(folder), sigma, folder)
     classifier = load_classifier(folder, config, device)
@@ -466,8 +477,7 @@ def load_folder(folder: str | os.PathLike, *, sigma: float | None = None, device
     if config.kind == "denoised":
         unet, scheduler = load_denoiser(folder / config.denoiser_subfolder, device)
     expert = Expert(config, classifier, unet, scheduler).to(device).eval()
-    expert._file_hashes = weight_file_hashes(folder, config)
-    expert._hashed_version = expert._weights_version()
+    expert.adopt_file_hashes(file_hashes or weight_file_hashes(folder, config))
     return expert
 
 
