@@ -1,0 +1,341 @@
+"""A resumable dual-certification run over a dataset split, with its baselines.
+
+Counts are computed once per model and cached as flushed JSONL, one line per input:
+``<artifacts>/certify/experts/<key>.jsonl`` for every expert (key = expert, dataset, n0, n,
+seed) and ``<artifacts>/certify/router/<key>.jsonl`` for the router. Everything else, the dual
+certificate, each expert alone, the Multiscale cascade and the oracle, is decided from those
+counts, so a second run with cached experts costs only the router's pass. The run writes one
+record per input to ``<artifacts>/certify/<run key>.jsonl`` (+ ``<run key>.json``, the run's
+settings) and resumes from what is there. Noise is seeded by input index, so a resumed or
+sharded run (torchrun: rank r takes ``shard_indices`` and writes ``*.rank-r.jsonl``; rank 0
+merges) gives the same records as one uninterrupted process.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+from rsrouter import distributed
+from rsrouter.errors import UsageError
+from rsrouter.io import append_jsonl, read_json, read_jsonl, sha256_json, write_json, write_text
+from rsrouter.progress import progress_bar
+from rsrouter.router.baselines import MULTISCALE_LABEL, ORACLE_LABEL, multiscale, oracle
+from rsrouter.router.dual import DualCertificate, DualSmoothed, split_alpha
+from rsrouter.smoothing import Certificate, check_count
+
+FORMAT = "rsrouter.certify-run/1"
+
+
+def counts_key(model_fingerprint: str, dataset_fingerprint: str, n0: int, n: int, seed: int):
+    """Cache key of one model's counts on one dataset (alpha-free: counts serve every alpha)."""
+    return sha256_json(
+        {
+            "model": model_fingerprint,
+            "dataset": dataset_fingerprint,
+            "n0": int(n0),
+            "n": int(n),
+            "seed": int(seed),
+        }
+    )
+
+
+def _fingerprint(model, what: str) -> str:
+    fp = getattr(model, "fingerprint", None)
+    if not isinstance(fp, str) or not fp:
+        raise UsageError(f"the {what} has no .fingerprint, which the certificate cache needs.")
+    return fp
+
+
+# ---------------------------------------------------------------- sharded JSONL files
+
+
+def _rank_path(path: Path, rank: int) -> Path:
+    return path.with_name(f"{path.stem}.rank-{rank}.jsonl")
+
+
+def _write_path(path: Path, ctx) -> Path:
+    return path if ctx.world == 1 else _rank_path(path, ctx.rank)
+
+
+def read_records(path: str | Path) -> dict[int, dict]:
+    """Records by input index from ``path`` and any rank shards beside it (first one wins)."""
+    path = Path(path)
+    out: dict[int, dict] = {}
+    for p in [path, *sorted(path.parent.glob(f"{path.stem}.rank-*.jsonl"))]:
+        for record in read_jsonl(p):
+            out.setdefault(int(record["index"]), record)
+    return out
+
+
+def _merge(path: Path) -> None:
+    """Rewrite ``path`` sorted by index from itself and its rank shards, then drop the shards."""
+    records = read_records(path)
+    shards = sorted(path.parent.glob(f"{path.stem}.rank-*.jsonl"))
+    lines = [json.dumps(records[i], sort_keys=True) + "\n" for i in sorted(records)]
+    write_text(path, "".join(lines))
+    for shard in shards:
+        shard.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------- the run
+
+
+@dataclass(frozen=True)
+class RunResult:
+    path: Path  # the records (JSONL)
+    meta_path: Path  # the run's settings (JSON)
+    records: list[dict]  # every record of the run, sorted by index
+    computed: int  # inputs certified by this call (0 when everything was there)
+
+
+def _certs(counts: dict, sigma: float, alpha: float) -> Certificate:
+    return Certificate.from_counts(counts["selection_counts"], counts["counts"], sigma, alpha)
+
+
+def make_record(
+    index: int,
+    label: int,
+    router_counts: dict,
+    expert_counts: Sequence[dict],
+    *,
+    sigma_e: float,
+    sigmas: Sequence[float],
+    alpha: float,
+    alpha_router: float,
+    p_skip: float,
+) -> dict:
+    """One input's record, decided from stored counts (pure: no model is run)."""
+    a_router, a_expert = split_alpha(alpha, alpha_router)
+    router = _certs(router_counts, sigma_e, a_router)
+    full = [_certs(c, s, alpha) for c, s in zip(expert_counts, sigmas, strict=True)]
+    chosen = full[router.prediction].with_alpha(a_expert) if not router.abstained else None
+    dual = DualCertificate.compose(router, chosen)
+    ms = multiscale(full, alpha, p_skip=p_skip)
+    best, best_radius = oracle(full, label)
+    seconds = router_counts["seconds"]
+    if not router.abstained:
+        seconds += expert_counts[router.prediction]["seconds"]
+    return {
+        "index": int(index),
+        "label": int(label),
+        "router": {
+            "selection_counts": list(router.selection_counts),
+            "counts": list(router.counts),
+            "prediction": router.prediction,
+            "radius": router.radius,
+        },
+        "expert": dual.expert,
+        "expert_counts": None
+        if chosen is None
+        else {
+            "selection_counts": list(chosen.selection_counts),
+            "counts": list(chosen.counts),
+            "prediction": chosen.prediction,
+            "radius": chosen.radius,
+        },
+        "R_sigma": dual.radius_router,
+        "R_c": dual.radius_expert,
+        "radius": dual.radius,
+        "prediction": dual.prediction,
+        "correct": bool(dual.prediction == label),
+        "seconds": float(seconds),
+        "baselines": {
+            "experts": [
+                {
+                    "prediction": c.prediction,
+                    "radius": c.radius,
+                    "correct": bool(c.prediction == label),
+                    "seconds": float(e["seconds"]),
+                }
+                for c, e in zip(full, expert_counts, strict=True)
+            ],
+            "multiscale": {
+                "prediction": ms.prediction,
+                "radius": ms.radius,
+                "correct": bool(ms.prediction == label),
+                "stage": ms.stage,
+                "seconds": float(sum(expert_counts[i]["seconds"] for i in _stages_run(ms, sigmas))),
+            },
+            "oracle": {"expert": best, "radius": best_radius, "correct": best >= 0},
+        },
+    }
+
+
+def _stages_run(ms, sigmas: Sequence[float]) -> list[int]:
+    """Experts the cascade evaluated (largest sigma down to the one it stopped at)."""
+    order = sorted(range(len(sigmas)), key=lambda i: -sigmas[i])
+    if ms.stage < 0:
+        return order
+    return order[: order.index(ms.stage) + 1]
+
+
+class _Cache:
+    """One model's counts by input index, loaded once; missing ones are sampled and appended."""
+
+    def __init__(self, path: Path, ctx):
+        self.path, self.ctx, self.have = path, ctx, read_records(path)
+
+    def fill(self, model_counts, xs, indices: Sequence[int], **kw) -> dict[int, dict]:
+        todo = [i for i in indices if i not in self.have]
+        if todo:
+            start = time.perf_counter()
+            sel, est = model_counts(xs[todo], indices=todo, **kw)
+            per_input = (time.perf_counter() - start) / len(todo)
+            new = [
+                {
+                    "index": i,
+                    "selection_counts": [int(v) for v in s],
+                    "counts": [int(v) for v in e],
+                    "seconds": per_input,
+                }
+                for i, s, e in zip(todo, sel, est, strict=True)
+            ]
+            append_jsonl(_write_path(self.path, self.ctx), new)
+            self.have.update({r["index"]: r for r in new})
+        return self.have
+
+
+def certify_run(
+    dual: DualSmoothed,
+    dataset,
+    artifacts: str | Path,
+    *,
+    n0: int = 100,
+    n: int = 10_000,
+    alpha: float = 0.001,
+    alpha_router: float | None = None,
+    seed: int = 0,
+    limit: int | None = None,
+    p_skip: float = 0.5,
+    expert_names: Sequence[str] | None = None,
+    chunk: int = 32,
+    progress: bool = True,
+    **sampling,
+) -> RunResult:
+    """Certify ``dataset`` (the first ``limit`` inputs) with dual RS and every baseline.
+
+    ``sampling`` goes to ``rsrouter.smoothing.sample_counts`` (batch_size, device, bf16, ...).
+    """
+    n0, n, chunk = check_count("n0", n0), check_count("n", n), check_count("chunk", chunk)
+    a_router, a_expert = split_alpha(alpha, alpha_router)
+    if not 0.5 <= p_skip < 1:
+        raise UsageError(f"p_skip must lie in [0.5, 1), got {p_skip!r}.")
+    names = list(expert_names or [f"expert-{i}" for i in range(len(dual.experts))])
+    if len(names) != len(dual.experts):
+        raise UsageError(f"{len(names)} expert names for {len(dual.experts)} experts.")
+    total = len(dataset.labels)
+    size = total if limit is None else min(check_count("limit", limit), total)
+    router_fp = _fingerprint(dual.router, "router")
+    expert_fps = [
+        _fingerprint(e, f"expert {name!r}") for e, name in zip(dual.experts, names, strict=True)
+    ]
+    root = Path(artifacts) / "certify"
+    expert_paths = [
+        root / "experts" / f"{counts_key(fp, dataset.fingerprint, n0, n, seed)}.jsonl"
+        for fp in expert_fps
+    ]
+    router_key = sha256_json(
+        {"key": counts_key(router_fp, dataset.fingerprint, n0, n, seed), "sigma_e": dual.sigma_e}
+    )
+    router_path = root / "router" / f"{router_key}.jsonl"
+    settings = {
+        "format": FORMAT,
+        "router": router_fp,
+        "sigma_e": dual.sigma_e,
+        "experts": names,
+        "sigmas": dual.sigmas,
+        "expert_fingerprints": expert_fps,
+        "dataset": {
+            "name": dataset.name,
+            "split": dataset.split,
+            "fingerprint": dataset.fingerprint,
+        },
+        "n0": n0,
+        "n": n,
+        "alpha": alpha,
+        "alpha_router": a_router,
+        "alpha_expert": a_expert,
+        "seed": int(seed),
+        "p_skip": float(p_skip),
+    }
+    run_key = sha256_json(settings)
+    path, meta_path = root / f"{run_key}.jsonl", root / f"{run_key}.json"
+    ctx = distributed.context()
+    if ctx.is_main:
+        meta = {
+            **settings,
+            "run": run_key,
+            "class_names": list(dataset.class_names),
+            "labels": {"multiscale": MULTISCALE_LABEL, "oracle": ORACLE_LABEL},
+        }
+        write_json(meta_path, meta)
+    mine = distributed.shard_indices(range(size), ctx)
+    done = read_records(path)
+    todo = [i for i in mine if i not in done]
+    kw = {"n0": n0, "n": n, "seed": seed, **sampling}
+    expert_caches = [_Cache(p, ctx) for p in expert_paths]
+    router_cache = _Cache(router_path, ctx)
+    computed = 0
+    with progress_bar("dual certify", len(todo), enabled=progress and bool(todo)) as advance:
+        for start in range(0, len(todo), chunk):
+            part = todo[start : start + chunk]
+            experts = [
+                cache.fill(partial(dual.expert_counts, j), dataset.images, part, **kw)
+                for j, cache in enumerate(expert_caches)
+            ]
+            router = router_cache.fill(dual.router_counts, dataset.images, part, **kw)
+            records = [
+                make_record(
+                    i,
+                    int(dataset.labels[i]),
+                    router[i],
+                    [e[i] for e in experts],
+                    sigma_e=dual.sigma_e,
+                    sigmas=dual.sigmas,
+                    alpha=alpha,
+                    alpha_router=a_router,
+                    p_skip=p_skip,
+                )
+                for i in part
+            ]
+            append_jsonl(_write_path(path, ctx), records)
+            computed += len(part)
+            advance(len(part))
+    ctx.barrier()
+    if ctx.is_main:
+        for p in (*expert_paths, router_path, path):
+            if p.exists() or any(p.parent.glob(f"{p.stem}.rank-*.jsonl")):
+                _merge(p)
+    ctx.barrier()
+    records = read_records(path)
+    rows = [records[i] for i in sorted(records)]
+    return RunResult(path=path, meta_path=meta_path, records=rows, computed=computed)
+
+
+def load_run(path: str | Path) -> tuple[dict, list[dict]]:
+    """(settings, records sorted by index) of a run's JSONL file (settings from its .json)."""
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"{path} does not exist.")
+    meta = read_json(path.with_suffix(".json"))
+    records = read_records(path)
+    return meta, [records[i] for i in sorted(records)]
+
+
+def latest_run(artifacts: str | Path) -> Path:
+    """The most recently written run under ``<artifacts>/certify/``."""
+    runs = [
+        p
+        for p in (Path(artifacts) / "certify").glob("*.jsonl")
+        if ".rank-" not in p.name and p.with_suffix(".json").exists()
+    ]
+    if not runs:
+        raise UsageError(
+            f"no certification run under {Path(artifacts) / 'certify'}; run `router certify` first."
+        )
+    return max(runs, key=lambda p: p.stat().st_mtime)

@@ -1,0 +1,143 @@
+"""The certification run: cached counts, resume after a kill, rank shards, equality with the API."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from rsrouter import distributed
+from rsrouter.errors import UsageError
+from rsrouter.router import DualSmoothed
+from rsrouter.router.certify_run import certify_run, latest_run, load_run
+
+N0, N, ALPHA, SEED = 20, 200, 0.01, 5
+
+
+class Linear:
+    def __init__(self, w, b, sigma=None, name="m", fail_after=None):
+        self.w, self.b, self.fingerprint = torch.tensor(w), b, f"fp-{name}"
+        if sigma is not None:
+            self.sigma, self.num_classes = sigma, 2
+        self.calls, self.fail_after = 0, fail_after
+
+    def __call__(self, x):
+        self.calls += len(x)
+        if self.fail_after is not None and self.calls > self.fail_after:
+            raise RuntimeError("killed mid-run")
+        return (x @ self.w + self.b > 0).long()
+
+
+def _dataset(size=24):
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(size, 2, generator=gen)
+    labels = (images[:, 1] > 0).long()
+    return SimpleNamespace(
+        name="toy", split="test", images=images, labels=labels,
+        class_names=("neg", "pos"), fingerprint="ds-toy",
+    )  # fmt: skip
+
+
+def _dual(router_name="r", fail_after=None):
+    experts = [
+        Linear([0.0, 1.0], 0.0, sigma=0.25, name="a", fail_after=fail_after),
+        Linear([0.2, 1.0], 0.05, sigma=0.5, name="b"),
+    ]
+    return DualSmoothed(Linear([1.0, 0.0], 0.0, name=router_name), 0.5, experts)
+
+
+def _run(dual, tmp, **kw):
+    args = {"n0": N0, "n": N, "alpha": ALPHA, "seed": SEED, "chunk": 5, "progress": False}
+    return certify_run(dual, _dataset(), tmp, expert_names=["a", "b"], **{**args, **kw})
+
+
+def _strip(records):
+    out = []
+    for r in records:
+        r = json.loads(json.dumps(r))
+        r.pop("seconds")
+        r["baselines"]["multiscale"].pop("seconds")
+        for e in r["baselines"]["experts"]:
+            e.pop("seconds")
+        out.append(r)
+    return out
+
+
+def test_records_match_the_api_and_hold_every_baseline(tmp_path):
+    dual = _dual()
+    result = _run(dual, tmp_path)
+    ds = _dataset()
+    direct = dual.certify_batch(ds.images, n0=N0, n=N, alpha=ALPHA, seed=SEED)
+    assert [r["index"] for r in result.records] == list(range(len(ds.labels)))
+    for r, c in zip(result.records, direct, strict=True):
+        assert (r["prediction"], r["expert"]) == (c.prediction, c.expert)
+        assert r["radius"] == pytest.approx(c.radius)
+        assert r["R_sigma"] == pytest.approx(c.radius_router)
+        assert r["correct"] == (c.prediction == r["label"])
+        assert len(r["baselines"]["experts"]) == 2 and "multiscale" in r["baselines"]
+        assert sum(r["router"]["counts"]) == N and sum(r["router"]["selection_counts"]) == N0
+    meta, records = load_run(result.path)
+    assert meta["experts"] == ["a", "b"] and meta["alpha_router"] == pytest.approx(ALPHA / 2)
+    assert "not a certificate" in meta["labels"]["oracle"]
+    assert _strip(records) == _strip(result.records)
+    assert latest_run(tmp_path) == result.path
+
+
+def test_cached_expert_counts_make_dual_cost_only_the_router(tmp_path):
+    first = _run(_dual(), tmp_path)
+    other = _dual(router_name="r2")  # a new router over the same experts
+    result = _run(other, tmp_path)
+    assert result.computed == 24
+    assert other.experts[0].calls == other.experts[1].calls == 0
+    assert other.router.calls == 24 * (N0 + N)
+    looser = _dual()  # another alpha split: no model runs at all
+    again = _run(looser, tmp_path, alpha_router=0.002)
+    assert looser.router.calls == 0 and again.computed == 24
+    pairs = list(zip(first.records, again.records, strict=True))
+    assert all(a["router"]["counts"] == b["router"]["counts"] for a, b in pairs)
+    assert any(b["R_sigma"] < a["R_sigma"] for a, b in pairs if a["R_sigma"] > 0)
+
+
+def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path):
+    clean = _run(_dual(), tmp_path / "clean")
+    crashing = _dual(fail_after=3 * 5 * (N0 + N))  # dies in the 4th chunk of inputs
+    with pytest.raises(RuntimeError, match="killed"):
+        _run(crashing, tmp_path / "resumed")
+    (path,) = (tmp_path / "resumed" / "certify").glob("*.jsonl")
+    partial = [json.loads(line) for line in path.read_text().splitlines()]
+    assert 0 < len(partial) < 24
+    with path.open("a") as fh:
+        fh.write('{"index": 99, "torn')  # a torn last line from the kill
+    healthy = _dual()
+    resumed = _run(healthy, tmp_path / "resumed")
+    assert resumed.computed == 24 - len(partial)
+    assert healthy.experts[1].calls < 24 * (N0 + N)  # cached counts were reused
+    assert _strip(resumed.records) == _strip(clean.records)
+
+
+def test_rank_shards_merge_to_the_single_process_result(tmp_path, monkeypatch):
+    single = _run(_dual(), tmp_path / "one")
+    for rank in (1, 0):  # rank 1 first: rank 0 then finds its shard and merges
+        ctx = distributed.DistContext(rank=rank, world=2, local_rank=rank)
+        monkeypatch.setattr(distributed, "context", lambda ctx=ctx: ctx)
+        part = _run(_dual(), tmp_path / "two")
+    assert part.computed == 12
+    assert not list((tmp_path / "two").rglob("*.rank-*.jsonl"))
+    assert _strip(part.records) == _strip(single.records)
+    lines = [json.loads(line)["index"] for line in part.path.read_text().splitlines()]
+    assert lines == list(range(24))
+
+
+def test_bad_settings_are_one_sentence(tmp_path):
+    with pytest.raises(UsageError, match="alpha_router"):
+        _run(_dual(), tmp_path, alpha_router=0.5)
+    with pytest.raises(UsageError, match="expert names"):
+        certify_run(_dual(), _dataset(), tmp_path, expert_names=["a"], progress=False)
+    dual = _dual()
+    del dual.experts[0].fingerprint
+    with pytest.raises(UsageError, match="fingerprint"):
+        _run(dual, tmp_path)
+    with pytest.raises(UsageError, match="router certify"):
+        latest_run(tmp_path / "nothing")
