@@ -27,6 +27,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import pytest
+import yaml
 
 DEFAULT_BRANCH = "main"
 _TYPES = {"models": "model", "datasets": "dataset", "spaces": "space"}
@@ -318,6 +319,20 @@ def _make_handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
                 {"commitUrl": url, "commitOid": commit.sha, "pullRequestUrl": None, "success": True}
             )
 
+        def validate_yaml(self, query, body, **_):
+            """The Hub checks a README's metadata header before an upload; so does the double."""
+            content = json.loads(body or b"{}").get("content", "")
+            match = re.match(r"^---\s*\n(.*?)\n---\s*(\n|$)", content, re.DOTALL)
+            try:
+                meta = yaml.safe_load(match.group(1)) if match else {}
+            except yaml.YAMLError as exc:
+                self._send(400, json.dumps({"errors": [{"message": str(exc)}]}).encode())
+                return
+            if meta is not None and not isinstance(meta, dict):
+                self._send(400, json.dumps({"errors": [{"message": "not a mapping"}]}).encode())
+                return
+            self._json({"errors": [], "warnings": []})
+
         def branch(self, query, body, type, repo, branch):
             start = json.loads(body or b"{}").get("startingPoint")
             hub.create_branch(repo, branch, start, _TYPES[type])
@@ -416,6 +431,7 @@ _ROUTES = [
         re.compile(rf"/api/{_TYPE}/{_REPO}/commit/(?P<rev>[^/]+)"),
         lambda h, **kw: h.commit(**kw),
     ),
+    ("POST", re.compile(r"/api/validate-yaml"), lambda h, **kw: h.validate_yaml(**kw)),
     (
         "POST",
         re.compile(rf"/api/{_TYPE}/{_REPO}/branch/(?P<branch>.+)"),

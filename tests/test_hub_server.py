@@ -121,3 +121,14 @@ def test_branches_hold_their_own_head(hub, tmp_path):
         cache_dir=tmp_path / "cache",
     )
     assert Path(path).read_text() == "v1"
+
+
+def test_readme_metadata_is_validated(hub, tmp_path):
+    api = HfApi(endpoint=hub.endpoint, token="hf_test")
+    api.create_repo("org/model")
+    folder = _folder(tmp_path / "a", "{}")
+    (folder / "README.md").write_text("---\nlicense: mit\n---\n# card\n")
+    api.upload_folder(repo_id="org/model", folder_path=folder)
+    (folder / "README.md").write_text("---\nlicense: [mit\n---\n# card\n")
+    with pytest.raises(ValueError, match="Invalid metadata"):
+        api.upload_folder(repo_id="org/model", folder_path=folder)

@@ -1,0 +1,336 @@
+"""Router bundles: a trained router made publishable, pushed to and loaded from the Hub.
+
+A bundle is a folder: the router folder (``config.json`` + ``model.safetensors`` + optional
+``denoiser/``) whose config gains a ``bundle`` section pinning every expert (source, requested
+revision, resolved commit, sigma, kind, sha256 of each weight file, fingerprint), plus a
+``README.md`` model card and the last report's ``curve.png``. Loading fetches the bundle, then
+each pinned expert at its commit, refuses any hash or fingerprint that differs, and returns a
+``DualSmoothed`` ready to certify.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from rsrouter.errors import UsageError
+from rsrouter.experts.expert import EXPERT_PATTERNS, Expert, fetch_snapshot, load_folder
+from rsrouter.io import read_json, sha256_file, write_json
+from rsrouter.router.card import render_card
+from rsrouter.router.dual import DualSmoothed
+from rsrouter.router.model import FORMAT as ROUTER_FORMAT
+from rsrouter.router.model import RouterModel
+
+BUNDLE_FORMAT = "rsrouter.bundle/1"
+CARD_NAME, CURVE_NAME, REPORT_TABLE = "README.md", "curve.png", "certified_accuracy.md"
+# What a bundle consists of; nothing else is uploaded or downloaded.
+BUNDLE_PATTERNS = ["config.json", "model.safetensors", "denoiser/*", CARD_NAME, CURVE_NAME]
+PIN_KEYS = ("name", "source", "revision", "commit", "sigma", "kind", "sha256", "fingerprint")
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+# ---------------------------------------------------------------- pins
+
+
+def make_pin(entry, fingerprint: str) -> dict:
+    """The bundle record of one expert: a registry entry (object or dict) and its fingerprint."""
+
+    def get(key, default=None):
+        return entry.get(key, default) if isinstance(entry, dict) else getattr(entry, key, default)
+
+    sha = get("sha256") or {}
+    if not sha:
+        raise UsageError(f"expert '{get('name')}' has no recorded file hashes to pin.")
+    return {
+        "name": str(get("name")),
+        "source": str(get("source")),
+        "revision": get("revision"),
+        "commit": get("commit"),
+        "sigma": float(get("sigma")),
+        "kind": get("kind", "classifier"),
+        "sha256": dict(sorted(sha.items())),
+        "fingerprint": fingerprint,
+    }
+
+
+def is_hub_pin(pin: dict) -> bool:
+    """True when the expert is a Hub repo pinned to a commit (so others can fetch it)."""
+    return (
+        bool(_COMMIT.fullmatch(str(pin.get("commit") or ""))) and not Path(pin["source"]).is_dir()
+    )
+
+
+def bundle_pins(config: dict, where: str = "config.json") -> list[dict]:
+    """The pinned experts of a bundle config, checked against the router's own expert list."""
+    if config.get("format") != ROUTER_FORMAT:
+        raise UsageError(f"{where} does not describe an rsrouter router.")
+    section = config.get("bundle")
+    if not isinstance(section, dict) or section.get("format") != BUNDLE_FORMAT:
+        raise UsageError(
+            f"{where} is a router folder but not a bundle (no pinned experts): make one with "
+            "`router push` or `make_bundle`."
+        )
+    pins = section.get("experts") or []
+    names = [p.get("name") for p in pins]
+    if names != list(config["experts"]):
+        raise UsageError(f"{where}: the pinned experts {names} are not the router's experts.")
+    return pins
+
+
+# ---------------------------------------------------------------- making a bundle
+
+
+def make_bundle(
+    router_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    pins: Sequence[dict],
+    *,
+    repo_id: str | None = None,
+    license: str = "apache-2.0",
+    dataset: str | None = None,
+    report_dir: str | os.PathLike | None = None,
+) -> Path:
+    """Assemble the bundle of the router in ``router_dir`` into ``out_dir`` (replaced whole).
+
+    ``pins`` (from ``make_pin``) must name the router's experts in order, with the sigma and
+    fingerprint the router was trained for. The card takes the certified-accuracy table and
+    curve of ``report_dir`` when they exist.
+    """
+    router_dir, out_dir = Path(router_dir), Path(out_dir)
+    config = read_json(router_dir / "config.json")
+    if config.get("format") != ROUTER_FORMAT:
+        raise UsageError(f"{router_dir} is not an rsrouter router folder.")
+    if not (router_dir / "model.safetensors").is_file():
+        raise UsageError(f"{router_dir} has no model.safetensors: train the router first.")
+    names = [p["name"] for p in pins]
+    if names != list(config["experts"]):
+        raise UsageError(
+            f"the router was trained for experts {config['experts']}, the workspace has {names}: "
+            "retrain it with `router train`."
+        )
+    for pin, sigma, fingerprint in zip(pins, config["sigmas"], config["fingerprints"], strict=True):
+        if float(pin["sigma"]) != float(sigma) or pin["fingerprint"] != fingerprint:
+            raise UsageError(
+                f"expert '{pin['name']}' changed since the router was trained: rebuild the tables "
+                "and retrain it."
+            )
+    config["bundle"] = {"format": BUNDLE_FORMAT, "experts": [dict(p) for p in pins]}
+
+    report_dir = Path(report_dir) if report_dir is not None else None
+    report_md = curve = None
+    if report_dir is not None and (report_dir / REPORT_TABLE).is_file():
+        report_md = (report_dir / REPORT_TABLE).read_text(encoding="utf-8")
+    if report_dir is not None and (report_dir / CURVE_NAME).is_file():
+        curve = report_dir / CURVE_NAME
+    card = render_card(
+        config,
+        repo_id=repo_id,
+        license=license,
+        dataset=dataset,
+        report_md=report_md,
+        has_curve=curve is not None,
+    )
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        shutil.copy2(router_dir / "model.safetensors", tmp / "model.safetensors")
+        if (router_dir / "denoiser").is_dir():
+            shutil.copytree(router_dir / "denoiser", tmp / "denoiser")
+        if curve is not None:
+            shutil.copy2(curve, tmp / CURVE_NAME)
+        write_json(tmp / "config.json", config)
+        card.save(tmp / CARD_NAME)
+        _replace_dir(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Put folder ``new`` at ``target``; a kill leaves either the old or the new folder."""
+    if not target.exists():
+        os.replace(new, target)
+        return
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(target, old)
+    os.replace(new, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- Hub
+
+
+def push_bundle(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    endpoint: str | None = None,
+    token: str | bool | None = None,
+    commit_message: str | None = None,
+):
+    """Upload a bundle folder to the Hub repo ``repo_id`` (created if needed); a CommitInfo.
+
+    Refuses a bundle whose experts are not Hub repos pinned to a commit: nobody else could
+    fetch them. ``revision`` names a branch (created from main if missing). Files of an earlier
+    push that the bundle no longer has are deleted in the same commit.
+    """
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    folder = Path(folder)
+    config = read_json(folder / "config.json")
+    local = [
+        p["name"] for p in bundle_pins(config, str(folder / "config.json")) if not is_hub_pin(p)
+    ]
+    if local:
+        raise UsageError(
+            f"expert(s) {', '.join(local)} come from local folders, which nobody else can fetch: "
+            "upload each to the Hub, re-add it from there (`router add-expert ORG/NAME`) and "
+            "retrain the router before pushing."
+        )
+    api = HfApi(endpoint=endpoint, token=token)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        if revision and revision != "main":
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        return api.upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            revision=revision,
+            allow_patterns=BUNDLE_PATTERNS,
+            delete_patterns=["*"],
+            commit_message=commit_message or "Upload rsrouter router bundle",
+        )
+    except HfHubHTTPError as exc:
+        status = exc.response.status_code if exc.response is not None else "?"
+        raise UsageError(
+            f"the Hub refused to push to {repo_id!r} (HTTP {status}): "
+            f"{str(exc).splitlines()[0][:200]}"
+        ) from exc
+    except OSError as exc:  # connection errors (httpx's are OSError subclasses or wrap them)
+        raise UsageError(f"could not reach the Hub to push {repo_id!r}: {exc}.") from exc
+
+
+def fetch_bundle(
+    repo_or_dir: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    endpoint: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    token: str | bool | None = None,
+    local_files_only: bool = False,
+) -> tuple[Path, str | None]:
+    """A bundle folder and its commit (None for a local folder): used as is, or downloaded."""
+    path = Path(repo_or_dir)
+    if path.is_dir():
+        return path, None
+    if path.exists() or str(repo_or_dir).count("/") > 1:
+        raise UsageError(f"{repo_or_dir} is neither a bundle folder nor a Hub repo id.")
+    return fetch_snapshot(
+        str(repo_or_dir),
+        revision=revision,
+        cache_dir=cache_dir,
+        endpoint=endpoint,
+        token=token,
+        local_files_only=local_files_only,
+        allow_patterns=BUNDLE_PATTERNS,
+    )
+
+
+def load_pinned_expert(
+    pin: dict,
+    *,
+    endpoint: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    token: str | bool | None = None,
+    local_files_only: bool = False,
+    device: str | torch.device = "cpu",
+) -> Expert:
+    """Fetch one pinned expert at its commit and load it, refusing any file that changed."""
+    name = pin["name"]
+    if is_hub_pin(pin):
+        try:
+            folder, _ = fetch_snapshot(
+                pin["source"],
+                revision=pin["commit"],
+                cache_dir=cache_dir,
+                endpoint=endpoint,
+                token=token,
+                local_files_only=local_files_only,
+                allow_patterns=EXPERT_PATTERNS,
+            )
+        except UsageError as exc:
+            raise UsageError(
+                f"expert '{name}' ({pin['source']} at commit {pin['commit'][:12]}) cannot be "
+                f"fetched: {exc}"
+            ) from exc
+    else:
+        folder = Path(pin["source"])
+        if not folder.is_dir():
+            raise UsageError(f"expert '{name}': its folder {folder} does not exist here.")
+    for file, want in pin["sha256"].items():
+        path = folder / file
+        got = sha256_file(path) if path.is_file() else None
+        if got != want:
+            state = "is missing" if got is None else f"has sha256 {got[:12]}…"
+            raise UsageError(
+                f"expert '{name}': {file} {state}, but the router bundle pins {want[:12]}…; "
+                "refusing an expert that is not the one the router was trained with."
+            )
+    expert = load_folder(folder, sigma=pin["sigma"], device=device)
+    if expert.fingerprint != pin["fingerprint"]:
+        raise UsageError(
+            f"expert '{name}' loads with fingerprint {expert.fingerprint[:12]}…, but the router "
+            f"was trained with {pin['fingerprint'][:12]}…."
+        )
+    return expert
+
+
+def load_router(
+    repo_or_dir: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    endpoint: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    token: str | bool | None = None,
+    local_files_only: bool = False,
+    device: str | torch.device = "cpu",
+) -> DualSmoothed:
+    """A published router, ready to certify: bundle + pinned experts, every hash checked.
+
+    ``repo_or_dir`` is a bundle folder or a Hub repo id. Offline (``HF_HUB_OFFLINE=1`` or
+    ``local_files_only=True``) it loads from the Hub cache.
+    """
+    folder, _ = fetch_bundle(
+        repo_or_dir,
+        revision=revision,
+        endpoint=endpoint,
+        cache_dir=cache_dir,
+        token=token,
+        local_files_only=local_files_only,
+    )
+    pins = bundle_pins(read_json(folder / "config.json"), str(folder / "config.json"))
+    experts = [
+        load_pinned_expert(
+            pin,
+            endpoint=endpoint,
+            cache_dir=cache_dir,
+            token=token,
+            local_files_only=local_files_only,
+            device=device,
+        )
+        for pin in pins
+    ]
+    router = RouterModel.from_pretrained(folder, device=device)
+    router.check_experts([p["name"] for p in pins], [e.fingerprint for e in experts])
+    return DualSmoothed(router, router.sigma_e, experts)

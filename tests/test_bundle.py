@@ -1,0 +1,175 @@
+"""Router bundles: push → pull round trip through the loopback Hub, pinned experts, the card."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import huggingface_hub
+import pytest
+import torch
+from huggingface_hub import HfApi, ModelCard
+
+from rsrouter.errors import UsageError
+from rsrouter.experts import Expert, build_classifier
+from rsrouter.router.bundle import (
+    load_router,
+    make_bundle,
+    make_pin,
+    push_bundle,
+)
+from rsrouter.router.dual import DualSmoothed
+from rsrouter.router.model import RouterModel
+
+pytest_plugins = ["hub_server"]  # the `hub` fixture: a loopback Hub test double
+
+SHAPE = (1, 8, 8)
+SIGMAS = {"low": 0.25, "high": 0.5}
+CERTIFY = {"n0": 20, "n": 200, "alpha": 0.01, "seed": 3, "batch_size": 200}
+REPORT = "| radius | dual RS |\n|---|---|\n| 0.00 | 0.812 |\n| 0.25 | 0.640 |\n"
+
+
+def _expert(sigma: float, seed: int) -> Expert:
+    torch.manual_seed(seed)
+    net = build_classifier("small_cnn", 3, 1, width=4)
+    return Expert.from_module(
+        net, sigma=sigma, arch="small_cnn", num_classes=3, in_chans=1, input_size=SHAPE[1:],
+        arch_args={"width": 4}, dataset="fashion-mnist-subset", license="mit",
+    )  # fmt: skip
+
+
+def _push_expert(api: HfApi, expert: Expert, repo_id: str, folder: Path) -> str:
+    expert.save_pretrained(folder)
+    api.create_repo(repo_id, exist_ok=True)
+    return api.upload_folder(repo_id=repo_id, folder_path=folder).oid
+
+
+@pytest.fixture
+def published(hub, tmp_path):
+    """Two experts and a router bundle on the loopback Hub; the local objects to compare with."""
+    api = HfApi(endpoint=hub.endpoint, token="hf_test")
+    experts, pins = [], []
+    for i, (name, sigma) in enumerate(SIGMAS.items()):
+        expert = _expert(sigma, seed=i)
+        commit = _push_expert(api, expert, f"org/expert-{name}", tmp_path / "experts" / name)
+        entry = {"name": name, "source": f"org/expert-{name}", "revision": "main",
+                 "commit": commit, "sigma": sigma, "kind": "classifier",
+                 "sha256": expert.file_hashes}  # fmt: skip
+        experts.append(expert)
+        pins.append(make_pin(entry, expert.fingerprint))
+    torch.manual_seed(7)
+    router = RouterModel(
+        arch="small_cnn", arch_args={"width": 4}, expert_names=list(SIGMAS),
+        sigmas=list(SIGMAS.values()), fingerprints=[e.fingerprint for e in experts],
+        in_chans=1, input_size=SHAPE[1:], sigma_e=0.5,
+        info={"training": {"epochs": 3, "lr": 0.01},
+              "table": {"n": 100, "alpha": 0.001, "dataset_fingerprint": "ab" * 32}},
+    ).eval()  # fmt: skip
+    router.save_pretrained(tmp_path / "router")
+    report = tmp_path / "report"
+    report.mkdir()
+    (report / "certified_accuracy.md").write_text(REPORT)
+    (report / "curve.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 16)
+    bundle = make_bundle(
+        tmp_path / "router", tmp_path / "bundle", pins, repo_id="org/router",
+        dataset="fashion-mnist-subset", report_dir=report,
+    )  # fmt: skip
+    info = push_bundle(bundle, "org/router", endpoint=hub.endpoint, token="hf_test")
+    local = DualSmoothed(router, router.sigma_e, experts)
+    return {"api": api, "bundle": bundle, "commit": info.oid, "local": local, "pins": pins}
+
+
+def _certify(model: DualSmoothed):
+    x = torch.rand(4, *SHAPE, generator=torch.Generator().manual_seed(11))
+    return [c.to_dict() for c in model.certify_batch(x, **CERTIFY)]
+
+
+def test_push_pull_round_trip_certifies_like_the_local_object(hub, published, tmp_path):
+    model = load_router("org/router", endpoint=hub.endpoint, cache_dir=tmp_path / "cache")
+    assert isinstance(model, DualSmoothed)
+    assert model.router.expert_names == tuple(SIGMAS)
+    assert model.sigmas == list(SIGMAS.values())
+    assert _certify(model) == _certify(published["local"])
+    files = published["api"].list_repo_files("org/router")
+    assert {"config.json", "model.safetensors", "README.md", "curve.png"} <= set(files)
+    assert not hub.unhandled
+
+
+def test_card_has_metadata_table_curve_and_citation(published):
+    card = ModelCard.load(published["bundle"] / "README.md")
+    assert card.data.library_name == "rsrouter"
+    assert card.data.license == "apache-2.0"
+    assert {"randomized-smoothing", "certified-robustness"} <= set(card.data.tags)
+    assert card.data.datasets == ["zalando-datasets/fashion_mnist"]
+    assert REPORT.strip() in card.text
+    assert "![Certified accuracy against radius](curve.png)" in card.text
+    assert "Dual Randomized Smoothing: Beyond Global Noise Variance" in card.text
+    assert 'rsrouter.load_router("org/router")' in card.text
+    assert "| table.n | 100 |" in card.text and "| training.lr | 0.01 |" in card.text
+    for pin in published["pins"]:
+        assert pin["commit"][:12] in card.text
+
+
+def test_card_without_report_says_so(published, tmp_path):
+    bundle = make_bundle(tmp_path / "router", tmp_path / "plain", published["pins"])
+    text = (bundle / "README.md").read_text()
+    assert "No certification report was found" in text and "curve.png" not in text
+    assert not (bundle / "curve.png").exists()
+
+
+def test_new_expert_commits_do_not_change_the_pinned_router(hub, published, tmp_path):
+    _push_expert(published["api"], _expert(0.25, seed=99), "org/expert-low", tmp_path / "new")
+    model = load_router("org/router", endpoint=hub.endpoint, cache_dir=tmp_path / "cache")
+    assert _certify(model) == _certify(published["local"])
+
+
+def test_missing_expert_revision_names_the_expert(hub, published, tmp_path):
+    hub.drop_commit("org/expert-high", published["pins"][1]["commit"])
+    with pytest.raises(UsageError, match="expert 'high'.*cannot be fetched"):
+        load_router("org/router", endpoint=hub.endpoint, cache_dir=tmp_path / "cache")
+
+
+def test_changed_expert_file_fails_the_hash_check(hub, published, tmp_path):
+    hub.set_file("org/expert-low", "model.safetensors", b"not the weights",
+                 revision=published["pins"][0]["commit"])  # fmt: skip
+    with pytest.raises(UsageError, match="expert 'low': model.safetensors has sha256"):
+        load_router("org/router", endpoint=hub.endpoint, cache_dir=tmp_path / "cache")
+
+
+def test_offline_load_from_the_cache(hub, published, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    online = _certify(load_router("org/router", endpoint=hub.endpoint, cache_dir=cache))
+    dead = "http://127.0.0.1:9"  # a closed port: any request would fail
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    seen = len(hub.requests)
+    assert _certify(load_router("org/router", endpoint=dead, cache_dir=cache)) == online
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    model = load_router("org/router", endpoint=dead, cache_dir=cache, local_files_only=True)
+    assert _certify(model) == online
+    assert len(hub.requests) == seen
+    with pytest.raises(UsageError, match="not in the local cache"):
+        load_router("org/router", cache_dir=tmp_path / "empty", local_files_only=True)
+
+
+def test_local_bundle_folder_loads_and_push_refuses_local_experts(hub, published, tmp_path):
+    model = load_router(published["bundle"], endpoint=hub.endpoint, cache_dir=tmp_path / "c")
+    assert _certify(model) == _certify(published["local"])
+    local = [dict(p, source=str(tmp_path / "experts" / p["name"]), commit=None)
+             for p in published["pins"]]  # fmt: skip
+    bundle = make_bundle(tmp_path / "router", tmp_path / "local-bundle", local)
+    assert _certify(load_router(bundle)) == _certify(published["local"])
+    with pytest.raises(UsageError, match="come from local folders"):
+        push_bundle(bundle, "org/other", endpoint=hub.endpoint, token="hf_test")
+
+
+def test_bundle_refuses_experts_the_router_was_not_trained_with(published, tmp_path):
+    swapped = list(reversed(published["pins"]))
+    with pytest.raises(UsageError, match="retrain it"):
+        make_bundle(tmp_path / "router", tmp_path / "b", swapped)
+    changed = [dict(published["pins"][0], fingerprint="0" * 64), published["pins"][1]]
+    with pytest.raises(UsageError, match="expert 'low' changed"):
+        make_bundle(tmp_path / "router", tmp_path / "b", changed)
+
+
+def test_missing_router_repo_is_one_sentence(hub, tmp_path):
+    with pytest.raises(UsageError, match="does not exist"):
+        load_router("org/nothing", endpoint=hub.endpoint, cache_dir=tmp_path / "cache")
