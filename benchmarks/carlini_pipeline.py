@@ -1,0 +1,301 @@
+"""Seconds per input of standard and dual certification on the CIFAR-10 pipeline of Carlini et al.
+
+The pipeline is rebuilt with random weights (timing does not depend on them): a diffusers
+UNet2DModel in the shape of the improved-diffusion CIFAR-10 model (32x32, channels 128-256-256-256,
+3 residual blocks per level, attention at 16x16 and 8x8, about 49M parameters) denoises in one
+step, the result is upsampled to 224x224 and classified by timm's ViT-B/16 (about 86M).
+Standard certification is CERTIFY of that expert (n0 + n draws). Dual certification is the
+paper's denoised router: CERTIFY of a router (a second denoiser pass at sigma_e + ResNet-110
+over the experts), then CERTIFY of the routed expert, both through rsrouter's own code.
+"Bare" is the same models on the same number of noisy samples in the same batches, with none
+of the certification machinery (no seeded streams, no counting, no bounds).
+
+    python benchmarks/carlini_pipeline.py --device cuda --compile --out docs/results
+    python benchmarks/carlini_pipeline.py --tiny        # small configs: a CPU smoke run
+
+Every figure printed is measured in this run on this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from pathlib import Path
+
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+from torch import nn
+from torch.nn import functional as F
+
+from rsrouter.experts.denoiser import OneStepDenoiser
+from rsrouter.experts.nets import build_classifier, count_parameters, normalize
+from rsrouter.io import write_json, write_text
+from rsrouter.router import DualSmoothed
+from rsrouter.runtime import resolve_device
+from rsrouter.smoothing import certify_batch
+
+SIGMAS = (0.25, 0.5, 1.0)  # the paper's CIFAR-10 candidate set; sigma_e = max
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+
+FULL = {
+    "unet": dict(
+        block_out_channels=(128, 256, 256, 256),
+        layers_per_block=3,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=64,
+    ),
+    "timesteps": 4000,  # improved-diffusion's cosine schedule
+    "classifier": ("vit_base_patch16_224", {}),
+    "classifier_size": 224,
+    "router": ("cifar_resnet110", {}),
+}
+TINY = {
+    "unet": dict(
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=8,
+        norm_num_groups=8,
+    ),
+    "timesteps": 1000,
+    "classifier": ("vit_tiny_patch16_224", {"img_size": 64}),
+    "classifier_size": 64,
+    "router": ("cifar_resnet20", {}),
+}
+
+
+class DenoisedClassifier(nn.Module):
+    """denoise at ``sigma`` → resize → normalise → classify: a base model on noisy [0, 1] input."""
+
+    def __init__(self, denoiser, classifier, size: int, mean, std, num_classes: int):
+        super().__init__()
+        self.denoiser, self.classifier = denoiser, classifier
+        self.size, self.mean, self.std = size, mean, std
+        self.sigma, self.num_classes = denoiser.sigma, num_classes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.denoiser(x)
+        if x.shape[-1] != self.size:
+            x = F.interpolate(x, size=(self.size, self.size), mode="bicubic", align_corners=False)
+        return self.classifier(normalize(x, self.mean, self.std))
+
+
+def build(config: dict, device: torch.device, channels_last: bool):
+    """The UNet, the experts at every sigma (one shared ViT) and the denoised router."""
+    unet = UNet2DModel(sample_size=32, in_channels=3, out_channels=3, **config["unet"])
+    scheduler = DDPMScheduler(
+        num_train_timesteps=config["timesteps"], beta_schedule="squaredcos_cap_v2"
+    )
+    arch, extra = config["classifier"]
+    vit = build_classifier(arch, 10, 3, **extra)
+    arch, extra = config["router"]
+    router_net = build_classifier(arch, len(SIGMAS), 3, **extra)
+    with torch.no_grad():  # random weights route anywhere; make every input go to one expert
+        router_net.fc.bias.copy_(torch.tensor([0.0, 50.0, 0.0]))
+    memory = torch.channels_last if channels_last else torch.contiguous_format
+    for net in (unet, vit, router_net):
+        net.to(device, memory_format=memory).eval()
+    half = (0.5, 0.5, 0.5)
+    experts = [
+        DenoisedClassifier(
+            OneStepDenoiser(unet, scheduler, s), vit, config["classifier_size"], half, half, 10
+        ).to(device)
+        for s in SIGMAS
+    ]
+    router = DenoisedClassifier(
+        OneStepDenoiser(unet, scheduler, max(SIGMAS)),
+        router_net,
+        32,
+        CIFAR_MEAN,
+        CIFAR_STD,
+        len(SIGMAS),
+    ).to(device)
+    params = {
+        "denoiser (UNet2DModel)": count_parameters(unet),
+        f"classifier ({config['classifier'][0]})": count_parameters(vit),
+        f"router ({config['router'][0]})": count_parameters(router_net),
+    }
+    return experts, router, params
+
+
+def bare(models_sigmas, xs, n0: int, n: int, batch_size: int, bf16: bool, channels_last: bool):
+    """The same forward passes as certification: noise, model, argmax; nothing else."""
+    device = xs.device
+    for x in xs:
+        for model, sigma in models_sigmas:
+            for total in (n0, n):
+                done = 0
+                while done < total:
+                    m = min(batch_size, total - done)
+                    batch = x.unsqueeze(0) + sigma * torch.randn((m, *x.shape), device=device)
+                    if channels_last:
+                        batch = batch.contiguous(memory_format=torch.channels_last)
+                    with (
+                        torch.inference_mode(),
+                        torch.autocast(device.type, torch.bfloat16, enabled=bf16),
+                    ):
+                        model(batch).argmax(1)
+                    done += m
+
+
+def timed(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def parse() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--tiny", action="store_true", help="small models and n: a CPU smoke run")
+    parser.add_argument("--inputs", type=int, default=None, help="inputs timed (default 4; 2)")
+    parser.add_argument("--n", type=int, default=None, help="default 10000 (tiny: 32)")
+    parser.add_argument("--n0", type=int, default=None, help="default 100 (tiny: 8)")
+    parser.add_argument("--alpha", type=float, default=0.001)
+    parser.add_argument("--batch-size", type=int, default=None, help="default 1024 (tiny: 40)")
+    parser.add_argument(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="bf16 autocast (default: on for CUDA)",
+    )
+    parser.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="channels_last memory format (default: on for CUDA)",
+    )
+    parser.add_argument("--compile", action="store_true", help="torch.compile the UNet and ViT")
+    parser.add_argument(
+        "--compile-mode",
+        default="max-autotune-no-cudagraphs",
+        help="torch.compile mode ('reduce-overhead' adds CUDA graphs)",
+    )
+    parser.add_argument("--repeats", type=int, default=1, help="timed repeats; the minimum counts")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="folder for carlini_pipeline.md/.json (e.g. docs/results)",
+    )
+    args = parser.parse_args()
+    args.n = args.n or (32 if args.tiny else 10_000)
+    args.n0 = args.n0 or (8 if args.tiny else 100)
+    args.inputs = args.inputs or (2 if args.tiny else 4)
+    args.batch_size = args.batch_size or (40 if args.tiny else 1024)
+    return args
+
+
+def main() -> None:
+    args = parse()
+    device = resolve_device(args.device)
+    gpu = device.type == "cuda"
+    bf16 = gpu if args.bf16 is None else args.bf16
+    channels_last = gpu if args.channels_last is None else args.channels_last
+    torch.manual_seed(0)
+    experts, router, params = build(TINY if args.tiny else FULL, device, channels_last)
+    if args.compile:
+        for module in (experts[0].denoiser.unet, experts[0].classifier, router.classifier):
+            module.forward = torch.compile(module.forward, mode=args.compile_mode, dynamic=False)
+    if gpu:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    dual = DualSmoothed(router, max(SIGMAS), experts)
+    routed = experts[1]  # the expert the router's bias sends every input to
+    xs = torch.rand((args.inputs, 3, 32, 32), generator=torch.Generator().manual_seed(1))
+    xs = xs.to(device)
+    indices = list(range(args.inputs))
+    sampling = dict(
+        batch_size=args.batch_size, device=device, bf16=bf16, channels_last=channels_last
+    )
+    certify = dict(n0=args.n0, n=args.n, alpha=args.alpha, seed=0, indices=indices, **sampling)
+    results: dict = {}
+
+    def standard():
+        results["standard"] = certify_batch(routed, xs, routed.sigma, **certify)
+
+    def dual_run():
+        results["dual"] = dual.certify_batch(xs, **certify)
+
+    runs = {
+        "standard": (standard, [(routed, routed.sigma)]),
+        "dual": (dual_run, [(router, dual.sigma_e), (routed, routed.sigma)]),
+    }
+    times: dict[str, dict[str, float]] = {}
+    for name, (fn, pairs) in runs.items():
+
+        def bare_fn(pairs=pairs):
+            bare(pairs, xs, args.n0, args.n, args.batch_size, bf16, channels_last)
+
+        first = timed(
+            lambda fn=fn: (fn(), bare_fn()), device
+        )  # warm-up: autotune, compile every shape
+        t_cert = min(timed(fn, device) for _ in range(args.repeats))
+        t_bare = min(timed(bare_fn, device) for _ in range(args.repeats))
+        times[name] = {
+            "certify": t_cert / args.inputs,
+            "bare": t_bare / args.inputs,
+            "ratio": t_cert / t_bare,
+            "warmup_s": first,
+        }
+    not_routed = sum(c.expert != 1 for c in results["dual"])
+    if not_routed:
+        print(
+            f"warning: the router did not route {not_routed} input(s): dual time is a lower bound"
+        )
+
+    where = torch.cuda.get_device_name(device) if gpu else (platform.processor() or "cpu")
+    report = {
+        "machine": where,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "config": "tiny" if args.tiny else "Carlini et al. CIFAR-10 shapes",
+        "parameters": params,
+        "inputs": args.inputs,
+        "n0": args.n0,
+        "n": args.n,
+        "batch_size": args.batch_size,
+        "bf16": bf16,
+        "channels_last": channels_last,
+        "compile": args.compile_mode if args.compile else None,
+        "seconds_per_input": times,
+    }
+    text = markdown(report)
+    print(text)
+    if args.out is not None:
+        write_text(args.out / "carlini_pipeline.md", text)
+        write_json(args.out / "carlini_pipeline.json", report)
+        print(f"wrote {args.out / 'carlini_pipeline.md'} and carlini_pipeline.json")
+
+
+def markdown(r: dict) -> str:
+    params = ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in r["parameters"].items())
+    lines = [
+        "# Certification time, CIFAR-10 pipeline of Carlini et al. (random weights)",
+        "",
+        f"Machine: {r['machine']}; torch {r['torch']}; {r['config']}: {params}.",
+        f"{r['inputs']} inputs, n0 = {r['n0']}, n = {r['n']}, batch {r['batch_size']}, "
+        f"bf16 {r['bf16']}, channels_last {r['channels_last']}, compile {r['compile']}.",
+        "",
+        "| certification | s / input | bare forward s / input | ratio to bare |",
+        "|---|---|---|---|",
+    ]
+    for name, label in (
+        ("standard", "standard (denoise + ViT)"),
+        ("dual", "dual (denoised router + expert)"),
+    ):
+        t = r["seconds_per_input"][name]
+        lines.append(f"| {label} | {t['certify']:.3f} | {t['bare']:.3f} | {t['ratio']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
