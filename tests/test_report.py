@@ -1,0 +1,102 @@
+"""Report numbers recomputed by hand from six hand-made records."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from rsrouter.errors import UsageError
+from rsrouter.router.report import radius_grid, summarize, to_markdown, write_report
+
+META = {
+    "run": "r",
+    "dataset": {"name": "toy", "split": "test"},
+    "experts": ["a", "b"],
+    "sigmas": [0.25, 0.5],
+    "sigma_e": 0.5,
+    "n0": 10,
+    "n": 100,
+    "alpha": 0.001,
+    "alpha_router": 0.0005,
+    "alpha_expert": 0.0005,
+    "p_skip": 0.5,
+}
+
+
+def rec(label, expert, pred, radius, expert_pred, a, b, ms, oracle):
+    """a, b, ms: (prediction, radius) of each baseline; oracle: (expert, radius)."""
+
+    def base(p):
+        return {"prediction": p[0], "radius": p[1], "correct": p[0] == label, "seconds": 1.0}
+
+    return {
+        "label": label,
+        "expert": expert,
+        "prediction": pred,
+        "radius": radius,
+        "correct": pred == label,
+        "expert_counts": None if expert < 0 else {"prediction": expert_pred},
+        "seconds": 2.0,
+        "baselines": {
+            "experts": [base(a), base(b)],
+            "multiscale": {**base(ms), "seconds": 1.5},
+            "oracle": {"expert": oracle[0], "radius": oracle[1], "correct": oracle[0] >= 0},
+        },
+    }
+
+
+RECORDS = [
+    rec(1, 1, 1, 0.6, 1, (1, 0.3), (1, 0.6), (1, 0.5), (1, 0.6)),
+    rec(0, 0, 0, 0.2, 0, (0, 0.2), (1, 0.9), (1, 0.4), (0, 0.2)),
+    rec(2, 0, 1, 0.3, 1, (1, 0.3), (-1, 0.0), (-1, 0.0), (-1, 0.0)),
+    rec(0, 1, 0, 1.1, 0, (-1, 0.0), (0, 1.1), (0, 1.0), (1, 1.1)),
+    rec(1, 0, -1, 0.0, -1, (-1, 0.0), (0, 0.4), (-1, 0.0), (-1, 0.0)),
+    rec(3, -1, -1, 0.0, None, (2, 0.5), (2, 0.3), (-1, 0.0), (-1, 0.0)),
+]
+
+
+def test_numbers_by_hand():
+    s = summarize(META, RECORDS)
+    assert s["grid"] == [0, 0.25, 0.5, 0.75, 1.0]  # largest radius seen: 1.1
+    m = s["methods"]
+    assert m["dual"]["certified_accuracy"] == pytest.approx([3 / 6, 2 / 6, 2 / 6, 1 / 6, 1 / 6])
+    assert m["dual"]["acr"] == pytest.approx((0.6 + 0.2 + 1.1) / 6)
+    assert m["expert:a"]["certified_accuracy"] == pytest.approx([2 / 6, 1 / 6, 0, 0, 0])
+    assert m["expert:b"]["certified_accuracy"] == pytest.approx([2 / 6, 2 / 6, 2 / 6, 1 / 6, 1 / 6])
+    assert m["expert:b"]["acr"] == pytest.approx(1.7 / 6)
+    assert m["multiscale"]["certified_accuracy"] == pytest.approx(
+        [2 / 6, 2 / 6, 2 / 6, 1 / 6, 1 / 6]
+    )
+    assert m["oracle"]["certified_accuracy"] == pytest.approx([3 / 6, 2 / 6, 2 / 6, 1 / 6, 1 / 6])
+    assert s["gap_to_best_single"] == pytest.approx([1 / 6, 0, 0, 0, 0])
+    assert s["best_single"][1:] == ["expert:b"] * 4
+    assert s["routing"] == pytest.approx({"a": 3 / 6, "b": 2 / 6})
+    assert s["abstention"] == pytest.approx(
+        {"router": 1 / 6, "expert": 1 / 6, "expert_among_routed": 1 / 5}
+    )
+    assert m["dual"]["seconds_per_input"] == 2.0 and m["oracle"]["seconds_per_input"] is None
+    assert "not a certificate" in m["oracle"]["label"]
+    assert "re-implementation" in m["multiscale"]["label"]
+
+
+def test_files_markdown_csv_json_png(tmp_path):
+    paths = write_report(META, RECORDS, tmp_path / "report", grid=[0.0, 0.5])
+    rows = list(csv.reader(paths["csv"].open()))
+    assert rows[0] == ["method", "label", "r=0", "r=0.5", "acr"]
+    dual = next(r for r in rows if r[0] == "dual")
+    assert float(dual[2]) == pytest.approx(0.5) and float(dual[3]) == pytest.approx(2 / 6)
+    md = paths["markdown"].read_text()
+    assert "| 50.0 | 33.3 |" in md and "oracle — not a certificate" in md
+    assert json.loads(paths["summary"].read_text())["inputs"] == 6
+    assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert to_markdown(summarize(META, RECORDS)).count("\n| ") >= 6
+
+
+def test_grid_and_empty_runs():
+    assert radius_grid(0.0) == [0]
+    assert radius_grid(0.74) == [0, 0.25, 0.5]
+    assert radius_grid(0.75) == [0, 0.25, 0.5, 0.75]
+    with pytest.raises(UsageError, match="router certify"):
+        summarize(META, [])
