@@ -416,3 +416,72 @@ def _assemble(columns, dataset, indices, n, alpha, seed, subset) -> RadiusTable:
         subset=float(subset),
         dataset_fingerprint=dataset.fingerprint,
     )
+
+
+# ---------------------------------------------------------------- workspace level
+
+TABLE_DEFAULTS = {
+    "split": "train",
+    "n": 100,
+    "alpha": 0.001,
+    "seed": 0,
+    "subset": 1.0,
+    "batch_size": 1000,
+    "shard_size": 256,
+}
+
+
+def table_settings(ws, **overrides) -> dict:
+    """[tables] of the workspace over the defaults, then the overrides that are not None."""
+    settings = ws.settings("tables")
+    unknown = sorted(set(settings) - set(TABLE_DEFAULTS))
+    if unknown:
+        raise UsageError(f"unknown [tables] setting(s) in {ws.path}: {', '.join(unknown)}.")
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return {**TABLE_DEFAULTS, **settings, **given}
+
+
+def workspace_dataset(ws, split: str):
+    """The workspace's [data] dataset, one split."""
+    from rsrouter.data import load_dataset
+
+    data = ws.settings("data")
+    return load_dataset(data.get("dataset", "fashion-mnist-subset"), split, root=data.get("root"))
+
+
+def workspace_tables(
+    ws,
+    *,
+    experts: Mapping | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    ctx=None,
+    **overrides,
+):
+    """Build (or load) the workspace's table: returns (RadiusTable or None off rank 0, dataset).
+
+    ``ctx`` is a ``rsrouter.distributed`` context; without one this is a single process.
+    """
+    from rsrouter.runtime import resolve_device
+
+    s = table_settings(ws, **overrides)
+    dataset = workspace_dataset(ws, s["split"])
+    device = ctx.device(device) if ctx is not None else resolve_device(device)
+    experts = experts if experts is not None else ws.load_experts(device=device)
+    table = build_tables(
+        experts,
+        dataset,
+        ws.artifacts,
+        n=s["n"],
+        alpha=s["alpha"],
+        seed=s["seed"],
+        subset=s["subset"],
+        shard_size=s["shard_size"],
+        batch_size=s["batch_size"],
+        device=device,
+        progress=progress and (ctx is None or ctx.is_main),
+        rank=ctx.rank if ctx is not None else 0,
+        world=ctx.world if ctx is not None else 1,
+        barrier=ctx.barrier if ctx is not None else None,
+    )
+    return table, dataset

@@ -309,3 +309,100 @@ def train_router(
     router.info.update({"training": config.to_dict(), "table": table_info, "history": history[-1:]})
     router.save_pretrained(out_dir)
     return history
+
+
+# ---------------------------------------------------------------- workspace level
+
+ROUTER_DEFAULTS = {
+    "arch": "small_cnn",
+    "arch_args": {},
+    "sigma_e": None,  # None = the largest expert sigma
+    "denoiser": None,  # a registered denoised expert's name, or a diffusers folder
+    "mean": None,  # None = the first expert's normalisation
+    "std": None,
+}
+
+
+def router_settings(ws, **overrides) -> dict:
+    settings = ws.settings("router")
+    unknown = sorted(set(settings) - set(ROUTER_DEFAULTS))
+    if unknown:
+        raise UsageError(f"unknown [router] setting(s) in {ws.path}: {', '.join(unknown)}.")
+    return {**ROUTER_DEFAULTS, **settings, **{k: v for k, v in overrides.items() if v is not None}}
+
+
+def _router_denoiser(spec, experts: dict):
+    if not spec:
+        return None, None
+    if spec in experts:
+        expert = experts[spec]
+        if getattr(expert, "denoiser", None) is None:
+            raise UsageError(f"expert {spec!r} has no denoiser to put in front of the router.")
+        return expert.denoiser.unet, expert.scheduler
+    from rsrouter.experts.expert import load_denoiser
+
+    folder = Path(spec)
+    if not folder.is_dir():
+        raise UsageError(f"router denoiser {spec!r} is neither a registered expert nor a folder.")
+    return load_denoiser(folder)
+
+
+def build_router(experts: dict, settings: dict, *, seed: int = 0, info=None) -> RouterModel:
+    """A fresh router over ``experts`` (name -> Expert, in order) from [router] settings."""
+    if not experts:
+        raise UsageError("no experts are registered: add one with `router add-expert` first.")
+    first = next(iter(experts.values()))
+    config = getattr(first, "config", None)
+    unet, scheduler = _router_denoiser(settings.get("denoiser"), experts)
+    return RouterModel.create(
+        seed=seed,
+        arch=settings["arch"],
+        arch_args=settings.get("arch_args") or {},
+        expert_names=list(experts),
+        sigmas=[e.sigma for e in experts.values()],
+        fingerprints=[e.fingerprint for e in experts.values()],
+        in_chans=first.input_shape[0],
+        input_size=first.input_shape[1:],
+        mean=settings.get("mean") or getattr(config, "mean", None),
+        std=settings.get("std") or getattr(config, "std", None),
+        sigma_e=settings.get("sigma_e"),
+        unet=unet,
+        scheduler=scheduler,
+        info=info,
+    )
+
+
+def router_folder(ws) -> Path:
+    return Path(ws.artifacts) / "router"
+
+
+def train_workspace(
+    ws,
+    *,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    router_overrides: dict | None = None,
+    train_overrides: dict | None = None,
+    table_overrides: dict | None = None,
+):
+    """Tables (only missing columns are computed), then the router: (router, history, folder)."""
+    from rsrouter.router.tables import workspace_tables
+    from rsrouter.runtime import resolve_device
+
+    device = resolve_device(device)
+    config = RouterTrainConfig.from_settings(ws.settings("train"), **(train_overrides or {}))
+    experts = ws.load_experts(device=device)
+    table, dataset = workspace_tables(
+        ws, experts=experts, device=device, progress=progress, **(table_overrides or {})
+    )
+    router = build_router(
+        experts,
+        router_settings(ws, **(router_overrides or {})),
+        seed=config.seed,
+        info={"dataset": dataset.name, "class_names": list(dataset.class_names)},
+    )
+    folder = router_folder(ws)
+    history = train_router(
+        router, table, dataset.images, folder, config, device=device, progress=progress
+    )
+    return router, history, folder

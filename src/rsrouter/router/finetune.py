@@ -1,0 +1,268 @@
+"""Finetuning one classifier under the router's sigma (the paper's §5.2.2).
+
+An expert family is one classifier used at several sigma (a "denoised" expert registered at
+several σ shares its UNet and classifier). Each training input x goes to the sigma σ(x) the
+router picks for it (its smoothed majority vote); the shared classifier is trained with
+cross-entropy on expert_σ(x)(x + δ), δ ~ N(0, σ(x)²I), i.e. on the denoised image at that
+sigma. The denoiser stays frozen. Inputs routed outside the family are not used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+from rsrouter.errors import UsageError
+from rsrouter.io import sha256_json
+from rsrouter.progress import progress_bar
+from rsrouter.router.model import RouterModel
+from rsrouter.smoothing import check_count, sample_counts
+
+ROUTE_STAGE = 8  # noise stage of the router's votes here (tables use 1, certification 0-3)
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Paper (CIFAR-10): 15 epochs, batch 128, AdamW lr 2e-5, wd 0.01."""
+
+    epochs: int = 15
+    batch_size: int = 128
+    lr: float = 2e-5
+    weight_decay: float = 0.01
+    route_n: int = 32  # router votes per input to pick σ(x)
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size", "route_n"):
+            check_count(name, getattr(self, name))
+        if self.lr <= 0 or self.weight_decay < 0:
+            raise UsageError("lr must be positive and weight_decay non-negative.")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def route(
+    router: RouterModel,
+    images: torch.Tensor,
+    *,
+    n: int,
+    seed: int,
+    indices=None,
+    batch_size: int = 1000,
+    device=None,
+    progress=None,
+) -> torch.Tensor:
+    """The expert index the smoothed router votes for on each input (majority of n draws)."""
+    router.eval()
+    counts = sample_counts(
+        router,
+        images,
+        router.sigma_e,
+        n,
+        seed=seed,
+        indices=indices,
+        stage=ROUTE_STAGE,
+        batch_size=batch_size,
+        device=device,
+        num_classes=router.num_classes,
+        progress=progress,
+    )
+    return counts.argmax(dim=1)
+
+
+def shared_classifier(family: Mapping) -> torch.nn.Module:
+    """The one classifier module every member of ``family`` uses; else a UsageError."""
+    if not family:
+        raise UsageError("name at least one expert to finetune.")
+    classifiers = {id(e.classifier): e.classifier for e in family.values()}
+    if len(classifiers) > 1:
+        first = next(iter(family.values())).classifier.state_dict()
+        for e in family.values():
+            other = e.classifier.state_dict()
+            if other.keys() != first.keys() or not all(
+                torch.equal(first[k], other[k]) for k in first
+            ):
+                raise UsageError(
+                    f"experts {', '.join(family)} do not share one classifier: finetune-expert "
+                    "trains one classifier used at several sigma."
+                )
+        shared = next(iter(family.values())).classifier
+        for e in family.values():
+            e.classifier = shared
+    return next(iter(family.values())).classifier
+
+
+def finetune_family(
+    family: Mapping,
+    router: RouterModel,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    config: FinetuneConfig = FinetuneConfig(),  # noqa: B008 (frozen)
+    *,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    indices=None,
+) -> dict:
+    """Train the family's shared classifier in place on the inputs routed to it.
+
+    ``indices`` (dataset indices of ``images``) seed the router's votes per input.
+
+    Returns {"routed": inputs per member, "history": mean loss per epoch}.
+    """
+    unknown = [name for name in family if name not in router.expert_names]
+    if unknown:
+        raise UsageError(f"the router does not route to {', '.join(unknown)}.")
+    classifier = shared_classifier(family)
+    device = torch.device(device)
+    images, labels = torch.as_tensor(images).float(), torch.as_tensor(labels).long()
+    with progress_bar("route inputs", len(images) * config.route_n, enabled=progress) as adv:
+        choice = route(
+            router.to(device),
+            images,
+            n=config.route_n,
+            seed=config.seed,
+            indices=indices if indices is not None else range(len(images)),
+            device=device,
+            progress=adv,
+        )
+    member_of = {router.expert_names.index(name): name for name in family}
+    keep = torch.tensor([int(c) in member_of for c in choice], dtype=torch.bool)
+    rows = torch.nonzero(keep).flatten()
+    routed = {name: int((choice == i).sum()) for i, name in member_of.items()}
+    if len(rows) == 0:
+        raise UsageError(f"the router sends no training input to {', '.join(family)}.")
+    experts = {i: family[name].to(device) for i, name in member_of.items()}
+    for e in experts.values():
+        if e.denoiser is not None:
+            e.denoiser.requires_grad_(False)
+    opt = torch.optim.AdamW(classifier.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    bf16 = device.type == "cuda"
+    history = []
+    steps = config.epochs * -(-len(rows) // config.batch_size)
+    with progress_bar("finetune", steps, enabled=progress) as advance:
+        for epoch in range(1, config.epochs + 1):
+            seeds = [int(sha256_json([config.seed, epoch, s])[:15], 16) for s in (0, 1)]
+            order = rows[
+                torch.randperm(len(rows), generator=torch.Generator().manual_seed(seeds[0]))
+            ]
+            noise_gen = torch.Generator().manual_seed(seeds[1])
+            total = 0.0
+            classifier.train()  # the frozen denoiser stays in eval mode
+            for batch in order.split(config.batch_size):
+                x, y, c = images[batch], labels[batch], choice[batch]
+                noise = torch.randn(x.shape, generator=noise_gen)
+                loss = torch.zeros((), device=device)
+                for i, expert in experts.items():
+                    mask = c == i
+                    if not mask.any():
+                        continue
+                    noisy = (x[mask] + expert.sigma * noise[mask]).to(device)
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                        logits = expert(noisy)
+                    loss = loss + F.cross_entropy(
+                        logits.float(), y[mask].to(device), reduction="sum"
+                    )
+                loss = loss / len(batch)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += float(loss.detach()) * len(batch)
+                advance(1)
+            history.append(total / len(rows))
+    classifier.eval()
+    return {"routed": routed, "history": history}
+
+
+# ---------------------------------------------------------------- workspace level
+
+
+def family_name(names) -> str:
+    """The common stem of a family's names ("dds-sigma0.25", "dds-sigma1" -> "dds") + "-ft"."""
+    stems = {re.sub(r"-sigma[0-9.e+-]+$", "", n) for n in names}
+    stem = stems.pop() if len(stems) == 1 else "family"
+    return f"{stem}-ft"
+
+
+def finetune_workspace(
+    ws,
+    names: list[str],
+    config: FinetuneConfig = FinetuneConfig(),  # noqa: B008 (frozen)
+    *,
+    name: str | None = None,
+    replace: bool = True,
+    retrain: bool = False,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    train_overrides: dict | None = None,
+) -> dict:
+    """Finetune the family ``names`` under the workspace router; register the result.
+
+    The new expert folder goes to ``<artifacts>/experts/<name>``, registered at the family's
+    sigmas (replacing the old entries in place when ``replace``). With ``retrain``, the table
+    columns of the new experts are built and the router retrained: router → finetune → router.
+    """
+    from rsrouter.router.tables import subset_indices, table_settings, workspace_dataset
+    from rsrouter.router.train import router_folder, train_workspace
+    from rsrouter.runtime import resolve_device
+
+    if not names or len(set(names)) != len(names):
+        raise UsageError("name each expert of the family once.")
+    device = resolve_device(device)
+    folder = router_folder(ws)
+    if not (folder / "config.json").is_file():
+        raise UsageError("no trained router in this workspace: run `router train` first.")
+    router = RouterModel.from_pretrained(folder, device=device)
+    experts = ws.load_experts(device=device)
+    router.check_experts(list(experts), [e.fingerprint for e in experts.values()])
+    family = {n: experts[n] for n in names if n in experts}
+    missing = [n for n in names if n not in experts]
+    if missing:
+        raise UsageError(f"no expert named {', '.join(missing)} in {ws.path}.")
+    t = table_settings(ws)
+    dataset = workspace_dataset(ws, t["split"])
+    rows = subset_indices(len(dataset.labels), t["subset"], t["seed"])
+    result = finetune_family(
+        family,
+        router,
+        dataset.images[rows],
+        dataset.labels[rows],
+        config,
+        device=device,
+        progress=progress,
+        indices=[int(i) for i in rows],
+    )
+    new = name or family_name(names)
+    first = next(iter(family.values()))
+    record = {"finetuned_from": names, "router": router.fingerprint, **config.to_dict(),
+              "routed": result["routed"], "loss": result["history"]}  # fmt: skip
+    first.config = dataclasses.replace(first.config, training={**first.config.training,
+                                                               "finetune": record})  # fmt: skip
+    out = first.save_pretrained(Path(ws.artifacts) / "experts" / new)
+    sigmas = [family[n].sigma for n in names]
+    positions = [ws.names.index(n) for n in names]
+    if replace:
+        for n in names:
+            ws.remove_expert(n)
+    entries = ws.add_expert(str(out), sigmas if len(sigmas) > 1 else sigmas[0], name=new)
+    if replace:  # put the new experts where the old ones were: router output order is stable
+        for entry in entries:
+            ws.experts.remove(entry)
+        for pos, entry in sorted(zip(positions, entries, strict=True), key=lambda p: p[0]):
+            ws.experts.insert(pos, entry)
+        ws.save()
+    result["registered"] = [e.name for e in entries]
+    result["folder"] = str(out)
+    if retrain:
+        _, history, router_dir = train_workspace(
+            ws, device=device, progress=progress, train_overrides=train_overrides
+        )
+        result["router_history"] = history
+        result["router"] = str(router_dir)
+    return result
