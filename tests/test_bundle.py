@@ -11,10 +11,13 @@ from huggingface_hub import HfApi, ModelCard
 
 from rsrouter.errors import UsageError
 from rsrouter.experts import Expert, build_classifier
+from rsrouter.io import read_json
+from rsrouter.registry import Workspace
 from rsrouter.router.bundle import (
+    bundle_pins,
+    bundle_workspace,
     load_router,
     make_bundle,
-    make_pin,
     push_bundle,
 )
 from rsrouter.router.dual import DualSmoothed
@@ -47,15 +50,12 @@ def _push_expert(api: HfApi, expert: Expert, repo_id: str, folder: Path) -> str:
 def published(hub, tmp_path):
     """Two experts and a router bundle on the loopback Hub; the local objects to compare with."""
     api = HfApi(endpoint=hub.endpoint, token="hf_test")
-    experts, pins = [], []
+    ws = Workspace.init(tmp_path / "ws", dataset="fashion-mnist-subset")
     for i, (name, sigma) in enumerate(SIGMAS.items()):
-        expert = _expert(sigma, seed=i)
-        commit = _push_expert(api, expert, f"org/expert-{name}", tmp_path / "experts" / name)
-        entry = {"name": name, "source": f"org/expert-{name}", "revision": "main",
-                 "commit": commit, "sigma": sigma, "kind": "classifier",
-                 "sha256": expert.file_hashes}  # fmt: skip
-        experts.append(expert)
-        pins.append(make_pin(entry, expert.fingerprint))
+        _push_expert(api, _expert(sigma, seed=i), f"org/expert-{name}", tmp_path / "src" / name)
+        ws.add_expert(f"org/expert-{name}", sigma, name=name, endpoint=hub.endpoint,
+                      cache_dir=tmp_path / "pusher-cache")  # fmt: skip
+    experts = list(ws.load_experts().values())
     torch.manual_seed(7)
     router = RouterModel(
         arch="small_cnn", arch_args={"width": 4}, expert_names=list(SIGMAS),
@@ -64,18 +64,17 @@ def published(hub, tmp_path):
         info={"training": {"epochs": 3, "lr": 0.01},
               "table": {"n": 100, "alpha": 0.001, "dataset_fingerprint": "ab" * 32}},
     ).eval()  # fmt: skip
-    router.save_pretrained(tmp_path / "router")
-    report = tmp_path / "report"
-    report.mkdir()
+    router.save_pretrained(ws.artifacts / "router")
+    report = ws.artifacts / "report"
+    report.mkdir(parents=True)
     (report / "certified_accuracy.md").write_text(REPORT)
     (report / "curve.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 16)
-    bundle = make_bundle(
-        tmp_path / "router", tmp_path / "bundle", pins, repo_id="org/router",
-        dataset="fashion-mnist-subset", report_dir=report,
-    )  # fmt: skip
+    bundle = bundle_workspace(ws, repo_id="org/router")
     info = push_bundle(bundle, "org/router", endpoint=hub.endpoint, token="hf_test")
+    pins = bundle_pins(read_json(bundle / "config.json"))
     local = DualSmoothed(router, router.sigma_e, experts)
-    return {"api": api, "bundle": bundle, "commit": info.oid, "local": local, "pins": pins}
+    return {"api": api, "ws": ws, "bundle": bundle, "commit": info.oid, "local": local,
+            "pins": pins, "router_dir": ws.artifacts / "router"}  # fmt: skip
 
 
 def _certify(model: DualSmoothed):
@@ -110,7 +109,7 @@ def test_card_has_metadata_table_curve_and_citation(published):
 
 
 def test_card_without_report_says_so(published, tmp_path):
-    bundle = make_bundle(tmp_path / "router", tmp_path / "plain", published["pins"])
+    bundle = make_bundle(published["router_dir"], tmp_path / "plain", published["pins"])
     text = (bundle / "README.md").read_text()
     assert "No certification report was found" in text and "curve.png" not in text
     assert not (bundle / "curve.png").exists()
@@ -124,14 +123,16 @@ def test_new_expert_commits_do_not_change_the_pinned_router(hub, published, tmp_
 
 def test_missing_expert_revision_names_the_expert(hub, published, tmp_path):
     hub.drop_commit("org/expert-high", published["pins"][1]["commit"])
-    with pytest.raises(UsageError, match="expert 'high'.*cannot be fetched"):
+    with pytest.raises(UsageError, match="expert 'high'.*cannot be fetched.*has no revision"):
         load_router("org/router", endpoint=hub.endpoint, cache_dir=tmp_path / "cache")
 
 
 def test_changed_expert_file_fails_the_hash_check(hub, published, tmp_path):
     hub.set_file("org/expert-low", "model.safetensors", b"not the weights",
                  revision=published["pins"][0]["commit"])  # fmt: skip
-    with pytest.raises(UsageError, match="expert 'low': model.safetensors has sha256"):
+    with pytest.raises(
+        UsageError, match="expert 'low': model.safetensors does not match the sha256"
+    ):
         load_router("org/router", endpoint=hub.endpoint, cache_dir=tmp_path / "cache")
 
 
@@ -153,9 +154,9 @@ def test_offline_load_from_the_cache(hub, published, tmp_path, monkeypatch):
 def test_local_bundle_folder_loads_and_push_refuses_local_experts(hub, published, tmp_path):
     model = load_router(published["bundle"], endpoint=hub.endpoint, cache_dir=tmp_path / "c")
     assert _certify(model) == _certify(published["local"])
-    local = [dict(p, source=str(tmp_path / "experts" / p["name"]), commit=None)
+    local = [dict(p, source=str(tmp_path / "src" / p["name"]), commit=None, revision=None)
              for p in published["pins"]]  # fmt: skip
-    bundle = make_bundle(tmp_path / "router", tmp_path / "local-bundle", local)
+    bundle = make_bundle(published["router_dir"], tmp_path / "local-bundle", local)
     assert _certify(load_router(bundle)) == _certify(published["local"])
     with pytest.raises(UsageError, match="come from local folders"):
         push_bundle(bundle, "org/other", endpoint=hub.endpoint, token="hf_test")
@@ -164,10 +165,10 @@ def test_local_bundle_folder_loads_and_push_refuses_local_experts(hub, published
 def test_bundle_refuses_experts_the_router_was_not_trained_with(published, tmp_path):
     swapped = list(reversed(published["pins"]))
     with pytest.raises(UsageError, match="retrain it"):
-        make_bundle(tmp_path / "router", tmp_path / "b", swapped)
+        make_bundle(published["router_dir"], tmp_path / "b", swapped)
     changed = [dict(published["pins"][0], fingerprint="0" * 64), published["pins"][1]]
     with pytest.raises(UsageError, match="expert 'low' changed"):
-        make_bundle(tmp_path / "router", tmp_path / "b", changed)
+        make_bundle(published["router_dir"], tmp_path / "b", changed)
 
 
 def test_missing_router_repo_is_one_sentence(hub, tmp_path):

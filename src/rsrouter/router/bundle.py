@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 
 from rsrouter.errors import UsageError
-from rsrouter.experts.expert import EXPERT_PATTERNS, Expert, fetch_snapshot, load_folder
-from rsrouter.io import read_json, sha256_file, write_json
+from rsrouter.experts.expert import DENOISER_PATTERNS, EXPERT_PATTERNS, Expert, fetch_snapshot
+from rsrouter.io import read_json, write_json
+from rsrouter.registry import ExpertEntry, Workspace
 from rsrouter.router.card import render_card
 from rsrouter.router.dual import DualSmoothed
 from rsrouter.router.model import FORMAT as ROUTER_FORMAT
@@ -31,39 +32,37 @@ BUNDLE_FORMAT = "rsrouter.bundle/1"
 CARD_NAME, CURVE_NAME, REPORT_TABLE = "README.md", "curve.png", "certified_accuracy.md"
 # What a bundle consists of; nothing else is uploaded or downloaded.
 BUNDLE_PATTERNS = ["config.json", "model.safetensors", "denoiser/*", CARD_NAME, CURVE_NAME]
-PIN_KEYS = ("name", "source", "revision", "commit", "sigma", "kind", "sha256", "fingerprint")
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
 # ---------------------------------------------------------------- pins
 
+# Registry-entry fields that only make sense on the machine that made the bundle.
+_MACHINE_KEYS = ("endpoint", "cache_dir")
 
-def make_pin(entry, fingerprint: str) -> dict:
-    """The bundle record of one expert: a registry entry (object or dict) and its fingerprint."""
 
-    def get(key, default=None):
-        return entry.get(key, default) if isinstance(entry, dict) else getattr(entry, key, default)
-
-    sha = get("sha256") or {}
-    if not sha:
-        raise UsageError(f"expert '{get('name')}' has no recorded file hashes to pin.")
-    return {
-        "name": str(get("name")),
-        "source": str(get("source")),
-        "revision": get("revision"),
-        "commit": get("commit"),
-        "sigma": float(get("sigma")),
-        "kind": get("kind", "classifier"),
-        "sha256": dict(sorted(sha.items())),
-        "fingerprint": fingerprint,
-    }
+def make_pin(entry: ExpertEntry | dict, fingerprint: str, root: str | os.PathLike = ".") -> dict:
+    """The bundle record of one expert: its registry entry, minus machine-local settings, with
+    the fingerprint the router was trained against. ``root`` anchors a relative local folder."""
+    pin = entry.to_dict() if isinstance(entry, ExpertEntry) else dict(entry)
+    if not pin.get("sha256"):
+        raise UsageError(f"expert '{pin.get('name')}' has no recorded file hashes to pin.")
+    for key in _MACHINE_KEYS:
+        pin.pop(key, None)
+    for key, commit in (("source", "commit"), ("denoiser_source", "denoiser_commit")):
+        if pin.get(key) and not pin.get(commit):  # a local folder: make it absolute
+            pin[key] = str((Path(root) / pin[key]).resolve())
+    pin["sha256"] = dict(sorted(pin["sha256"].items()))
+    pin["fingerprint"] = fingerprint
+    return pin
 
 
 def is_hub_pin(pin: dict) -> bool:
-    """True when the expert is a Hub repo pinned to a commit (so others can fetch it)."""
-    return (
-        bool(_COMMIT.fullmatch(str(pin.get("commit") or ""))) and not Path(pin["source"]).is_dir()
-    )
+    """True when every part of the expert is a Hub repo pinned to a commit (fetchable by all)."""
+    parts = [("source", "commit")]
+    if pin.get("denoiser_source"):
+        parts.append(("denoiser_source", "denoiser_commit"))
+    return all(bool(_COMMIT.fullmatch(str(pin.get(commit) or ""))) for _, commit in parts)
 
 
 def bundle_pins(config: dict, where: str = "config.json") -> list[dict]:
@@ -151,6 +150,32 @@ def make_bundle(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def bundle_workspace(
+    ws: Workspace,
+    out_dir: str | os.PathLike | None = None,
+    *,
+    repo_id: str | None = None,
+    license: str = "apache-2.0",
+    token: str | bool | None = None,
+) -> Path:
+    """The bundle of a workspace's trained router (``<artifacts>/router``), its registered
+    experts (loaded, so every hash is checked) and last report, in ``<artifacts>/bundle``."""
+    router_dir = ws.artifacts / "router"
+    if not (router_dir / "config.json").is_file():
+        raise UsageError(f"no trained router in {router_dir}: run `router train` first.")
+    experts = ws.load_experts(token=token)
+    pins = [make_pin(e, experts[e.name].fingerprint, ws.root) for e in ws.experts]
+    return make_bundle(
+        router_dir,
+        out_dir if out_dir is not None else ws.artifacts / "bundle",
+        pins,
+        repo_id=repo_id,
+        license=license,
+        dataset=ws.settings("data").get("dataset"),
+        report_dir=ws.artifacts / "report",
+    )
 
 
 def _replace_dir(new: Path, target: Path) -> None:
@@ -247,53 +272,54 @@ def fetch_bundle(
     )
 
 
-def load_pinned_expert(
-    pin: dict,
+def _prefetch(pin: dict, hub: dict) -> None:
+    """Bring a pinned expert's snapshot(s) into the cache, naming the expert if that fails."""
+    parts = [(pin["source"], pin.get("commit"), EXPERT_PATTERNS)]
+    if pin.get("denoiser_source"):
+        parts.append((pin["denoiser_source"], pin.get("denoiser_commit"), DENOISER_PATTERNS))
+    for source, commit, patterns in parts:
+        if not commit:
+            continue  # a local folder: the registry checks it exists
+        try:
+            fetch_snapshot(source, revision=commit, allow_patterns=patterns, **hub)
+        except UsageError as exc:
+            raise UsageError(
+                f"the router's expert '{pin['name']}' ({source} at commit {commit[:12]}) cannot "
+                f"be fetched: {exc}"
+            ) from exc
+
+
+def load_pinned_experts(
+    pins: Sequence[dict],
     *,
     endpoint: str | None = None,
     cache_dir: str | os.PathLike | None = None,
     token: str | bool | None = None,
     local_files_only: bool = False,
     device: str | torch.device = "cpu",
-) -> Expert:
-    """Fetch one pinned expert at its commit and load it, refusing any file that changed."""
-    name = pin["name"]
-    if is_hub_pin(pin):
-        try:
-            folder, _ = fetch_snapshot(
-                pin["source"],
-                revision=pin["commit"],
-                cache_dir=cache_dir,
-                endpoint=endpoint,
-                token=token,
-                local_files_only=local_files_only,
-                allow_patterns=EXPERT_PATTERNS,
-            )
-        except UsageError as exc:
+) -> list[Expert]:
+    """Fetch every pinned expert at its commit and load it through the registry, which refuses
+    any file whose sha256 differs from the pin; then check each expert's fingerprint."""
+    hub = {"endpoint": endpoint, "cache_dir": _str(cache_dir), "token": token}
+    for pin in pins:
+        _prefetch(pin, {**hub, "local_files_only": local_files_only})
+    place = {"endpoint": endpoint, "cache_dir": _str(cache_dir)}  # this machine's, not the pin's
+    entries = [{**{k: v for k, v in p.items() if k != "fingerprint"}, **place} for p in pins]
+    registry = Workspace(Path.cwd(), {"experts": entries})  # in memory: never saved
+    loaded = registry.load_experts(device=device, token=token)
+    experts = [loaded[pin["name"]] for pin in pins]
+    for pin, expert in zip(pins, experts, strict=True):
+        if expert.fingerprint != pin["fingerprint"]:
             raise UsageError(
-                f"expert '{name}' ({pin['source']} at commit {pin['commit'][:12]}) cannot be "
-                f"fetched: {exc}"
-            ) from exc
-    else:
-        folder = Path(pin["source"])
-        if not folder.is_dir():
-            raise UsageError(f"expert '{name}': its folder {folder} does not exist here.")
-    for file, want in pin["sha256"].items():
-        path = folder / file
-        got = sha256_file(path) if path.is_file() else None
-        if got != want:
-            state = "is missing" if got is None else f"has sha256 {got[:12]}…"
-            raise UsageError(
-                f"expert '{name}': {file} {state}, but the router bundle pins {want[:12]}…; "
-                "refusing an expert that is not the one the router was trained with."
+                f"the router's expert '{pin['name']}' loads with fingerprint "
+                f"{expert.fingerprint[:12]}…, but the router was trained with "
+                f"{pin['fingerprint'][:12]}…."
             )
-    expert = load_folder(folder, sigma=pin["sigma"], device=device)
-    if expert.fingerprint != pin["fingerprint"]:
-        raise UsageError(
-            f"expert '{name}' loads with fingerprint {expert.fingerprint[:12]}…, but the router "
-            f"was trained with {pin['fingerprint'][:12]}…."
-        )
-    return expert
+    return experts
+
+
+def _str(value) -> str | None:
+    return None if value is None else str(value)
 
 
 def load_router(
@@ -320,17 +346,14 @@ def load_router(
         local_files_only=local_files_only,
     )
     pins = bundle_pins(read_json(folder / "config.json"), str(folder / "config.json"))
-    experts = [
-        load_pinned_expert(
-            pin,
-            endpoint=endpoint,
-            cache_dir=cache_dir,
-            token=token,
-            local_files_only=local_files_only,
-            device=device,
-        )
-        for pin in pins
-    ]
+    experts = load_pinned_experts(
+        pins,
+        endpoint=endpoint,
+        cache_dir=cache_dir,
+        token=token,
+        local_files_only=local_files_only,
+        device=device,
+    )
     router = RouterModel.from_pretrained(folder, device=device)
     router.check_experts([p["name"] for p in pins], [e.fingerprint for e in experts])
     return DualSmoothed(router, router.sigma_e, experts)

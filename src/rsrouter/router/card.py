@@ -7,6 +7,7 @@ folder beside it holds; rendered with huggingface_hub's ``ModelCard`` / ``ModelC
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
@@ -110,7 +111,8 @@ def render_card(
     )
     if has_curve:
         results += "\n\n![Certified accuracy against radius](curve.png)"
-    data_licence = DATA_LICENCES.get(dataset or "", f"dataset: {dataset or 'not recorded'}")
+    shown = Path(dataset).name if dataset else "not recorded"  # never a local path
+    data_licence = DATA_LICENCES.get(dataset or "", f"dataset: {shown}")
     load_arg = f'"{repo_id}"' if repo_id else '"path/to/bundle"'
     body = f"""
 # {name}: a Dual Randomized Smoothing router
