@@ -1,0 +1,168 @@
+"""`router tables`, `router train`, `router finetune-expert`: thin shells over rsrouter.router."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from rsrouter.cli.app import app, console
+from rsrouter.registry import Workspace
+
+WORKSPACE = typer.Option(Path("."), "--workspace", "-w", help="The workspace folder.")
+DEVICE = typer.Option("auto", help="cpu, cuda, cuda:K or auto.")
+
+
+def _print_table(table) -> None:
+    view = Table(title=f"radius table: {len(table.indices)} inputs, n={table.n}, α={table.alpha}")
+    for col in ("expert", "sigma", "certified (R>0)", "mean radius", "best for"):
+        view.add_column(col, justify="left" if col == "expert" else "right")
+    for row in table.summary():
+        view.add_row(
+            row["expert"],
+            f"{row['sigma']:g}",
+            f"{100 * row['certified']:.1f}%",
+            f"{row['mean_radius']:.3f}",
+            f"{100 * row['best_share']:.1f}%",
+        )
+    console.print(view)
+    kept = int(table.certified.sum())
+    console.print(f"{kept} of {len(table.indices)} inputs are certified by some expert.")
+
+
+@app.command("tables")
+def tables_cmd(
+    n: int = typer.Option(None, help="Noisy copies per input (default 100)."),
+    alpha: float = typer.Option(None, help="Confidence level of each radius (default 0.001)."),
+    subset: float = typer.Option(None, help="Fraction of the split to use (default 1.0)."),
+    split: str = typer.Option(None, help="Dataset split (default train)."),
+    seed: int = typer.Option(None, help="Noise and subset seed (default 0)."),
+    batch_size: int = typer.Option(None, "--batch-size", help="Forward batch size (1000)."),
+    shard_size: int = typer.Option(None, "--shard-size", help="Inputs per shard file (256)."),
+    device: str = DEVICE,
+    workspace: Path = WORKSPACE,
+) -> None:
+    """Compute the missing radius-table columns (one per expert); cached columns are reused."""
+    from rsrouter import distributed
+    from rsrouter.router.tables import missing_columns, table_settings, workspace_tables
+
+    ws = Workspace.open(workspace)
+    ctx = distributed.context()
+    overrides = dict(n=n, alpha=alpha, subset=subset, split=split, seed=seed,
+                     batch_size=batch_size, shard_size=shard_size)  # fmt: skip
+    s = table_settings(ws, **overrides)
+    if ctx.is_main:
+        from rsrouter.router.tables import workspace_dataset
+
+        experts = ws.load_experts(device=ctx.device(device))
+        todo = missing_columns(
+            experts, workspace_dataset(ws, s["split"]), ws.artifacts, n=s["n"],
+            alpha=s["alpha"], seed=s["seed"], subset=s["subset"],
+        )  # fmt: skip
+        console.print(
+            f"computing {len(todo)} column(s): {', '.join(todo)}" if todo
+            else "every column is cached: nothing to compute."
+        )  # fmt: skip
+    else:
+        experts = None
+    table, _ = workspace_tables(ws, experts=experts, device=device, ctx=ctx, **overrides)
+    if ctx.is_main and table is not None:
+        _print_table(table)
+        console.print(f"columns: {Path(ws.artifacts) / 'tables'}")
+        console.print("next: `router train`.")
+
+
+@app.command("train")
+def train_cmd(
+    epochs: int = typer.Option(None, help="Training epochs (workspace [train], default 30)."),
+    batch_size: int = typer.Option(None, "--batch-size", help="Batch size (256)."),
+    lr: float = typer.Option(None, help="AdamW learning rate (0.01)."),
+    weight_decay: float = typer.Option(None, "--weight-decay", help="AdamW weight decay (0.01)."),
+    lam: float = typer.Option(None, "--lambda", help="Consistency weight λ (40)."),
+    eta: float = typer.Option(None, help="Entropy weight η (0.5)."),
+    copies: int = typer.Option(None, "--copies", help="Noise copies m per input (2)."),
+    weighting: str = typer.Option(None, help="Consistency weight w_r: none, weak or strong."),
+    balance: bool = typer.Option(None, "--balance/--no-balance", help="Class balance w_e."),
+    label_scale: float = typer.Option(None, "--label-scale", help="T in softmax(R / T) (1)."),
+    seed: int = typer.Option(None, help="Initialisation, shuffling and noise seed (0)."),
+    arch: str = typer.Option(None, help="Router architecture (built-in or timm; small_cnn)."),
+    sigma_e: float = typer.Option(None, "--sigma-e", help="Router sigma (largest expert σ)."),
+    denoiser: str = typer.Option(
+        None, help="Denoiser in front of the router: a denoised expert's name or a folder."
+    ),
+    device: str = DEVICE,
+    workspace: Path = WORKSPACE,
+) -> None:
+    """Train the router on the radius tables (missing columns are built first); resumes."""
+    from rsrouter.router.train import train_workspace
+
+    ws = Workspace.open(workspace)
+    train_overrides = dict(
+        epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+        consistency_lambda=lam, consistency_eta=eta, noise_copies=copies,
+        consistency_weight=weighting, balance=balance, soft_label_scale=label_scale, seed=seed,
+    )  # fmt: skip
+    router_overrides = dict(arch=arch, sigma_e=sigma_e, denoiser=denoiser)
+    router, history, folder = train_workspace(
+        ws, device=device, router_overrides=router_overrides, train_overrides=train_overrides
+    )
+    _print_history(history)
+    console.print(
+        f"router over {', '.join(router.expert_names)} (σ_e = {router.sigma_e:g}) saved to "
+        f"{folder}\nnext: `router certify`."
+    )
+
+
+def _print_history(history: list[dict]) -> None:
+    view = Table(title="router training")
+    for col in ("epoch", "loss", "soft CE", "consistency", "picks best expert"):
+        view.add_column(col, justify="right")
+    for h in history[-5:]:
+        view.add_row(
+            str(h["epoch"]),
+            f"{h['loss']:.4f}",
+            f"{h['soft_ce']:.4f}",
+            f"{h['consistency']:.4f}",
+            f"{100 * h['picks_best']:.1f}%",
+        )
+    console.print(view)
+
+
+@app.command("finetune-expert")
+def finetune_cmd(
+    names: list[str] = typer.Argument(..., help="The family: one model registered at several σ."),
+    epochs: int = typer.Option(15, help="Finetuning epochs."),
+    batch_size: int = typer.Option(128, "--batch-size", help="Batch size."),
+    lr: float = typer.Option(2e-5, help="AdamW learning rate."),
+    weight_decay: float = typer.Option(0.01, "--weight-decay", help="AdamW weight decay."),
+    route_n: int = typer.Option(32, "--route-n", help="Router votes per input to pick σ(x)."),
+    seed: int = typer.Option(0, help="Shuffling and noise seed."),
+    name: str = typer.Option(None, help="Name of the new experts (default <family>-ft)."),
+    replace: bool = typer.Option(
+        True, "--replace/--keep", help="Replace the family in the workspace (same positions)."
+    ),
+    retrain: bool = typer.Option(
+        False, "--retrain", help="Then build the new columns and retrain the router."
+    ),
+    device: str = DEVICE,
+    workspace: Path = WORKSPACE,
+) -> None:
+    """Finetune a classifier under the router's σ(x) (paper §5.2.2) and register it."""
+    from rsrouter.router.finetune import FinetuneConfig, finetune_workspace
+
+    ws = Workspace.open(workspace)
+    config = FinetuneConfig(epochs=epochs, batch_size=batch_size, lr=lr,
+                            weight_decay=weight_decay, route_n=route_n, seed=seed)  # fmt: skip
+    result = finetune_workspace(
+        ws, list(names), config, name=name, replace=replace, retrain=retrain, device=device
+    )
+    console.print(f"inputs routed to each expert: {json.dumps(result['routed'])}")
+    console.print(f"loss per epoch: {', '.join(f'{v:.4f}' for v in result['history'])}")
+    console.print(f"saved {result['folder']}; registered {', '.join(result['registered'])}.")
+    if retrain:
+        _print_history(result["router_history"])
+        console.print(f"router retrained: {result['router']}")
+    else:
+        console.print("next: `router train` (the router must be retrained for the new experts).")
