@@ -261,7 +261,7 @@ class Expert(nn.Module):
             **config_fields,
         )
         reference = build_classifier(arch, num_classes, in_chans, **config.arch_args)
-        _check_state_dict(reference, module.state_dict(), arch)
+        check_state_dict(reference, module.state_dict(), arch)
         return cls(config, module)
 
     @classmethod
@@ -350,7 +350,7 @@ def fingerprint_of(config: ExpertConfig, file_hashes: dict[str, str]) -> str:
     return sha256_json({"config": config.functional(), "files": dict(sorted(file_hashes.items()))})
 
 
-def _check_state_dict(reference: nn.Module, state: dict, arch: str) -> None:
+def check_state_dict(reference: nn.Module, state: dict, arch: str) -> None:
     want = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in state.items()}
     if want != got:

@@ -1,0 +1,263 @@
+"""Workspace and expert commands: init, add-expert, experts, remove-expert, export/convert."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from rsrouter.cli.app import app, console
+from rsrouter.errors import UsageError
+from rsrouter.registry import Workspace
+
+WORKSPACE = typer.Option(Path("."), "--workspace", "-w", help="The workspace folder.")
+
+
+def parse_floats(text: str, what: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError as exc:
+        raise UsageError(f"{what} must be comma-separated numbers, got {text!r}.") from exc
+
+
+def parse_size(text: str) -> list[int]:
+    try:
+        size = [int(part) for part in text.lower().replace("x", ",").split(",")]
+    except ValueError as exc:
+        raise UsageError(
+            f"--input-size must be H or H,W (e.g. 28 or 32,32), got {text!r}."
+        ) from exc
+    return size * 2 if len(size) == 1 else size
+
+
+def parse_arch_args(items: list[str]) -> dict:
+    """key=value pairs; values are read as int, float, true/false, else kept as text."""
+    args = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--arch-arg must be key=value, got {item!r}.")
+        value: object = raw
+        for cast in (int, float):
+            try:
+                value = cast(raw)
+                break
+            except ValueError:
+                pass
+        if raw.lower() in ("true", "false"):
+            value = raw.lower() == "true"
+        args[key] = value
+    return args
+
+
+@app.command("init")
+def init_cmd(
+    directory: Path = typer.Argument(Path("."), help="Where to create router.toml."),
+    dataset: str = typer.Option(
+        "fashion-mnist-subset", help="Dataset name or ImageFolder path, recorded in [data]."
+    ),
+) -> None:
+    """Create a workspace: router.toml (experts and settings) and its artifacts folder."""
+    ws = Workspace.init(directory, dataset=dataset)
+    console.print(f"created {ws.path}; outputs will go to {ws.artifacts}/")
+
+
+@app.command("add-expert")
+def add_expert_cmd(
+    source: str = typer.Argument(
+        None, help="An expert folder or Hub repo id (the classifier, with --denoiser)."
+    ),
+    sigma: str = typer.Option(..., help="Noise level(s): 0.25, or 0.25,0.5,1.0 if denoised."),
+    name: str = typer.Option(None, help="Expert name (default: from the source and sigma)."),
+    revision: str = typer.Option(None, help="Hub branch, tag or commit to pin."),
+    denoiser: str = typer.Option(None, help="A diffusers UNet2DModel + DDPMScheduler repo."),
+    classifier: str = typer.Option(None, help="With --denoiser: the classifier (else SOURCE)."),
+    denoiser_revision: str = typer.Option(None, help="Hub revision of --denoiser."),
+    endpoint: str = typer.Option(None, help="Hub endpoint (a mirror, or a private Hub)."),
+    cache_dir: Path = typer.Option(None, help="Hub cache folder."),
+    token: str = typer.Option(None, help="Hub token (else the usual HF_TOKEN / login)."),
+    workspace: Path = WORKSPACE,
+) -> None:
+    """Register an expert: pin its revision, record the sha256 of every file it loads."""
+    if classifier and source and classifier != source:
+        raise UsageError("give the classifier either as SOURCE or as --classifier, not both.")
+    source = classifier or source
+    if not source:
+        raise UsageError("give an expert folder or Hub repo id (or --classifier with --denoiser).")
+    if classifier and not denoiser:
+        raise UsageError("--classifier goes with --denoiser.")
+    ws = Workspace.open(workspace)
+    entries = ws.add_expert(
+        source,
+        parse_floats(sigma, "--sigma"),
+        name=name,
+        revision=revision,
+        endpoint=endpoint,
+        cache_dir=cache_dir,
+        token=token,
+        denoiser=denoiser,
+        denoiser_revision=denoiser_revision,
+    )
+    for e in entries:
+        console.print(f"added expert {e.name!r} (σ = {e.sigma}, {e.kind}, {e.pinned})")
+    console.print(f"wrote {ws.path}")
+
+
+@app.command("experts")
+def experts_cmd(workspace: Path = WORKSPACE) -> None:
+    """List the registered experts in router order."""
+    ws = Workspace.open(workspace)
+    table = Table(title=f"experts in {ws.path}")
+    for col in ("#", "name", "σ", "kind", "params"):
+        table.add_column(col, no_wrap=True)
+    for col in ("source", "revision", "commit / sha256"):
+        table.add_column(col, overflow="fold")
+    for i, e in enumerate(ws.experts):
+        source = e.source + (f" + {e.denoiser_source}" if e.denoiser_source else "")
+        pin = e.commit[:12] if e.commit else "sha256 " + e.sha256.get("model.safetensors", "?")[:12]
+        table.add_row(
+            str(i),
+            e.name,
+            f"{e.sigma:g}",
+            e.kind,
+            f"{e.parameters:,}",
+            source,
+            e.revision or ("local" if not e.commit else "main"),
+            pin,
+        )
+    console.print(table)
+    if not ws.experts:
+        console.print("no experts yet: `router add-expert FOLDER_OR_REPO --sigma S`")
+
+
+@app.command("remove-expert")
+def remove_expert_cmd(name: str, workspace: Path = WORKSPACE) -> None:
+    """Unregister an expert (its files are left where they are)."""
+    ws = Workspace.open(workspace)
+    ws.remove_expert(name)
+    console.print(f"removed expert {name!r}; wrote {ws.path}")
+
+
+def _expert_fields(
+    arch,
+    sigma,
+    num_classes,
+    in_chans,
+    input_size,
+    arch_arg,
+    mean,
+    std,
+    class_names,
+    dataset,
+    license,
+) -> dict:
+    fields = {
+        "arch": arch,
+        "sigma": sigma,
+        "num_classes": num_classes,
+        "in_chans": in_chans,
+        "input_size": parse_size(input_size),
+        "arch_args": parse_arch_args(arch_arg or []),
+        "dataset": dataset,
+        "license": license,
+    }
+    if mean:
+        fields["mean"] = parse_floats(mean, "--mean")
+    if std:
+        fields["std"] = parse_floats(std, "--std")
+    if class_names:
+        fields["class_names"] = [c.strip() for c in class_names.split(",")]
+    return fields
+
+
+ARCH = typer.Option(..., help="build_classifier name: small_cnn, cifar_resnet20/56/110, or timm.")
+SIGMA = typer.Option(..., help="The sigma the weights were trained at.")
+NUM_CLASSES = typer.Option(..., help="Number of classes.")
+IN_CHANS = typer.Option(..., help="Input channels (1 grey, 3 colour).")
+INPUT_SIZE = typer.Option(..., help="Input size H or H,W.")
+ARCH_ARG = typer.Option(None, help="Architecture argument key=value (repeatable).")
+MEAN = typer.Option(None, help="Per-channel mean, comma-separated (default 0).")
+STD = typer.Option(None, help="Per-channel std, comma-separated (default 1).")
+CLASS_NAMES = typer.Option(None, help="Comma-separated class names.")
+DATASET = typer.Option("", help="Training dataset, for the model card.")
+LICENSE = typer.Option("unknown", help="Licence of the weights (SPDX id).")
+
+
+@app.command("export-expert")
+def export_expert_cmd(
+    weights: Path = typer.Argument(..., help="A safetensors state dict of the classifier."),
+    out: Path = typer.Argument(..., help="The expert folder to write."),
+    arch: str = ARCH,
+    sigma: float = SIGMA,
+    num_classes: int = NUM_CLASSES,
+    in_chans: int = IN_CHANS,
+    input_size: str = INPUT_SIZE,
+    arch_arg: list[str] = ARCH_ARG,
+    mean: str = MEAN,
+    std: str = STD,
+    class_names: str = CLASS_NAMES,
+    dataset: str = DATASET,
+    license: str = LICENSE,
+    strip_prefix: str = typer.Option(None, help="Remove this prefix from every weight name."),
+) -> None:
+    """Make an expert folder (config.json, model.safetensors, README.md) from a state dict."""
+    from rsrouter.experts.convert import export_expert
+
+    fields = _expert_fields(
+        arch,
+        sigma,
+        num_classes,
+        in_chans,
+        input_size,
+        arch_arg,
+        mean,
+        std,
+        class_names,
+        dataset,
+        license,
+    )
+    folder = export_expert(weights, out, strip_prefix=strip_prefix, **fields)
+    console.print(
+        f"wrote expert folder {folder}/ (add it: router add-expert {folder} --sigma {sigma})"
+    )
+
+
+@app.command("convert-checkpoint")
+def convert_checkpoint_cmd(
+    checkpoint: Path = typer.Argument(..., help="A .pt/.pth/.bin/.ckpt pickle checkpoint."),
+    out: Path = typer.Argument(..., help="The expert folder to write."),
+    arch: str = ARCH,
+    sigma: float = SIGMA,
+    num_classes: int = NUM_CLASSES,
+    in_chans: int = IN_CHANS,
+    input_size: str = INPUT_SIZE,
+    arch_arg: list[str] = ARCH_ARG,
+    mean: str = MEAN,
+    std: str = STD,
+    class_names: str = CLASS_NAMES,
+    dataset: str = DATASET,
+    license: str = LICENSE,
+    key: str = typer.Option(None, help="Where the state dict sits in the checkpoint (a.b)."),
+    strip_prefix: str = typer.Option(None, help="Remove this prefix from every weight name."),
+) -> None:
+    """Opt-in: read a pickle checkpoint with torch.load(weights_only=True), write safetensors."""
+    from rsrouter.experts.convert import convert_checkpoint
+
+    fields = _expert_fields(
+        arch,
+        sigma,
+        num_classes,
+        in_chans,
+        input_size,
+        arch_arg,
+        mean,
+        std,
+        class_names,
+        dataset,
+        license,
+    )
+    folder = convert_checkpoint(checkpoint, out, key=key, strip_prefix=strip_prefix, **fields)
+    console.print(
+        f"wrote expert folder {folder}/ (add it: router add-expert {folder} --sigma {sigma})"
+    )
