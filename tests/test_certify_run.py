@@ -141,3 +141,63 @@ def test_bad_settings_are_one_sentence(tmp_path):
         _run(dual, tmp_path)
     with pytest.raises(UsageError, match="router certify"):
         latest_run(tmp_path / "nothing")
+
+
+# ---------------------------------------------------------------- the CLI on a real workspace
+
+
+def _workspace(tmp_path):
+    from rsrouter.data import FASHION_MNIST_CLASSES
+    from rsrouter.experts import Expert, build_classifier
+    from rsrouter.registry import Workspace
+    from rsrouter.router.model import RouterModel
+
+    ws = Workspace.init(tmp_path / "ws")
+    torch.manual_seed(0)
+    for sigma in (0.25, 0.5):
+        net = build_classifier("small_cnn", 10, 1, width=2)
+        expert = Expert.from_module(
+            net, sigma=sigma, arch="small_cnn", num_classes=10, in_chans=1, input_size=[28, 28],
+            arch_args={"width": 2}, class_names=list(FASHION_MNIST_CLASSES),
+        )  # fmt: skip
+        expert.save_pretrained(tmp_path / f"e{sigma}")
+        ws.add_expert(tmp_path / f"e{sigma}", sigma, name=f"gauss-{sigma}")
+    experts = ws.load_experts()
+    router = RouterModel.create(
+        arch="small_cnn", arch_args={"width": 2}, expert_names=list(experts),
+        sigmas=[e.sigma for e in experts.values()],
+        fingerprints=[e.fingerprint for e in experts.values()],
+        in_chans=1, input_size=[28, 28], sigma_e=0.5,
+    )  # fmt: skip
+    router.save_pretrained(ws.artifacts / "router")
+    return ws
+
+
+def test_cli_certify_report_predict(tmp_path, capsys):
+    from PIL import Image
+
+    from rsrouter.cli.main import run
+    from rsrouter.data import load_dataset
+
+    ws = _workspace(tmp_path)
+    w = ["-w", str(ws.root)]
+    args = ["--limit", "6", "--n", "40", "--n0", "8", "--alpha", "0.01", "--device", "cpu"]
+    assert run(["certify", *args, *w]) == 0
+    assert "records:" in capsys.readouterr().out
+    assert run(["report", *w]) == 0
+    report = ws.artifacts / "report"
+    for name in ("certified_accuracy.md", "certified_accuracy.csv", "summary.json", "curve.png"):
+        assert (report / name).stat().st_size > 0
+    summary = json.loads((report / "summary.json").read_text())
+    assert summary["inputs"] == 6 and summary["alpha_router"] == pytest.approx(0.005)
+
+    image = (load_dataset("fashion-mnist-subset", "test").images[0, 0] * 255).byte().numpy()
+    Image.fromarray(image).save(tmp_path / "ok.png")
+    Image.fromarray(image[:20]).save(tmp_path / "small.png")
+    capsys.readouterr()
+    assert run(["predict", str(tmp_path / "ok.png"), "--n", "50", "--device", "cpu", *w]) == 0
+    out = capsys.readouterr().out
+    assert "dual PREDICT" in out and ("gauss-" in out or "abstain" in out)
+    assert run(["predict", str(tmp_path / "small.png"), "--device", "cpu", *w]) == 1
+    assert "28x20 pixels" in capsys.readouterr().err
+    assert run(["certify", "--alpha-router", "0.5", *w]) == 1

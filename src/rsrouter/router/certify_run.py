@@ -339,3 +339,71 @@ def latest_run(artifacts: str | Path) -> Path:
             f"no certification run under {Path(artifacts) / 'certify'}; run `router certify` first."
         )
     return max(runs, key=lambda p: p.stat().st_mtime)
+
+
+# ---------------------------------------------------------------- workspace level
+
+CERTIFY_DEFAULTS = {
+    "split": "test",
+    "n0": 100,
+    "n": 10_000,
+    "alpha": 0.001,
+    "alpha_router": None,  # alpha / 2
+    "seed": 0,
+    "p_skip": 0.5,
+    "batch_size": 1000,
+    "limit": None,
+    "chunk": 32,
+}
+
+
+def certify_settings(ws, **overrides) -> dict:
+    """[certify] of the workspace over the defaults, then the overrides that are not None."""
+    settings = ws.settings("certify")
+    unknown = sorted(set(settings) - set(CERTIFY_DEFAULTS))
+    if unknown:
+        raise UsageError(f"unknown [certify] setting(s) in {ws.path}: {', '.join(unknown)}.")
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return {**CERTIFY_DEFAULTS, **settings, **given}
+
+
+def workspace_dual(ws, *, device=None) -> tuple[DualSmoothed, list[str]]:
+    """The workspace's trained router over its experts (refused if they changed since)."""
+    from rsrouter.router.model import RouterModel
+
+    folder = Path(ws.artifacts) / "router"
+    if not (folder / "config.json").is_file():
+        raise UsageError(f"no trained router in {folder}; run `router train` first.")
+    experts = ws.load_experts(device=device or "cpu")
+    names = list(experts)
+    router = RouterModel.from_pretrained(folder, device=device or "cpu")
+    router.check_experts(names, [e.fingerprint for e in experts.values()])
+    return DualSmoothed(router, router.sigma_e, list(experts.values())), names
+
+
+def certify_workspace(ws, *, device=None, progress: bool = True, **overrides) -> RunResult:
+    """`router certify`: the workspace's router and experts on its dataset split."""
+    from rsrouter.router.tables import workspace_dataset
+
+    s = certify_settings(ws, **overrides)
+    ctx = distributed.context()
+    device = ctx.device(device)
+    dual, names = workspace_dual(ws, device=device)
+    dataset = workspace_dataset(ws, s["split"])
+    return certify_run(
+        dual,
+        dataset,
+        ws.artifacts,
+        n0=s["n0"],
+        n=s["n"],
+        alpha=s["alpha"],
+        alpha_router=s["alpha_router"],
+        seed=s["seed"],
+        limit=s["limit"],
+        p_skip=s["p_skip"],
+        expert_names=names,
+        chunk=s["chunk"],
+        progress=progress and ctx.is_main,
+        batch_size=s["batch_size"],
+        device=device,
+    )

@@ -79,13 +79,15 @@ def methods(meta: dict, records: list[dict]) -> dict[str, dict]:
     return out
 
 
-def summarize(meta: dict, records: list[dict], grid: list[float] | None = None) -> dict:
-    """Every number of the report, JSON-ready."""
+def summarize(
+    meta: dict, records: list[dict], grid: list[float] | None = None, step: float = STEP
+) -> dict:
+    """Every number of the report, JSON-ready (grid: 0, step, ... up to the largest radius)."""
     if not records:
         raise UsageError("the run has no records yet; run `router certify` first.")
     table = methods(meta, records)
     if grid is None:
-        grid = radius_grid(max(float(m["radius"].max()) for m in table.values()))
+        grid = radius_grid(max(float(m["radius"].max()) for m in table.values()), step)
     summary_methods = {
         key: {
             "label": m["label"],
@@ -218,11 +220,15 @@ def plot(meta: dict, records: list[dict], path: str | Path) -> None:
 
 
 def write_report(
-    meta: dict, records: list[dict], out_dir: str | Path, grid: list[float] | None = None
+    meta: dict,
+    records: list[dict],
+    out_dir: str | Path,
+    grid: list[float] | None = None,
+    step: float = STEP,
 ) -> dict[str, Path]:
     """certified_accuracy.md/.csv, summary.json and curve.png under ``out_dir``."""
     out = Path(out_dir)
-    summary = summarize(meta, records, grid)
+    summary = summarize(meta, records, grid, step)
     paths = {
         "markdown": out / "certified_accuracy.md",
         "csv": out / "certified_accuracy.csv",

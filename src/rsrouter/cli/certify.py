@@ -1,0 +1,158 @@
+"""`router certify`, `router report` and `router predict`: thin shells over rsrouter.router."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import typer
+from rich.markdown import Markdown
+from rich.table import Table
+
+from rsrouter import distributed
+from rsrouter.cli.app import app, console
+from rsrouter.errors import UsageError
+from rsrouter.io import read_json
+from rsrouter.registry import Workspace
+
+WORKSPACE = typer.Option(Path("."), "--workspace", "-w", help="The workspace folder.")
+
+
+@app.command("certify")
+def certify_cmd(
+    split: str = typer.Option(None, help="Dataset split to certify (default: test)."),
+    n: int = typer.Option(None, help="Monte-Carlo samples per input and stage (default 10000)."),
+    n0: int = typer.Option(None, help="Selection samples (default 100)."),
+    alpha: float = typer.Option(None, help="Total failure probability (default 0.001)."),
+    alpha_router: float = typer.Option(
+        None, "--alpha-router", help="The router's share of alpha (default alpha / 2)."
+    ),
+    limit: int = typer.Option(None, help="Certify only the first K inputs of the split."),
+    seed: int = typer.Option(None, help="Noise seed (default 0)."),
+    p_skip: float = typer.Option(None, "--p-skip", help="Multiscale baseline threshold (0.5)."),
+    batch_size: int = typer.Option(None, "--batch-size", help="Forward batch size (1000)."),
+    device: str = typer.Option("auto", help="cpu, cuda, cuda:K or auto."),
+    workspace: Path = WORKSPACE,
+) -> None:
+    """Dual-certify a split, with each expert alone, Multiscale and the oracle beside it."""
+    from rsrouter.router.certify_run import certify_workspace
+    from rsrouter.router.report import summarize
+
+    ws = Workspace.open(workspace)
+    result = certify_workspace(
+        ws,
+        device=device,
+        split=split,
+        n=n,
+        n0=n0,
+        alpha=alpha,
+        alpha_router=alpha_router,
+        limit=limit,
+        seed=seed,
+        p_skip=p_skip,
+        batch_size=batch_size,
+    )
+    if not distributed.context().is_main:
+        return
+    meta = read_json(result.meta_path)
+    summary = summarize(meta, result.records, grid=[0.0, 0.25, 0.5, 0.75, 1.0])
+    table = Table(title=f"certified accuracy (%) on {summary['inputs']} inputs")
+    table.add_column("method")
+    for r in summary["grid"]:
+        table.add_column(f"r={r:g}", justify="right")
+    table.add_column("ACR", justify="right")
+    for m in summary["methods"].values():
+        cells = [f"{100 * v:.1f}" for v in m["certified_accuracy"]]
+        table.add_row(m["label"], *cells, f"{m['acr']:.3f}")
+    console.print(table)
+    console.print(
+        f"{result.computed} input(s) certified now, {len(result.records)} in the run.\n"
+        f"records: {result.path}\nsettings: {result.meta_path}\n"
+        "next: `router report` for the full table and the plot."
+    )
+
+
+@app.command("report")
+def report_cmd(
+    run: Path = typer.Option(None, help="A run's .jsonl (default: the latest under certify/)."),
+    step: float = typer.Option(0.25, help="Radius grid step."),
+    workspace: Path = WORKSPACE,
+) -> None:
+    """Certified-accuracy table (md + csv), ACR, routing, abstentions and a PNG curve."""
+    from rsrouter.router.certify_run import latest_run, load_run
+    from rsrouter.router.report import write_report
+
+    ws = Workspace.open(workspace)
+    path = run if run is not None else latest_run(ws.artifacts)
+    meta, records = load_run(path)
+    if not records:
+        raise UsageError(f"{path} has no records yet; run `router certify` first.")
+    paths = write_report(meta, records, Path(ws.artifacts) / "report", step=step)
+    console.print(Markdown(paths["markdown"].read_text(encoding="utf-8")))
+    for what, p in paths.items():
+        console.print(f"{what}: {p}")
+
+
+def load_images(paths: list[Path], shape: tuple[int, int, int]) -> torch.Tensor:
+    """PNG/JPEG files as a (N, C, H, W) [0, 1] batch of exactly ``shape``; else one sentence."""
+    from PIL import Image, UnidentifiedImageError
+
+    channels, height, width = shape
+    if channels not in (1, 3):
+        raise UsageError(f"image files can feed 1- or 3-channel models, not {channels}.")
+    out = []
+    for path in paths:
+        if not Path(path).is_file():
+            raise UsageError(f"{path} does not exist.")
+        try:
+            with Image.open(path) as img:
+                img = img.convert("L" if channels == 1 else "RGB")
+                array = np.asarray(img, dtype=np.float32) / 255.0
+        except (UnidentifiedImageError, OSError) as exc:
+            raise UsageError(f"{path} is not a readable PNG or JPEG image.") from exc
+        if array.shape[:2] != (height, width):
+            raise UsageError(
+                f"{path} is {array.shape[1]}x{array.shape[0]} pixels, "
+                f"but the models expect {width}x{height}."
+            )
+        array = array[None] if channels == 1 else array.transpose(2, 0, 1)
+        out.append(torch.from_numpy(np.ascontiguousarray(array)))
+    return torch.stack(out)
+
+
+@app.command("predict")
+def predict_cmd(
+    images: list[Path] = typer.Argument(..., help="PNG or JPEG files."),
+    n: int = typer.Option(1000, help="Monte-Carlo samples per stage."),
+    alpha: float = typer.Option(0.001, help="Total failure probability."),
+    alpha_router: float = typer.Option(None, "--alpha-router", help="Router share (alpha / 2)."),
+    seed: int = typer.Option(0, help="Noise seed."),
+    device: str = typer.Option("auto", help="cpu, cuda, cuda:K or auto."),
+    workspace: Path = WORKSPACE,
+) -> None:
+    """PREDICT with the router, then with the expert it picks (abstains unless both are sure)."""
+    from rsrouter.router.certify_run import workspace_dual
+    from rsrouter.runtime import resolve_device
+
+    ws = Workspace.open(workspace)
+    dev = resolve_device(device)
+    dual, names = workspace_dual(ws, device=dev)
+    xs = load_images(list(images), tuple(dual.router.input_shape))
+    preds = dual.predict_batch(
+        xs, n=n, alpha=alpha, alpha_router=alpha_router, seed=seed, device=dev
+    )
+    classes = list(getattr(dual.experts[0], "class_names", None) or [])
+    table = Table(title=f"dual PREDICT (n={n}, alpha={alpha:g})")
+    table.add_column("image", overflow="fold")
+    for col in ("routed expert", "sigma", "prediction"):
+        table.add_column(col)
+    for path, p in zip(images, preds, strict=True):
+        routed = names[p.expert] if p.expert >= 0 else "abstain (router unsure)"
+        sigma = f"{dual.sigmas[p.expert]:g}" if p.expert >= 0 else "—"
+        if p.prediction >= 0:
+            label = classes[p.prediction] if p.prediction < len(classes) else str(p.prediction)
+        else:
+            label = "abstain"
+        table.add_row(str(path), routed, sigma, label)
+    console.print(table)
