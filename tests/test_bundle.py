@@ -174,3 +174,43 @@ def test_bundle_refuses_experts_the_router_was_not_trained_with(published, tmp_p
 def test_missing_router_repo_is_one_sentence(hub, tmp_path):
     with pytest.raises(UsageError, match="does not exist"):
         load_router("org/nothing", endpoint=hub.endpoint, cache_dir=tmp_path / "cache")
+
+
+def test_cli_push_then_pull(hub, published, tmp_path, capsys):
+    import rsrouter.cli.hub  # noqa: F401  (registers push and pull)
+    from rsrouter.cli.app import run
+
+    ws = str(published["ws"].root)
+    argv = ["push", "org/cli-router", "--endpoint", hub.endpoint, "--token", "t", "-w", ws]
+    assert run([*argv, "--revision", "v2", "--private"]) == 0
+    out = capsys.readouterr().out
+    commit = HfApi(endpoint=hub.endpoint, token="t").model_info("org/cli-router", revision="v2").sha
+    assert commit in out
+    assert run(["pull", "org/cli-router", "--revision", "v2", "--endpoint", hub.endpoint,
+                "--token", "t", "--cache-dir", str(tmp_path / "cache")]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert commit in out and "low" in out and "high" in out
+    assert run(["pull", "org/cli-router", "--revision", "v2", "--offline",
+                "--cache-dir", str(tmp_path / "cache")]) == 0  # fmt: skip
+    assert (
+        run(
+            [
+                "pull",
+                "org/cli-router",
+                "--endpoint",
+                hub.endpoint,
+                "--token",
+                "t",
+                "--cache-dir",
+                str(tmp_path / "cache"),
+            ]
+        )
+        == 1
+    )  # fmt: skip  (main has no bundle)
+    assert "not an rsrouter router bundle" in capsys.readouterr().err
+
+
+def test_load_router_is_exported_lazily():
+    import rsrouter
+
+    assert rsrouter.load_router is load_router

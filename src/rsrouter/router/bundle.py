@@ -15,6 +15,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -322,6 +323,52 @@ def _str(value) -> str | None:
     return None if value is None else str(value)
 
 
+@dataclass(frozen=True)
+class PulledRouter:
+    """A loaded bundle: where it lies, the commit it came from, its pins, the model."""
+
+    folder: Path
+    commit: str | None  # None for a local bundle folder
+    pins: list[dict]
+    model: DualSmoothed
+
+
+def pull_router(
+    repo_or_dir: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    endpoint: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    token: str | bool | None = None,
+    local_files_only: bool = False,
+    device: str | torch.device = "cpu",
+) -> PulledRouter:
+    """Fetch a bundle and its pinned experts (every hash checked) and build the model."""
+    folder, commit = fetch_bundle(
+        repo_or_dir,
+        revision=revision,
+        endpoint=endpoint,
+        cache_dir=cache_dir,
+        token=token,
+        local_files_only=local_files_only,
+    )
+    if not (folder / "config.json").is_file():
+        where = f"{repo_or_dir} at {revision}" if revision else str(repo_or_dir)
+        raise UsageError(f"{where} has no config.json: it is not an rsrouter router bundle.")
+    pins = bundle_pins(read_json(folder / "config.json"), str(folder / "config.json"))
+    experts = load_pinned_experts(
+        pins,
+        endpoint=endpoint,
+        cache_dir=cache_dir,
+        token=token,
+        local_files_only=local_files_only,
+        device=device,
+    )
+    router = RouterModel.from_pretrained(folder, device=device)
+    router.check_experts([p["name"] for p in pins], [e.fingerprint for e in experts])
+    return PulledRouter(folder, commit, pins, DualSmoothed(router, router.sigma_e, experts))
+
+
 def load_router(
     repo_or_dir: str | os.PathLike,
     *,
@@ -335,25 +382,15 @@ def load_router(
     """A published router, ready to certify: bundle + pinned experts, every hash checked.
 
     ``repo_or_dir`` is a bundle folder or a Hub repo id. Offline (``HF_HUB_OFFLINE=1`` or
-    ``local_files_only=True``) it loads from the Hub cache.
+    ``local_files_only=True``) it loads from the Hub cache. ``model.router`` is the
+    ``RouterModel`` (its ``expert_names`` say which expert each index is).
     """
-    folder, _ = fetch_bundle(
+    return pull_router(
         repo_or_dir,
         revision=revision,
         endpoint=endpoint,
         cache_dir=cache_dir,
         token=token,
         local_files_only=local_files_only,
-    )
-    pins = bundle_pins(read_json(folder / "config.json"), str(folder / "config.json"))
-    experts = load_pinned_experts(
-        pins,
-        endpoint=endpoint,
-        cache_dir=cache_dir,
-        token=token,
-        local_files_only=local_files_only,
         device=device,
-    )
-    router = RouterModel.from_pretrained(folder, device=device)
-    router.check_experts([p["name"] for p in pins], [e.fingerprint for e in experts])
-    return DualSmoothed(router, router.sigma_e, experts)
+    ).model
