@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from rsrouter.cli import certify, demo, experts, train  # noqa: F401  (registers commands)
+from rsrouter.cli import certify, demo, experts, hub, train  # noqa: F401  (registers commands)
 from rsrouter.cli.app import app, run
 
 __all__ = ["app", "main"]
