@@ -89,6 +89,8 @@ class ExpertConfig:
     def __post_init__(self):
         if self.kind not in KINDS:
             raise UsageError(f"expert kind must be one of {KINDS}, got {self.kind!r}.")
+        if self.sigma == 0:  # trained on clean images: not bound to a sigma
+            self.sigma = None
         if self.sigma is not None:
             self.sigma = check_sigma(self.sigma)
         self.input_size = _size(self.input_size)
@@ -146,8 +148,8 @@ class Expert(nn.Module):
 
     def __init__(self, config: ExpertConfig, classifier: nn.Module, unet=None, scheduler=None):
         super().__init__()
-        if config.sigma is None:
-            raise UsageError("an expert needs its sigma: pass sigma= (a denoised expert's noise).")
+        if config.sigma is None and config.kind == "denoised":
+            raise UsageError("a denoised expert needs its sigma: pass sigma=.")
         if (config.kind == "denoised") != (unet is not None and scheduler is not None):
             raise UsageError('a "denoised" expert needs a UNet and a scheduler; a classifier none.')
         self.config = config
@@ -162,6 +164,11 @@ class Expert(nn.Module):
     # ---- the contract
     @property
     def sigma(self) -> float:
+        if self.config.sigma is None:
+            raise UsageError(
+                f"this {self.config.arch} classifier was trained without noise and is bound to no "
+                "sigma: register it with a sigma, or as the classifier of a denoised expert."
+            )
         return float(self.config.sigma)
 
     @property
@@ -222,13 +229,14 @@ class Expert(nn.Module):
 
     def with_sigma(self, sigma: float) -> Expert:
         """The same denoised expert at another sigma (the UNet and classifier are shared)."""
-        if self.kind != "denoised":
+        if self.kind != "denoised" and self.config.sigma is not None:
             raise UsageError(
                 f"a Gaussian-trained classifier is bound to sigma={self.sigma}; only a denoised "
                 "expert can serve another sigma."
             )
         config = ExpertConfig.from_dict({**self.config.to_dict(), "sigma": sigma})
-        other = Expert(config, self.classifier, self.denoiser.unet, self.scheduler)
+        unet = self.denoiser.unet if self.denoiser is not None else None
+        other = Expert(config, self.classifier, unet, self.scheduler)
         other._file_hashes, other._hashed_version = self._file_hashes, self._hashed_version
         return other
 
@@ -407,7 +415,7 @@ def read_config(folder: Path) -> ExpertConfig:
 def resolve_sigma(config: ExpertConfig, sigma: float | None, where) -> ExpertConfig:
     """The sigma to bind: a classifier keeps its own; a denoised expert takes the one asked."""
     if sigma is None:
-        if config.sigma is None:
+        if config.sigma is None and config.kind == "denoised":
             raise UsageError(f"{where} is a denoised expert without a sigma: pass one (--sigma).")
         return config
     sigma = check_sigma(sigma)
@@ -542,7 +550,13 @@ def model_card(expert: Expert) -> str:
         tags=["randomized-smoothing", "certified-robustness", f"rsrouter-{c.kind}"],
         datasets=[c.dataset] if c.dataset else None,
     )
-    if c.kind == "classifier":
+    sigma = "none (trained on clean images)" if c.sigma is None else c.sigma
+    if c.kind == "classifier" and c.sigma is None:
+        what = (
+            f"a classifier (`{c.arch}`) trained on clean images, bound to no σ: the classifier "
+            "of a denoised expert (`router add-expert CLASSIFIER --denoiser DENOISER --sigma …`)"
+        )
+    elif c.kind == "classifier":
         what = f"a Gaussian-trained classifier (`{c.arch}`) smoothed at σ = {c.sigma}"
     else:
         h, w = c.classifier_input_size
@@ -552,7 +566,7 @@ def model_card(expert: Expert) -> str:
         )
     shape = "×".join(str(s) for s in expert.input_shape)
     lines = [
-        f"# rsrouter expert: {c.arch}, σ = {c.sigma}",
+        f"# rsrouter expert: {c.arch}, σ = {sigma}",
         "",
         f"A randomized-smoothing expert for rsrouter: {what}.",
         f"Input: noisy images in [0, 1] of shape {shape}; output: logits over {c.num_classes} "
@@ -571,12 +585,12 @@ def model_card(expert: Expert) -> str:
         "## Use",
         "",
         "```bash",
-        f"router add-expert <this repo or folder> --sigma {c.sigma}",
+        f"router add-expert <this repo or folder> --sigma {c.sigma or 0.25}",
         "```",
         "",
         "```python",
         "from rsrouter.experts import Expert",
-        f'expert = Expert.from_pretrained("<this repo or folder>", sigma={c.sigma})',
+        f'expert = Expert.from_pretrained("<this repo or folder>", sigma={c.sigma or 0.25})',
         "```",
         "",
         "Weights are safetensors only.",
