@@ -105,17 +105,24 @@ def add_expert_cmd(
 
 
 @app.command("experts")
-def experts_cmd(workspace: Path = WORKSPACE) -> None:
+def experts_cmd(
+    workspace: Path = WORKSPACE,
+    verify: bool = typer.Option(False, help="Load every expert and check its files' sha256."),
+) -> None:
     """List the registered experts in router order."""
     ws = Workspace.open(workspace)
+    if verify:
+        for e in ws.experts:
+            ws.load_expert(e.name)  # raises on a missing or changed file
+
     table = Table(title=f"experts in {ws.path}")
     for col in ("#", "name", "σ", "kind", "params"):
         table.add_column(col, no_wrap=True)
-    for col in ("source", "revision", "commit / sha256"):
+    for col in ("source", "revision", "commit / weights sha256"):
         table.add_column(col, overflow="fold")
     for i, e in enumerate(ws.experts):
         source = e.source + (f" + {e.denoiser_source}" if e.denoiser_source else "")
-        pin = e.commit[:12] if e.commit else "sha256 " + e.sha256.get("model.safetensors", "?")[:12]
+        pin = e.commit[:12] if e.commit else e.sha256.get("model.safetensors", "?")[:12]
         table.add_row(
             str(i),
             e.name,
@@ -127,6 +134,8 @@ def experts_cmd(workspace: Path = WORKSPACE) -> None:
             pin,
         )
     console.print(table)
+    if verify and ws.experts:
+        console.print(f"verified: every file of the {len(ws.experts)} experts matches its sha256")
     if not ws.experts:
         console.print("no experts yet: `router add-expert FOLDER_OR_REPO --sigma S`")
 

@@ -27,6 +27,7 @@ from rsrouter.experts.expert import (
     load_denoiser,
     load_folder,
     read_config,
+    refuse_pickles,
     weight_files,
 )
 from rsrouter.io import sha256_file, write_text
@@ -93,9 +94,16 @@ class Workspace:
 
     def __init__(self, root: Path, doc: dict):
         self.root = root
+        self._load(doc)
+
+    def _load(self, doc: dict) -> None:
         self.doc = doc
         where = str(self.path)
         self.experts = [ExpertEntry.from_dict(e, where) for e in doc.get("experts", [])]
+
+    def reload(self) -> None:
+        """Read router.toml again (it may have been edited since this object was made)."""
+        self._load(Workspace.open(self.root).doc)
 
     # ---- files
     @property
@@ -145,6 +153,7 @@ class Workspace:
         return dict(value)
 
     def update_settings(self, section: str, **values) -> None:
+        self.reload()
         table = self.settings(section)
         table.update(values)
         self.doc[section] = table
@@ -179,15 +188,14 @@ class Workspace:
 
         With ``denoiser``, ``source`` is the classifier and ``denoiser`` a diffusers repo/folder.
         """
+        self.reload()  # edits made since this object was opened are kept
         sigmas = [check_sigma(s) for s in (sigma if isinstance(sigma, list) else [sigma])]
         if not sigmas:
             raise UsageError("give at least one sigma.")
         hub = {"endpoint": endpoint, "cache_dir": _str(cache_dir), "token": token}
         cls_folder, cls_source, cls_commit = self._resolve(source, revision, hub, EXPERT_PATTERNS)
         config = read_config(cls_folder)
-        hashes = {
-            n: sha256_file(cls_folder / n) for n in [CONFIG_NAME, *weight_files(cls_folder, config)]
-        }
+        hashes = hash_files(cls_folder, [CONFIG_NAME, *weight_files(cls_folder, config)])
         den = {}
         if denoiser is not None:
             if config.kind != "classifier":
@@ -260,6 +268,7 @@ class Workspace:
                 )
 
     def remove_expert(self, name: str) -> ExpertEntry:
+        self.reload()
         entry = self.entry(name)
         self.experts.remove(entry)
         self.save()
@@ -353,6 +362,14 @@ def denoiser_files(folder: Path) -> list[str]:
     unet_dir, sched_dir = denoiser_dirs(folder)
     files = [unet_dir / UNET_CONFIG, unet_dir / UNET_WEIGHTS, sched_dir / SCHEDULER_CONFIG]
     return [p.relative_to(folder).as_posix() for p in files]
+
+
+def hash_files(folder: Path, names: list[str]) -> dict[str, str]:
+    """sha256 of each file; a missing weight file is refused (pickles named if that is all)."""
+    for name in names:
+        if not (folder / name).is_file():
+            refuse_pickles(folder, name)
+    return {name: sha256_file(folder / name) for name in names}
 
 
 def verify(entry: ExpertEntry, folder: Path, den_folder: Path | None) -> None:

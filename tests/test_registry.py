@@ -1,0 +1,228 @@
+"""The workspace registry and its CLI: pinned, hash-verified experts from folders and the Hub."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tomllib
+from pathlib import Path
+
+import huggingface_hub
+import pytest
+import torch
+from huggingface_hub import HfApi
+
+import rsrouter.cli.experts  # noqa: F401  (registers the commands)
+from rsrouter.cli.app import run
+from rsrouter.errors import UsageError
+from rsrouter.experts import Expert, build_classifier
+from rsrouter.registry import Workspace
+from rsrouter.registry.toml import dumps
+
+pytest_plugins = ["hub_server"]  # the `hub` fixture: a loopback Hub test double
+
+
+def save_expert(folder: Path, sigma=0.25, seed=0, num_classes=3, size=8) -> Path:
+    torch.manual_seed(seed)
+    net = build_classifier("small_cnn", num_classes, 1, width=2)
+    expert = Expert.from_module(
+        net,
+        sigma=sigma,
+        arch="small_cnn",
+        arch_args={"width": 2},
+        num_classes=num_classes,
+        in_chans=1,
+        input_size=size,
+    )
+    return expert.save_pretrained(folder)
+
+
+def save_denoiser(folder: Path) -> Path:
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(4, 8),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D",) * 2,
+        up_block_types=("UpBlock2D",) * 2,
+        norm_num_groups=2,
+    )
+    unet.save_pretrained(folder / "unet")
+    DDPMScheduler(num_train_timesteps=1000).save_pretrained(folder / "scheduler")
+    return folder
+
+
+def test_cli_in_a_fresh_directory(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("COLUMNS", "200")  # rich folds long cells on a narrow terminal
+    folder = save_expert(tmp_path / "experts" / "small", sigma=0.25)
+    assert run(["init"]) == 0
+    assert run(["add-expert", "experts/small", "--sigma", "0.25", "--name", "s25"]) == 0
+    out = capsys.readouterr().out
+    assert "added expert 's25'" in out and "router.toml" in out
+    assert run(["experts", "--verify"]) == 0
+    out = capsys.readouterr().out
+    weights_sha = Workspace.open().entry("s25").sha256["model.safetensors"]
+    assert "s25" in out and weights_sha[:12] in out and "verified" in out
+    doc = tomllib.loads((tmp_path / "router.toml").read_text())
+    assert doc["experts"][0]["source"] == "experts/small"  # inside the workspace: relative
+    assert doc["experts"][0]["sha256"]["model.safetensors"] == weights_sha
+    # a tampered weight file is refused, with one sentence and exit status 1
+    raw = bytearray((folder / "model.safetensors").read_bytes())
+    raw[-1] ^= 1
+    (folder / "model.safetensors").write_bytes(bytes(raw))
+    assert run(["experts", "--verify"]) == 1
+    err = capsys.readouterr().err
+    assert "error: expert 's25': model.safetensors does not match the sha256" in err
+    assert "re-add it" in err and "Traceback" not in err
+    # a pickle checkpoint is refused too
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    shutil.copy(folder / "config.json", pickled / "config.json")
+    torch.save({"w": torch.ones(1)}, pickled / "model.pt")
+    assert run(["add-expert", str(pickled), "--sigma", "0.25"]) == 1
+    err = capsys.readouterr().err
+    assert "only pickle checkpoints (model.pt)" in err and "convert-checkpoint" in err
+    assert run(["remove-expert", "s25"]) == 0
+    assert Workspace.open().experts == []
+    assert run(["remove-expert", "s25"]) == 1
+    assert run(["init"]) == 1  # the workspace exists already
+
+
+def test_add_checks(tmp_path):
+    ws = Workspace.init(tmp_path / "ws")
+    a = save_expert(tmp_path / "a", sigma=0.25)
+    ws.add_expert(a, 0.25, name="a")
+    with pytest.raises(UsageError, match="already registered"):
+        ws.add_expert(a, 0.25, name="a")
+    with pytest.raises(UsageError, match="4 classes but 'a' has 3"):
+        ws.add_expert(save_expert(tmp_path / "k4", num_classes=4), 0.25, name="k4")
+    with pytest.raises(UsageError, match=r"takes inputs \(1, 16, 16\)"):
+        ws.add_expert(save_expert(tmp_path / "big", size=16), 0.25, name="big")
+    with pytest.raises(UsageError, match="sigma must be a positive"):
+        ws.add_expert(a, 0.0, name="zero")
+    with pytest.raises(UsageError, match="bound to one sigma"):
+        ws.add_expert(a, [0.25, 0.5])
+    with pytest.raises(UsageError, match="expert name"):
+        ws.add_expert(a, 0.25, name="bad name!")
+    with pytest.raises(UsageError, match="neither a folder nor a Hub repo"):
+        ws.add_expert(tmp_path / "missing", 0.25)
+    bad = tmp_path / "unknown-arch"
+    shutil.copytree(a, bad)
+    config = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**config, "arch": "no_such_net_xyz"}))
+    with pytest.raises(UsageError, match="unknown architecture"):
+        ws.add_expert(bad, 0.25, name="u")
+    assert Workspace.open(ws.root).names == ["a"]  # nothing half-added
+
+
+def test_denoised_at_several_sigma_and_human_edits(tmp_path):
+    ws = Workspace.init(tmp_path / "ws", dataset="fashion-mnist-subset")
+    clean = save_expert(tmp_path / "clean", sigma=0)
+    den = save_denoiser(tmp_path / "den")
+    entries = ws.add_expert(clean, [0.25, 0.5, 1.0], denoiser=den, name="dds")
+    assert [e.name for e in entries] == ["dds-sigma0.25", "dds-sigma0.5", "dds-sigma1"]
+    assert set(entries[0].sha256) == {
+        "config.json",
+        "model.safetensors",
+        "denoiser/unet/config.json",
+        "denoiser/unet/diffusion_pytorch_model.safetensors",
+        "denoiser/scheduler/scheduler_config.json",
+    }
+    experts = Workspace.open(ws.root).load_experts()
+    assert [e.sigma for e in experts.values()] == [0.25, 0.5, 1.0]
+    assert len({e.fingerprint for e in experts.values()}) == 3
+    assert experts["dds-sigma1"].denoiser.unet is experts["dds-sigma0.25"].denoiser.unet
+    assert experts["dds-sigma1"](torch.rand(2, 1, 8, 8)).shape == (2, 3)
+    # a human edit of router.toml: a new sigma and a settings table
+    text = ws.path.read_text().replace("sigma = 1.0", "sigma = 0.75", 1)
+    ws.path.write_text(text + "\n[tables]\nn = 100\nalpha = 0.001\n")
+    edited = Workspace.open(ws.root)
+    assert edited.load_expert("dds-sigma1").sigma == 0.75
+    assert edited.settings("tables") == {"n": 100, "alpha": 0.001}
+    assert edited.settings("data") == {"dataset": "fashion-mnist-subset"}
+    assert edited.settings("train") == {}
+    assert edited.artifacts == ws.root / ".rsrouter"
+    # a changed denoiser file is caught
+    weights = den / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\0")
+    with pytest.raises(UsageError, match="denoiser/unet/diffusion_pytorch_model.safetensors"):
+        edited.load_expert("dds-sigma0.5")
+
+
+def test_hub_cache_offline(tmp_path, monkeypatch):
+    from test_experts import fill_hub_cache
+
+    cache = tmp_path / "cache"
+    fill_hub_cache(cache, "org/cached", save_expert(tmp_path / "e"), commit="c" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    ws = Workspace.init(tmp_path / "ws")
+    (entry,) = ws.add_expert("org/cached", 0.25, cache_dir=cache)
+    assert entry.commit == "c" * 40 and entry.cache_dir == str(cache)
+    assert Workspace.open(ws.root).load_expert(entry.name).sigma == 0.25
+    with pytest.raises(UsageError, match="'org/missing'.*not in the local cache"):
+        ws.add_expert("org/missing", 0.25, cache_dir=cache)
+
+
+def test_loopback_hub_round_trip_is_pinned(tmp_path, hub, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    api = HfApi(endpoint=hub.endpoint, token="hf_test")
+    api.create_repo("org/expert")
+    first = api.upload_folder(
+        folder_path=save_expert(tmp_path / "v1", seed=0), repo_id="org/expert"
+    )
+    ws = Workspace.init(tmp_path / "ws")
+    cache = tmp_path / "cache"
+    argv = ["add-expert", "org/expert", "--sigma", "0.25", "--name", "hub25"]
+    argv += ["--endpoint", hub.endpoint, "--cache-dir", str(cache), "-w", str(ws.root)]
+    assert run(argv) == 0
+    entry = Workspace.open(ws.root).entry("hub25")
+    assert entry.commit == first.oid and entry.endpoint == hub.endpoint
+    v1 = Workspace.open(ws.root).load_expert("hub25").fingerprint
+    # main moves on; the registered expert stays at its commit
+    api.upload_folder(folder_path=save_expert(tmp_path / "v2", seed=1), repo_id="org/expert")
+    assert Workspace.open(ws.root).load_expert("hub25").fingerprint == v1
+    (latest,) = ws.add_expert("org/expert", 0.25, name="latest", endpoint=hub.endpoint)
+    assert latest.commit != first.oid
+    # an old revision by hash, and a diffusers denoiser repo at two sigma
+    (old,) = ws.add_expert(
+        "org/expert", 0.25, name="old", revision=first.oid, endpoint=hub.endpoint
+    )
+    assert old.commit == first.oid and old.revision == first.oid
+    api.create_repo("org/denoiser")
+    api.upload_folder(folder_path=save_denoiser(tmp_path / "den"), repo_id="org/denoiser")
+    api.create_repo("org/clean")
+    api.upload_folder(folder_path=save_expert(tmp_path / "clean", sigma=0), repo_id="org/clean")
+    argv = ["add-expert", "--classifier", "org/clean", "--denoiser", "org/denoiser"]
+    argv += ["--sigma", "0.5,1.0", "--endpoint", hub.endpoint, "-w", str(ws.root)]
+    assert run(argv) == 0
+    experts = Workspace.open(ws.root).load_experts()
+    assert [e.sigma for e in experts.values()][-2:] == [0.5, 1.0]
+    assert run(["experts", "-w", str(ws.root)]) == 0
+    assert first.oid[:12] in capsys.readouterr().out
+    # a missing repo on a reachable Hub
+    with pytest.raises(UsageError, match="'org/nope' does not exist"):
+        ws.add_expert("org/nope", 0.25, endpoint=hub.endpoint)
+    # tampering with the cached blob is caught on the next load
+    blob = next((cache / "models--org--expert" / "blobs").iterdir())
+    for blob in (cache / "models--org--expert" / "blobs").iterdir():
+        if blob.stat().st_size > 1000:
+            blob.write_bytes(blob.read_bytes()[:-1] + b"\1")
+    with pytest.raises(UsageError, match="does not match the sha256"):
+        Workspace.open(ws.root).load_expert("hub25")
+
+
+def test_toml_writer_round_trips():
+    doc = {
+        "artifacts": ".rsrouter",
+        "data": {"dataset": 'a "quoted" name', "n": 3, "x": 1e-5, "ok": True, "l": [1, 2.5]},
+        "experts": [
+            {"name": "a", "sigma": 0.25, "sha256": {"denoiser/config.json": "ab"}},
+            {"name": "b", "sigma": 1.0, "sha256": {}},
+        ],
+    }
+    assert tomllib.loads(dumps(doc, "header\nlines")) == doc
