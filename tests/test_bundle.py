@@ -25,17 +25,17 @@ from rsrouter.router.model import RouterModel
 
 pytest_plugins = ["hub_server"]  # the `hub` fixture: a loopback Hub test double
 
-SHAPE = (1, 8, 8)
+SHAPE = (1, 28, 28)  # the bundled Fashion-MNIST subset, so a real report can be made
 SIGMAS = {"low": 0.25, "high": 0.5}
-CERTIFY = {"n0": 20, "n": 200, "alpha": 0.01, "seed": 3, "batch_size": 200}
+CERTIFY = {"n0": 10, "n": 100, "alpha": 0.01, "seed": 3, "batch_size": 100}
 REPORT = "| radius | dual RS |\n|---|---|\n| 0.00 | 0.812 |\n| 0.25 | 0.640 |\n"
 
 
 def _expert(sigma: float, seed: int) -> Expert:
     torch.manual_seed(seed)
-    net = build_classifier("small_cnn", 3, 1, width=4)
+    net = build_classifier("small_cnn", 10, 1, width=4)
     return Expert.from_module(
-        net, sigma=sigma, arch="small_cnn", num_classes=3, in_chans=1, input_size=SHAPE[1:],
+        net, sigma=sigma, arch="small_cnn", num_classes=10, in_chans=1, input_size=SHAPE[1:],
         arch_args={"width": 4}, dataset="fashion-mnist-subset", license="mit",
     )  # fmt: skip
 
@@ -78,7 +78,7 @@ def published(hub, tmp_path):
 
 
 def _certify(model: DualSmoothed):
-    x = torch.rand(4, *SHAPE, generator=torch.Generator().manual_seed(11))
+    x = torch.rand(3, *SHAPE, generator=torch.Generator().manual_seed(11))
     return [c.to_dict() for c in model.certify_batch(x, **CERTIFY)]
 
 
@@ -208,6 +208,19 @@ def test_cli_push_then_pull(hub, published, tmp_path, capsys):
         == 1
     )  # fmt: skip  (main has no bundle)
     assert "not an rsrouter router bundle" in capsys.readouterr().err
+
+
+def test_card_carries_the_last_real_report(hub, published):
+    from rsrouter.router.certify_run import certify_workspace, load_run
+    from rsrouter.router.report import write_report
+
+    ws = published["ws"]
+    run = certify_workspace(ws, progress=False, limit=3, n0=10, n=40, alpha=0.01)
+    paths = write_report(*load_run(run.path), ws.artifacts / "report")
+    bundle = bundle_workspace(ws, repo_id="org/router")
+    text = (bundle / "README.md").read_text()
+    assert paths["markdown"].read_text().strip() in text
+    assert (bundle / "curve.png").read_bytes() == paths["plot"].read_bytes()
 
 
 def test_load_router_is_exported_lazily():

@@ -28,6 +28,7 @@ from rsrouter.router.card import render_card
 from rsrouter.router.dual import DualSmoothed
 from rsrouter.router.model import FORMAT as ROUTER_FORMAT
 from rsrouter.router.model import RouterModel
+from rsrouter.router.train import router_folder
 
 BUNDLE_FORMAT = "rsrouter.bundle/1"
 CARD_NAME, CURVE_NAME, REPORT_TABLE = "README.md", "curve.png", "certified_accuracy.md"
@@ -163,7 +164,7 @@ def bundle_workspace(
 ) -> Path:
     """The bundle of a workspace's trained router (``<artifacts>/router``), its registered
     experts (loaded, so every hash is checked) and last report, in ``<artifacts>/bundle``."""
-    router_dir = ws.artifacts / "router"
+    router_dir = router_folder(ws)
     if not (router_dir / "config.json").is_file():
         raise UsageError(f"no trained router in {router_dir}: run `router train` first.")
     experts = ws.load_experts(token=token)
