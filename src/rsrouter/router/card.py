@@ -73,6 +73,11 @@ def _training_table(config: dict) -> str:
     return "\n".join(["| setting | value |", "|---|---|", *rows])
 
 
+def _demote(markdown: str) -> str:
+    """Nest the report's headings under the card's "Certified accuracy" section."""
+    return "\n".join("##" + line if line.startswith("#") else line for line in markdown.split("\n"))
+
+
 def card_data(config: dict, *, license: str, dataset: str | None) -> ModelCardData:
     """The YAML header: licence, library, tags and (when known on the Hub) the dataset."""
     datasets = [HUB_DATASETS[dataset]] if dataset in HUB_DATASETS else None
@@ -104,7 +109,7 @@ def render_card(
     sigmas = ", ".join(f"{p['sigma']:g}" for p in pins)
     denoiser = "a one-step diffusion denoiser, then " if config.get("denoiser") else ""
     results = (
-        report_md.strip()
+        _demote(report_md.strip())
         if report_md
         else "No certification report was found when this bundle was made: run `router certify` "
         "and `router report` in the workspace, then `router push` again."
@@ -141,7 +146,7 @@ router pull {repo_id or "ORG/NAME"}   # fetches the router and its pinned expert
 ```python
 import rsrouter
 
-model = rsrouter.load_router({load_arg})   # a rsrouter.router.DualSmoothed
+model = rsrouter.load_router({load_arg})   # an rsrouter.router.DualSmoothed
 cert = model.certify(x, n0=100, n=10_000, alpha=0.001, seed=0)  # x: (C, H, W) in [0, 1]
 print(cert.prediction, cert.radius, cert.expert)  # class (-1 = abstain), radius, expert index
 ```
