@@ -69,7 +69,9 @@ def add_expert_cmd(
         None, help="An expert folder or Hub repo id (the classifier, with --denoiser)."
     ),
     sigma: str = typer.Option(..., help="Noise level(s): 0.25, or 0.25,0.5,1.0 if denoised."),
-    name: str = typer.Option(None, help="Expert name (default: from the source and sigma)."),
+    name: str = typer.Option(
+        None, help="Expert name (default: the source's; denoised experts get -sigma<S> added)."
+    ),
     revision: str = typer.Option(None, help="Hub branch, tag or commit to pin."),
     denoiser: str = typer.Option(None, help="A diffusers UNet2DModel + DDPMScheduler repo."),
     classifier: str = typer.Option(None, help="With --denoiser: the classifier (else SOURCE)."),

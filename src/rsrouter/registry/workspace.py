@@ -221,7 +221,7 @@ class Workspace:
         entries = []
         for s in sigmas:
             entry = ExpertEntry(
-                name=base if (name and len(sigmas) == 1) else f"{base}-sigma{s:g}",
+                name=base if (name and kind != "denoised") else f"{base}-sigma{s:g}",
                 source=cls_source,
                 kind=kind,
                 sigma=s,
