@@ -226,6 +226,35 @@ def test_card_carries_the_last_real_report(hub, published):
     assert (bundle / "curve.png").read_bytes() == paths["plot"].read_bytes()
 
 
+def test_router_with_a_diffusion_denoiser_round_trips(hub, published, tmp_path):
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(5)
+    unet = UNet2DModel(
+        sample_size=28, in_channels=1, out_channels=1, block_out_channels=(4, 8),
+        layers_per_block=1, down_block_types=("DownBlock2D",) * 2,
+        up_block_types=("UpBlock2D",) * 2, norm_num_groups=2,
+    )  # fmt: skip
+    local = published["local"]
+    router = RouterModel(
+        arch="small_cnn", arch_args={"width": 4}, expert_names=list(SIGMAS),
+        sigmas=list(SIGMAS.values()), fingerprints=[e.fingerprint for e in local.experts],
+        in_chans=1, input_size=SHAPE[1:], sigma_e=0.5, unet=unet,
+        scheduler=DDPMScheduler(num_train_timesteps=1000),
+    ).eval()  # fmt: skip
+    router.save_pretrained(tmp_path / "dn-router")
+    bundle = make_bundle(tmp_path / "dn-router", tmp_path / "dn-bundle", published["pins"])
+    push_bundle(bundle, "org/dn-router", endpoint=hub.endpoint, token="hf_test")
+    files = published["api"].list_repo_files("org/dn-router")
+    assert "denoiser/unet/diffusion_pytorch_model.safetensors" in files
+    model = load_router("org/dn-router", endpoint=hub.endpoint, cache_dir=tmp_path / "cache")
+    assert model.router.denoiser is not None
+    x = torch.rand(1, *SHAPE, generator=torch.Generator().manual_seed(2))
+    small = {**CERTIFY, "n0": 4, "n": 16}  # the UNet is the slow part: few samples suffice
+    again = DualSmoothed(router, 0.5, local.experts).certify_batch(x, **small)
+    assert [c.to_dict() for c in model.certify_batch(x, **small)] == [c.to_dict() for c in again]
+
+
 def test_load_router_is_exported_lazily():
     import rsrouter
 
