@@ -135,3 +135,45 @@ def test_bad_requests_are_one_sentence(tmp_path, monkeypatch):
         fh.write(b"not an idx file")
     with pytest.raises(UsageError, match="not an IDX"):
         read_idx(bad)
+
+
+def write_cifar(root: Path, images: np.ndarray, labels: np.ndarray) -> None:
+    """Both on-disk forms of CIFAR-10 (tiny): python batches and the binary version."""
+    import pickle
+
+    py, binary = root / "py" / "cifar-10-batches-py", root / "bin" / "cifar-10-batches-bin"
+    py.mkdir(parents=True)
+    binary.mkdir(parents=True)
+    chw = images.transpose(0, 3, 1, 2).reshape(len(images), -1)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for i, name in enumerate(names):
+        part = slice(i, i + 1) if name != "test_batch" else slice(0, len(images))
+        batch = {"data": chw[part], "labels": labels[part].tolist(), "filenames": [b"x.png"]}
+        (py / name).write_bytes(pickle.dumps(batch, protocol=2))
+        records = np.concatenate([labels[part, None].astype(np.uint8), chw[part]], axis=1)
+        (binary / f"{name}.bin").write_bytes(records.tobytes())
+
+
+def test_cifar10_both_forms_without_running_pickled_code(tmp_path):
+    import os
+    import pickle
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    labels = np.array([0, 9, 3, 3, 1, 2])
+    write_cifar(tmp_path, images, labels)
+    py = load_dataset("cifar10", "train", root=tmp_path / "py")
+    assert py.images.shape == (5, 3, 32, 32) and py.labels.tolist() == [0, 9, 3, 3, 1]
+    assert torch.equal(py.images[1], torch.from_numpy(images[1]).permute(2, 0, 1).float() / 255)
+    assert py.class_names[9] == "truck"
+    binary = load_dataset("cifar10", "test", root=tmp_path / "bin")
+    assert binary.fingerprint == load_dataset("cifar10", "test", root=tmp_path / "py").fingerprint
+
+    class Evil:
+        def __reduce__(self):
+            return (os.getcwd, ())
+
+    evil = tmp_path / "py" / "cifar-10-batches-py" / "test_batch"
+    evil.write_bytes(pickle.dumps({"data": Evil(), "labels": []}, protocol=2))
+    with pytest.raises(UsageError, match="refused global .*getcwd"):
+        load_dataset("cifar10", "test", root=tmp_path / "py")

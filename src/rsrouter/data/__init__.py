@@ -1,8 +1,9 @@
 """Image datasets as [0, 1] float tensors with class names and a content fingerprint.
 
 Sources: the Fashion-MNIST subset shipped in this package, raw IDX .gz files of Fashion-MNIST and
-MNIST (our layout or torchvision's), CIFAR-10 through torchvision (download=False), and an
-ImageFolder directory. Nothing here touches the network.
+MNIST (our layout or torchvision's), CIFAR-10 from a torchvision root (its python batches, read
+with an arrays-only unpickler) or the binary version, and an ImageFolder directory. Nothing here
+touches the network.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -212,17 +214,78 @@ def load_subset(split: str) -> Dataset:
     return from_uint8(SUBSET, split, images, labels, FASHION_MNIST_CLASSES)
 
 
-def load_cifar10(split: str, root: Path) -> Dataset:
-    from torchvision.datasets import CIFAR10
+CIFAR_PY, CIFAR_BIN = "cifar-10-batches-py", "cifar-10-batches-bin"
+CIFAR_BATCHES = {
+    "train": [f"data_batch_{i}" for i in range(1, 6)],
+    "test": ["test_batch"],
+}
+# The only globals a CIFAR-10 python batch refers to: numpy arrays and a string codec.
+CIFAR_PICKLE_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("_codecs", "encode"),
+}
 
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles plain containers and numpy arrays only: no other code can run."""
+
+    def find_class(self, module, name):
+        if (module, name) not in CIFAR_PICKLE_GLOBALS:
+            raise pickle.UnpicklingError(f"refused global {module}.{name}")
+        return super().find_class(module, name)
+
+
+def read_cifar_batch(path: Path) -> dict:
     try:
-        ds = CIFAR10(str(root), train=split == "train", download=False)
-    except RuntimeError as exc:
-        raise UsageError(
-            f"CIFAR-10 not found under {root} (expects cifar-10-batches-py/ as torchvision "
-            "unpacks it; nothing is downloaded)."
-        ) from exc
-    return from_uint8("cifar10", split, ds.data, np.asarray(ds.targets), CIFAR10_CLASSES)
+        with path.open("rb") as fh:
+            return _ArrayUnpickler(fh, encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError) as exc:
+        raise UsageError(f"{path} is not a CIFAR-10 batch ({exc}).") from exc
+
+
+def load_cifar10(split: str, root: Path) -> Dataset:
+    """CIFAR-10 from torchvision's unpacked python batches or the binary version, no download.
+
+    The python batches are pickles; they are read with an unpickler that admits numpy arrays
+    and nothing else, so a tampered file cannot run code.
+    """
+    for base in (root, root / "cifar10", root / "CIFAR10"):
+        if (base / CIFAR_BIN).is_dir():
+            return _cifar_binary(split, base / CIFAR_BIN)
+        if (base / CIFAR_PY).is_dir():
+            folder = base / CIFAR_PY
+            images, labels = [], []
+            for name in CIFAR_BATCHES[split]:
+                if not (folder / name).is_file():
+                    raise UsageError(f"{folder / name} is missing.")
+                batch = read_cifar_batch(folder / name)
+                images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+                labels += list(batch["labels"])
+            images = np.concatenate(images).transpose(0, 2, 3, 1)
+            return from_uint8("cifar10", split, images, np.asarray(labels), CIFAR10_CLASSES)
+    raise UsageError(
+        f"CIFAR-10 not found under {root} (expects {CIFAR_PY}/ as torchvision unpacks it, or "
+        f"{CIFAR_BIN}/; nothing is downloaded)."
+    )
+
+
+def _cifar_binary(split: str, folder: Path) -> Dataset:
+    """The binary version: records of one label byte and 3072 pixel bytes (channel-major)."""
+    records = []
+    for name in CIFAR_BATCHES[split]:
+        path = folder / f"{name}.bin"
+        if not path.is_file():
+            raise UsageError(f"{path} is missing.")
+        raw = np.frombuffer(path.read_bytes(), dtype=np.uint8)
+        if raw.size % 3073:
+            raise UsageError(f"{path} is not a CIFAR-10 binary batch (size {raw.size}).")
+        records.append(raw.reshape(-1, 3073))
+    data = np.concatenate(records)
+    images = data[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    return from_uint8("cifar10", split, images, data[:, 0], CIFAR10_CLASSES)
 
 
 def load_image_folder(path: Path, split: str) -> Dataset:
