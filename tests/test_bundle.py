@@ -108,11 +108,16 @@ def test_card_has_metadata_table_curve_and_citation(published):
         assert pin["commit"][:12] in card.text
 
 
-def test_card_without_report_says_so(published, tmp_path):
+def test_card_without_report_says_so_and_a_new_push_drops_the_old_curve(hub, published, tmp_path):
+    api = published["api"]
+    api.upload_file(path_or_fileobj=b"notes", path_in_repo="NOTES.txt", repo_id="org/router")
     bundle = make_bundle(published["router_dir"], tmp_path / "plain", published["pins"])
     text = (bundle / "README.md").read_text()
     assert "No certification report was found" in text and "curve.png" not in text
     assert not (bundle / "curve.png").exists()
+    push_bundle(bundle, "org/router", endpoint=hub.endpoint, token="hf_test")
+    files = set(api.list_repo_files("org/router"))
+    assert "curve.png" not in files and {"NOTES.txt", "README.md", "config.json"} <= files
 
 
 def test_new_expert_commits_do_not_change_the_pinned_router(hub, published, tmp_path):

@@ -33,7 +33,8 @@ from rsrouter.router.train import router_folder
 BUNDLE_FORMAT = "rsrouter.bundle/1"
 CARD_NAME, CURVE_NAME, REPORT_TABLE = "README.md", "curve.png", "certified_accuracy.md"
 # What a bundle consists of; nothing else is uploaded or downloaded.
-BUNDLE_PATTERNS = ["config.json", "model.safetensors", "denoiser/*", CARD_NAME, CURVE_NAME]
+BUNDLE_PATTERNS = ["config.json", "model.safetensors", CARD_NAME, CURVE_NAME]
+BUNDLE_PATTERNS += ["denoiser/*.json", "denoiser/*.safetensors"]  # never a pickle
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
@@ -208,8 +209,9 @@ def push_bundle(
     """Upload a bundle folder to the Hub repo ``repo_id`` (created if needed); a CommitInfo.
 
     Refuses a bundle whose experts are not Hub repos pinned to a commit: nobody else could
-    fetch them. ``revision`` names a branch (created from main if missing). Files of an earlier
-    push that the bundle no longer has are deleted in the same commit.
+    fetch them. ``revision`` names a branch (created from main if missing). Bundle files of an
+    earlier push that this bundle no longer has (an old curve, a removed denoiser) are deleted
+    in the same commit; files the bundle never writes are left alone.
     """
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
@@ -235,7 +237,7 @@ def push_bundle(
             folder_path=folder,
             revision=revision,
             allow_patterns=BUNDLE_PATTERNS,
-            delete_patterns=["*"],
+            delete_patterns=BUNDLE_PATTERNS,  # stale bundle files only; others stay
             commit_message=commit_message or "Upload rsrouter router bundle",
         )
     except HfHubHTTPError as exc:
