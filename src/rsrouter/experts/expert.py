@@ -219,8 +219,11 @@ class Expert(nn.Module):
         return dict(self._file_hashes)
 
     def _weights_version(self) -> int:
-        # torch bumps a tensor's _version on every in-place change (optimizer steps, copy_).
-        return sum(t._version for t in self.state_dict(keep_vars=True).values())
+        """torch bumps a tensor's _version on every in-place change (optimizer steps, copy_)."""
+        try:
+            return sum(t._version for t in self.state_dict(keep_vars=True).values())
+        except RuntimeError:  # inference-mode tensors keep no version counter
+            return -1
 
     def adopt_file_hashes(self, file_hashes: dict[str, str]) -> None:
         """Take already-verified file hashes (the registry's) instead of hashing again."""
