@@ -176,6 +176,11 @@ def test_bundle_refuses_experts_the_router_was_not_trained_with(published, tmp_p
         make_bundle(published["router_dir"], tmp_path / "b", changed)
 
 
+def test_a_plain_router_folder_is_not_a_bundle(published):
+    with pytest.raises(UsageError, match="not a bundle"):
+        load_router(published["router_dir"])
+
+
 def test_missing_router_repo_is_one_sentence(hub, tmp_path):
     with pytest.raises(UsageError, match="does not exist"):
         load_router("org/nothing", endpoint=hub.endpoint, cache_dir=tmp_path / "cache")

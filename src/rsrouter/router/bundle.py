@@ -296,6 +296,7 @@ def _prefetch(pin: dict, hub: dict) -> None:
 def load_pinned_experts(
     pins: Sequence[dict],
     *,
+    root: str | os.PathLike,
     endpoint: str | None = None,
     cache_dir: str | os.PathLike | None = None,
     token: str | bool | None = None,
@@ -303,13 +304,16 @@ def load_pinned_experts(
     device: str | torch.device = "cpu",
 ) -> list[Expert]:
     """Fetch every pinned expert at its commit and load it through the registry, which refuses
-    any file whose sha256 differs from the pin; then check each expert's fingerprint."""
+    any file whose sha256 differs from the pin; then check each expert's fingerprint.
+
+    ``root`` is the bundle folder: the in-memory registry is rooted there (it holds no
+    router.toml, so no workspace file can ever be read in place of the pins)."""
     hub = {"endpoint": endpoint, "cache_dir": _str(cache_dir), "token": token}
     for pin in pins:
         _prefetch(pin, {**hub, "local_files_only": local_files_only})
     place = {"endpoint": endpoint, "cache_dir": _str(cache_dir)}  # this machine's, not the pin's
     entries = [{**{k: v for k, v in p.items() if k != "fingerprint"}, **place} for p in pins]
-    registry = Workspace(Path.cwd(), {"experts": entries})  # in memory: never saved
+    registry = Workspace(Path(root), {"experts": entries})  # in memory: never saved
     loaded = registry.load_experts(device=device, token=token)
     experts = [loaded[pin["name"]] for pin in pins]
     for pin, expert in zip(pins, experts, strict=True):
@@ -361,6 +365,7 @@ def pull_router(
     pins = bundle_pins(read_json(folder / "config.json"), str(folder / "config.json"))
     experts = load_pinned_experts(
         pins,
+        root=folder,
         endpoint=endpoint,
         cache_dir=cache_dir,
         token=token,
