@@ -226,3 +226,9 @@ def test_toml_writer_round_trips():
         ],
     }
     assert tomllib.loads(dumps(doc, "header\nlines")) == doc
+
+
+def test_unreachable_hub_names_the_repo(tmp_path):
+    ws = Workspace.init(tmp_path / "ws")
+    with pytest.raises(UsageError, match="'org/far-away'.*cannot be reached"):
+        ws.add_expert("org/far-away", 0.25, endpoint="http://127.0.0.1:9", cache_dir=tmp_path)
