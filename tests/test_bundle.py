@@ -176,6 +176,11 @@ def test_bundle_refuses_experts_the_router_was_not_trained_with(published, tmp_p
         make_bundle(published["router_dir"], tmp_path / "b", changed)
 
 
+def test_push_to_an_unreachable_hub_is_one_sentence(published):
+    with pytest.raises(UsageError, match="could not reach the Hub"):
+        push_bundle(published["bundle"], "org/x", endpoint="http://127.0.0.1:9", token="t")
+
+
 def test_a_plain_router_folder_is_not_a_bundle(published):
     with pytest.raises(UsageError, match="not a bundle"):
         load_router(published["router_dir"])

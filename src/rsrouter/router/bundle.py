@@ -10,6 +10,8 @@ each pinned expert at its commit, refuses any hash or fingerprint that differs, 
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import os
 import re
 import shutil
@@ -246,8 +248,18 @@ def push_bundle(
             f"the Hub refused to push to {repo_id!r} (HTTP {status}): "
             f"{str(exc).splitlines()[0][:200]}"
         ) from exc
-    except OSError as exc:  # connection errors (httpx's are OSError subclasses or wrap them)
-        raise UsageError(f"could not reach the Hub to push {repo_id!r}: {exc}.") from exc
+    except _transport_errors() as exc:
+        raise UsageError(f"could not reach the Hub to push {repo_id!r} ({exc}).") from exc
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """Connection failures of whichever HTTP client huggingface_hub uses (requests' are
+    OSErrors; httpx's and httpx2's are not)."""
+    errors: list[type[BaseException]] = [OSError]
+    for name in ("httpx2", "httpx"):
+        with contextlib.suppress(ImportError, AttributeError):
+            errors.append(importlib.import_module(name).TransportError)
+    return tuple(errors)
 
 
 def fetch_bundle(
