@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -13,7 +14,7 @@ import torch
 from rsrouter import distributed
 from rsrouter.distributed import DistContext, context, shard_indices
 from rsrouter.errors import UsageError
-from rsrouter.io import read_json
+from rsrouter.io import read_json, read_jsonl
 from rsrouter.smoothing import sample_counts
 
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -124,3 +125,97 @@ def test_two_gloo_processes_equal_one(tmp_path):
     )
     assert merged.tolist() == alone.tolist()
     assert (alone.sum(1) == 300).all()
+
+
+# ---------------------------------------------------------------- the CLI under torchrun
+
+
+def _workspace(root):
+    """Two tiny Fashion-MNIST experts and an untrained router in a fresh workspace."""
+    from rsrouter.data import FASHION_MNIST_CLASSES
+    from rsrouter.experts import Expert, build_classifier
+    from rsrouter.registry import Workspace
+    from rsrouter.router.model import RouterModel
+
+    ws = Workspace.init(root / "ws")
+    torch.manual_seed(0)
+    for sigma in (0.25, 0.5):
+        net = build_classifier("small_cnn", 10, 1, width=2)
+        expert = Expert.from_module(
+            net, sigma=sigma, arch="small_cnn", num_classes=10, in_chans=1, input_size=[28, 28],
+            arch_args={"width": 2}, class_names=list(FASHION_MNIST_CLASSES),
+        )  # fmt: skip
+        expert.save_pretrained(root / f"e{sigma}")
+        ws.add_expert(root / f"e{sigma}", sigma, name=f"gauss-{sigma}")
+    experts = ws.load_experts()
+    router = RouterModel.create(
+        arch="small_cnn", arch_args={"width": 2}, expert_names=list(experts),
+        sigmas=[e.sigma for e in experts.values()],
+        fingerprints=[e.fingerprint for e in experts.values()],
+        in_chans=1, input_size=[28, 28], sigma_e=0.5,
+    )  # fmt: skip
+    router.save_pretrained(ws.artifacts / "router")
+    return ws
+
+
+TABLES = ["tables", "--split", "train", "--subset", "0.02", "--n", "20", "--shard-size", "8"]
+CERTIFY = ["certify", "--limit", "7", "--n", "40", "--n0", "8", "--alpha", "0.01"]
+
+
+def _tables(artifacts) -> dict:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    out = {}
+    for path in sorted((artifacts / "tables").glob("*.safetensors")):
+        with safe_open(str(path), "pt") as fh:
+            meta = fh.metadata()
+        out[path.name] = (meta, {k: v.tolist() for k, v in load_file(path).items()})
+    return out
+
+
+def _records(artifacts) -> dict:
+    """Every JSONL file under certify/ by relative path, without the wall-clock fields."""
+
+    def strip(value):
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if k != "seconds"}
+        if isinstance(value, list):
+            return [strip(v) for v in value]
+        return value
+
+    folder = artifacts / "certify"
+    return {
+        str(p.relative_to(folder)): strip(read_jsonl(p)) for p in sorted(folder.rglob("*.jsonl"))
+    }
+
+
+def test_torchrun_tables_and_certify_equal_one_process(tmp_path, fresh):
+    from rsrouter.cli.main import run
+    from rsrouter.registry import Workspace
+
+    ws = _workspace(tmp_path)
+    shutil.copytree(ws.root, tmp_path / "ws2")
+    one, two = ws.root, tmp_path / "ws2"
+    device = ["--device", "cpu"]
+    for args in (TABLES, CERTIFY):
+        assert run([*args, *device, "-w", str(one)]) == 0
+    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_ENV}
+    env["OMP_NUM_THREADS"] = "1"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
+    for args in (TABLES, CERTIFY):
+        # "--": torchrun's argparse would otherwise read the command's --n as its own --nnodes
+        cmd = [*launch, "2", "-m", "--", "rsrouter.cli", *args, *device, "-w", str(two)]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+        assert done.returncode == 0, done.stderr[-3000:]
+    # only rank 0 reports, and it certified its own shard (inputs 0, 2, 4, 6) of the 7
+    assert done.stdout.count("in the run") == 1
+    assert "4 input(s) certified now, 7 in the run" in done.stdout
+    art_one, art_two = ws.artifacts, Workspace.open(two).artifacts
+    assert art_two != art_one
+    tables = _tables(art_one)
+    assert tables and _tables(art_two) == tables
+    records = _records(art_one)
+    assert any(len(v) == 7 for v in records.values())
+    assert _records(art_two) == records
+    assert not list(art_two.rglob("*.rank-*")) and not list(art_two.rglob("*.partial"))
