@@ -266,7 +266,11 @@ def _make_handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
                 self._error(err)
 
         def _check_access(self, groups: dict) -> None:
-            """A private repo answers 'not found' to a request without a token, as the Hub does."""
+            """As on the Hub: writing needs a token (any token here), and a private repo answers
+            'not found' to a request without one."""
+            writes = self.command in ("POST", "PUT", "DELETE") and "validate-yaml" not in self.path
+            if writes and not self.headers.get("Authorization"):
+                raise HubError(401, None, "Invalid credentials in Authorization header")
             if "repo" not in groups:
                 return
             repo = hub.repos.get((_TYPES.get(groups.get("type"), "model"), groups["repo"]))

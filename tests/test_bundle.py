@@ -176,9 +176,11 @@ def test_bundle_refuses_experts_the_router_was_not_trained_with(published, tmp_p
         make_bundle(published["router_dir"], tmp_path / "b", changed)
 
 
-def test_push_to_an_unreachable_hub_is_one_sentence(published):
+def test_push_errors_are_one_sentence(hub, published):
     with pytest.raises(UsageError, match="could not reach the Hub"):
         push_bundle(published["bundle"], "org/x", endpoint="http://127.0.0.1:9", token="t")
+    with pytest.raises(UsageError, match="refused to push to 'org/x' \\(HTTP 401\\)"):
+        push_bundle(published["bundle"], "org/x", endpoint=hub.endpoint, token=False)
 
 
 def test_a_plain_router_folder_is_not_a_bundle(published):

@@ -84,7 +84,9 @@ def test_errors_are_the_clients_own(hub, tmp_path):
         snapshot_download("org/other", cache_dir=cache, local_files_only=True)
 
 
-def test_private_repo_needs_a_token(hub, tmp_path):
+def test_private_repo_and_writes_need_a_token(hub, tmp_path):
+    with pytest.raises(huggingface_hub.errors.HfHubHTTPError, match="401"):
+        HfApi(endpoint=hub.endpoint, token=False).create_repo("org/secret")
     HfApi(endpoint=hub.endpoint, token="hf_test").create_repo("org/secret", private=True)
     with pytest.raises(RepositoryNotFoundError):
         HfApi(endpoint=hub.endpoint, token=False).model_info("org/secret")
