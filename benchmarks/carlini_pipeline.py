@@ -25,13 +25,12 @@ from pathlib import Path
 
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
-from torch import nn
-from torch.nn import functional as F
 
-from rsrouter.experts.denoiser import OneStepDenoiser
-from rsrouter.experts.nets import build_classifier, count_parameters, normalize
+from rsrouter.experts import Expert, ExpertConfig
+from rsrouter.experts.nets import build_classifier, count_parameters
 from rsrouter.io import write_json, write_text
 from rsrouter.router import DualSmoothed
+from rsrouter.router.model import RouterModel
 from rsrouter.runtime import resolve_device
 from rsrouter.smoothing import certify_batch
 
@@ -67,56 +66,38 @@ TINY = {
 }
 
 
-class DenoisedClassifier(nn.Module):
-    """denoise at ``sigma`` → resize → normalise → classify: a base model on noisy [0, 1] input."""
-
-    def __init__(self, denoiser, classifier, size: int, mean, std, num_classes: int):
-        super().__init__()
-        self.denoiser, self.classifier = denoiser, classifier
-        self.size, self.mean, self.std = size, mean, std
-        self.sigma, self.num_classes = denoiser.sigma, num_classes
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.denoiser(x)
-        if x.shape[-1] != self.size:
-            x = F.interpolate(x, size=(self.size, self.size), mode="bicubic", align_corners=False)
-        return self.classifier(normalize(x, self.mean, self.std))
-
-
 def build(config: dict, device: torch.device, channels_last: bool):
-    """The UNet, the experts at every sigma (one shared ViT) and the denoised router."""
+    """Experts at every sigma (one shared UNet and ViT) and the denoised router, all random."""
     unet = UNet2DModel(sample_size=32, in_channels=3, out_channels=3, **config["unet"])
     scheduler = DDPMScheduler(
         num_train_timesteps=config["timesteps"], beta_schedule="squaredcos_cap_v2"
     )
     arch, extra = config["classifier"]
+    size = config["classifier_size"]
     vit = build_classifier(arch, 10, 3, **extra)
+    half = [0.5, 0.5, 0.5]
+    classifier_config = ExpertConfig(
+        kind="classifier", sigma=None, arch=arch, num_classes=10, in_chans=3,
+        input_size=[size, size], arch_args=extra, mean=half, std=half,
+    )  # fmt: skip
+    first = Expert.from_parts(classifier_config, vit, unet, scheduler, sigma=SIGMAS[0])
+    experts = [first, *(first.with_sigma(s) for s in SIGMAS[1:])]
     arch, extra = config["router"]
-    router_net = build_classifier(arch, len(SIGMAS), 3, **extra)
+    router = RouterModel(
+        arch=arch, arch_args=extra, expert_names=[f"sigma-{s}" for s in SIGMAS], sigmas=SIGMAS,
+        fingerprints=[f"unsaved-random-weights-{s}" for s in SIGMAS], in_chans=3,
+        input_size=[32, 32], mean=CIFAR_MEAN, std=CIFAR_STD, sigma_e=max(SIGMAS),
+        unet=unet, scheduler=scheduler,
+    )  # fmt: skip
     with torch.no_grad():  # random weights route anywhere; make every input go to one expert
-        router_net.fc.bias.copy_(torch.tensor([0.0, 50.0, 0.0]))
+        router.classifier.fc.bias.copy_(torch.tensor([0.0, 50.0, 0.0]))
     memory = torch.channels_last if channels_last else torch.contiguous_format
-    for net in (unet, vit, router_net):
-        net.to(device, memory_format=memory).eval()
-    half = (0.5, 0.5, 0.5)
-    experts = [
-        DenoisedClassifier(
-            OneStepDenoiser(unet, scheduler, s), vit, config["classifier_size"], half, half, 10
-        ).to(device)
-        for s in SIGMAS
-    ]
-    router = DenoisedClassifier(
-        OneStepDenoiser(unet, scheduler, max(SIGMAS)),
-        router_net,
-        32,
-        CIFAR_MEAN,
-        CIFAR_STD,
-        len(SIGMAS),
-    ).to(device)
+    for model in (*experts, router):
+        model.to(device, memory_format=memory).eval()
     params = {
         "denoiser (UNet2DModel)": count_parameters(unet),
         f"classifier ({config['classifier'][0]})": count_parameters(vit),
-        f"router ({config['router'][0]})": count_parameters(router_net),
+        f"router ({config['router'][0]})": count_parameters(router.classifier),
     }
     return experts, router, params
 
@@ -202,7 +183,7 @@ def main() -> None:
     torch.manual_seed(0)
     experts, router, params = build(TINY if args.tiny else FULL, device, channels_last)
     if args.compile:
-        for module in (experts[0].denoiser.unet, experts[0].classifier, router.classifier):
+        for module in (router.denoiser.unet, experts[0].classifier, router.classifier):
             module.compile(mode=args.compile_mode, dynamic=False)
     if gpu:
         torch.backends.cuda.matmul.allow_tf32 = True
