@@ -50,6 +50,7 @@ class PipelineConfig:
     expert_batch_size: int = 128
     expert_lr: float = 2e-3
     consistency_lambda: float = 0.0
+    classifier_noise: float = 0.0  # denoised kind: the classifier's training noise (0 = clean)
     denoiser: DenoiserConfig = field(default_factory=DenoiserConfig)
     # radius tables
     table_n: int = 100
@@ -88,6 +89,8 @@ class PipelineConfig:
         for name in ("train_limit", "certify_limit"):
             if getattr(self, name) is not None:
                 check_count(name, getattr(self, name))
+        if self.classifier_noise < 0:
+            raise UsageError("classifier_noise must be non-negative (0 = clean training).")
         if self.router_denoiser and self.expert_kind != "denoised":
             raise UsageError("router_denoiser needs expert_kind='denoised' (the trained DDPM).")
 
@@ -118,7 +121,7 @@ class _Timer:
         self.log = log
 
     def step(self, name: str, fn, *args, **kwargs):
-        self.log(f"[bold]{name}[/]")
+        self.log(name)
         start = time.perf_counter()
         out = fn(*args, **kwargs)
         self.seconds[name] = round(time.perf_counter() - start, 2)
@@ -184,8 +187,8 @@ def train_denoised_experts(ws, train, config: PipelineConfig, device) -> list[st
     """The paper's single-classifier mode: train a DDPM denoiser and one classifier, then
     register the pair once per sigma (the "denoised" expert kind, Carlini et al. 2023).
 
-    The classifier is trained with light Gaussian noise (half the smallest sigma): it sees
-    denoised images, which are never quite clean.
+    The classifier is trained on clean images (Carlini et al.'s off-the-shelf classifier) unless
+    ``classifier_noise`` asks for light Gaussian augmentation.
     """
     from rsrouter.experts import Expert
     from rsrouter.experts.nets import build_classifier
@@ -208,7 +211,7 @@ def train_denoised_experts(ws, train, config: PipelineConfig, device) -> list[st
     if not (cls_folder / "config.json").is_file():
         in_chans = train.images.shape[1]
         tc = TrainConfig(
-            sigma=min(config.sigmas) / 2,
+            sigma=config.classifier_noise,
             epochs=config.expert_epochs,
             batch_size=config.expert_batch_size,
             lr=config.expert_lr,
@@ -236,7 +239,7 @@ def train_denoised_experts(ws, train, config: PipelineConfig, device) -> list[st
             class_names=list(train.class_names),
             dataset=train.name,
             training={
-                "method": "gaussian-augmentation (classifier behind a DDPM denoiser)",
+                "method": "classifier of a denoised expert (Gaussian noise when sigma > 0)",
                 **tc.to_dict(),
                 "denoiser": config.denoiser.to_dict(),
             },

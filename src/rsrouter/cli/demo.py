@@ -33,7 +33,7 @@ def demo(
         seed=seed,
         progress=not quiet,
     )
-    result = run_pipeline(config, log=lambda msg: console.print(msg))
+    result = run_pipeline(config, log=lambda step: console.print(f"[bold]step:[/] {step}"))
     console.print(Markdown(result.table_markdown))
     steps = ", ".join(f"{k} {v:.0f} s" for k, v in result.seconds.items())
     console.print(f"time: {steps} (total {sum(result.seconds.values()):.0f} s)")
