@@ -191,3 +191,105 @@ def test_router_refuses_a_table_for_other_experts(tmp_path: Path):
         RouterTrainConfig(consistency_weight="medium")
     with pytest.raises(UsageError, match="unknown"):
         RouterTrainConfig.from_settings({"epoch": 3})
+
+
+# ---------------------------------------------------------------- finetuning under routed sigma
+
+
+class GroupRule(nn.Module):
+    """A router classifier that routes by the (normalised) left half: dark -> 0, bright -> 1."""
+
+    def forward(self, x):
+        left = x[..., :4].flatten(1).mean(1)
+        return torch.stack([-left, left], dim=1)
+
+
+class Member(nn.Module):
+    """One sigma of a family sharing ``classifier``; records the noise level of what it sees."""
+
+    def __init__(self, classifier, sigma):
+        super().__init__()
+        self.classifier, self.sigma, self.denoiser = classifier, sigma, None
+        self.fingerprint = f"member-{sigma}"
+        self.seen = []
+
+    def forward(self, x):
+        self.seen.append(x[..., 4:].flatten(1).std(1).detach())  # the clean right half is flat
+        return self.classifier(x.flatten(1))
+
+
+def test_finetune_uses_the_sigma_the_router_picks():
+    from rsrouter.router.finetune import FinetuneConfig, finetune_family
+
+    shared = nn.Linear(64, 2)
+    family = {"dark": Member(shared, 0.25), "bright": Member(shared, 1.0)}
+    router = make_router(family, seed=0)
+    router.classifier = GroupRule()
+    data = group_data(96, seed=3)
+    before = shared.weight.detach().clone()
+    config = FinetuneConfig(epochs=2, batch_size=32, lr=1e-2, route_n=8)
+    result = finetune_family(family, router, data.images, data.labels, config, progress=False)
+    groups = {"dark": int((data.group == 0).sum()), "bright": int((data.group == 1).sum())}
+    assert result["routed"] == groups
+    for name, member in family.items():
+        seen = torch.cat(member.seen)
+        assert len(seen) == 2 * groups[name]  # each routed input once per epoch
+        assert ((seen > 0.6 * member.sigma) & (seen < 1.5 * member.sigma)).all()
+    assert not torch.equal(shared.weight, before) and result["history"][1] < result["history"][0]
+    with pytest.raises(UsageError, match="share one classifier"):
+        split = {"dark": Member(nn.Linear(64, 2), 0.25), "bright": Member(nn.Linear(64, 2), 1.0)}
+        finetune_family(split, router, data.images, data.labels, config, progress=False)
+
+
+# ---------------------------------------------------------------- the CLI on a real workspace
+
+
+def _constant_classifier(cls: int):
+    """A small CNN that always answers ``cls`` (zero head weights, one-hot bias)."""
+    from rsrouter.experts import Expert, build_classifier
+
+    net = build_classifier("small_cnn", 10, 1, width=2)
+    with torch.no_grad():
+        net.fc.weight.zero_()
+        net.fc.bias.copy_(torch.nn.functional.one_hot(torch.tensor(cls), 10).float())
+    return Expert.from_module(net, sigma=0.25, arch="small_cnn", num_classes=10, in_chans=1,
+                              input_size=(28, 28), arch_args={"width": 2})  # fmt: skip
+
+
+def test_cli_tables_train_finetune_retrain(tmp_path: Path, capsys):
+    from rsrouter.cli.main import run
+    from rsrouter.experts import Expert
+    from rsrouter.experts.train import DenoiserConfig, build_denoiser
+    from rsrouter.registry import Workspace
+
+    ws = Workspace.init(tmp_path / "ws")
+    unet, scheduler = build_denoiser(DenoiserConfig(block_out_channels=(8, 8)), 1, 28)
+    base = _constant_classifier(3)
+    dds = Expert.from_parts(base.config, base.classifier, unet, scheduler, sigma=0.25)
+    dds.save_pretrained(tmp_path / "dds")
+    ws.add_expert(str(tmp_path / "dds"), [0.25, 0.5], name="dds")
+    ws.update_settings("router", arch_args={"width": 2})
+    w = ["-w", str(tmp_path / "ws")]
+    table = ["tables", "--subset", "0.01", "--n", "12", "--alpha", "0.05", "--device", "cpu"]
+    assert run([*table, *w]) == 0
+    assert "computing 2 column(s)" in capsys.readouterr().out
+    assert run([*table, *w]) == 0
+    assert "nothing to compute" in capsys.readouterr().out
+    train = ["train", "--epochs", "2", "--batch-size", "16", "--device", "cpu", *w]
+    assert run(train) == 0
+    router = RouterModel.from_pretrained(tmp_path / "ws" / ".rsrouter" / "router")
+    assert router.expert_names == ("dds-sigma0.25", "dds-sigma0.5") and router.sigma_e == 0.5
+    tune = ["finetune-expert", "dds-sigma0.25", "dds-sigma0.5", "--epochs", "1", "--lr", "0.01",
+            "--route-n", "4", "--batch-size", "16", "--retrain", "--device", "cpu", *w]  # fmt: skip
+    assert run(tune) == 0
+    ws = Workspace.open(tmp_path / "ws")
+    assert ws.names == ["dds-ft-sigma0.25", "dds-ft-sigma0.5"]
+    tuned = ws.load_experts()
+    assert not torch.equal(tuned["dds-ft-sigma0.5"].classifier.fc.weight, dds.classifier.fc.weight)
+    assert tuned["dds-ft-sigma0.5"].classifier is tuned["dds-ft-sigma0.25"].classifier
+    router = RouterModel.from_pretrained(tmp_path / "ws" / ".rsrouter" / "router")
+    router.check_experts(ws.names, [e.fingerprint for e in tuned.values()])
+    capsys.readouterr()
+    assert run([*table, *w]) == 0  # the retrain built the new columns already
+    assert "nothing to compute" in capsys.readouterr().out
+    assert run(["finetune-expert", "nope", *w]) == 1

@@ -53,6 +53,12 @@ def tables_cmd(
     overrides = dict(n=n, alpha=alpha, subset=subset, split=split, seed=seed,
                      batch_size=batch_size, shard_size=shard_size)  # fmt: skip
     s = table_settings(ws, **overrides)
+    given = {k: v for k, v in overrides.items() if v is not None}
+    stored = ws.settings("tables")
+    if ctx.is_main and any(stored.get(k) != v for k, v in given.items()):
+        ws.update_settings("tables", **given)  # `router train` then uses this same table
+        console.print(f"saved {', '.join(f'{k}={v}' for k, v in given.items())} in {ws.path}")
+    ctx.barrier()
     if ctx.is_main:
         from rsrouter.router.tables import workspace_dataset
 
