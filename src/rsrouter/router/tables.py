@@ -141,7 +141,9 @@ def _shard_path(partial: Path, shard: int) -> Path:
     return partial / f"shard-{shard:05d}.safetensors"
 
 
-def _compute_shard(expert, images, positions, indices, *, n, seed, batch_size, device, advance):
+def _compute_shard(
+    expert, images, positions, indices, *, n, seed, batch_size, device, advance, channels_last
+):
     rows = indices[positions[0] : positions[1]]
     xs = images[torch.as_tensor(rows)]
     counts = sample_counts(
@@ -156,6 +158,7 @@ def _compute_shard(expert, images, positions, indices, *, n, seed, batch_size, d
         device=device,
         num_classes=int(expert.num_classes),
         progress=advance,
+        channels_last=channels_last,
     )
     if counts.shape[1] > expert.num_classes:
         raise UsageError(
@@ -208,6 +211,7 @@ def build_column(
     rank: int = 0,
     world: int = 1,
     barrier: Callable[[], None] | None = None,
+    channels_last: bool = False,
 ) -> bool:
     """Compute this rank's missing shards, then (rank 0) fill any gap and merge. True if merged."""
     partial = path.with_name(path.stem + ".partial")
@@ -231,6 +235,7 @@ def build_column(
             batch_size=batch_size,
             device=device,
             advance=advance,
+            channels_last=channels_last,
         )
         _write(target, {"counts": counts}, {"shard": shard, "positions": list(positions)})
 
@@ -311,6 +316,7 @@ def build_tables(
     rank: int = 0,
     world: int = 1,
     barrier: Callable[[], None] | None = None,
+    channels_last: bool = False,
 ) -> RadiusTable | None:
     """Build the missing columns for ``experts`` (name -> Expert, router output order).
 
@@ -352,6 +358,7 @@ def build_tables(
                         rank=rank,
                         world=world,
                         barrier=barrier,
+                        channels_last=channels_last,
                     )
                 finally:
                     expert.train(was)
