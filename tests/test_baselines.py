@@ -70,3 +70,52 @@ def test_oracle_takes_the_best_correct_expert_and_is_labelled():
     assert oracle(certs, 0) == (2, certs[2].radius)
     assert oracle(certs, 5) == (ABSTAIN, 0.0)
     assert "not a certificate" in ORACLE_LABEL and "re-implementation" in MULTISCALE_LABEL
+
+
+def test_multiscale_ground_truth_on_linear_stages():
+    """Two linear stages: the claimed class must keep firing, and no earlier stage may fire
+    with another class, on the whole certified ball (exact for halfspaces)."""
+    import numpy as np
+    import torch
+    from scipy.stats import binom
+
+    from rsrouter.smoothing import sample_counts
+
+    gen = torch.Generator().manual_seed(4)
+    d, alpha, p_skip = 3, 0.1, 0.7
+    z = norm.ppf(p_skip)
+    stages = [
+        (torch.randn(d, generator=gen), 0.2, 1.0),
+        (torch.randn(d, generator=gen), -0.1, 0.25),
+    ]
+    xs = 0.8 * torch.randn(300, d, generator=gen)
+
+    def margin(w, b, x):
+        return (float(x @ w) + b) / float(w.norm())
+
+    counts = []
+    for w, b, sigma in stages:
+
+        def base(x, w=w, b=b):
+            return (x @ w + b > 0).long()
+
+        sel = sample_counts(base, xs, sigma, 30, seed=1, stage=0, num_classes=2)
+        est = sample_counts(base, xs, sigma, 1000, seed=1, stage=1, num_classes=2)
+        counts.append((sel.numpy(), est.numpy(), sigma))
+    failures, fired = 0, [0, 0]
+    for t, x in enumerate(xs):
+        certs = [Certificate.from_counts(s[t], e[t], sg, alpha) for s, e, sg in counts]
+        r = multiscale(certs, alpha, p_skip=p_skip)
+        if r.abstained:
+            continue
+        fired[r.stage] += 1
+        sign = 1 if r.prediction == 1 else -1
+        w, b, sigma = stages[r.stage]
+        ok = sign * margin(w, b, x) - sigma * z >= r.radius
+        for j in range(r.stage):  # stages with a larger sigma come first here
+            wj, bj, sj = stages[j]
+            ok &= sign * margin(wj, bj, x) + sj * z >= r.radius
+        failures += not ok
+    assert fired[0] > 30 and fired[1] > 30  # both stages do certify inputs
+    assert failures <= binom.isf(1e-6, len(xs), alpha)
+    assert np.isfinite(failures), (fired, failures)
