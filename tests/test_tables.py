@@ -134,3 +134,17 @@ def test_subset_is_deterministic_and_keyed(tmp_path: Path):
         load_tables({"a": HalfExpert(0.1, 1)}, data, tmp_path, n=10, subset=0.5, seed=1)
     with pytest.raises(UsageError, match="subset"):
         build_tables({"a": HalfExpert(0.1, 1)}, data, tmp_path, subset=1.5)
+
+
+def test_shards_of_another_shard_size_are_not_reused(tmp_path: Path):
+    data = make_dataset(20)
+    clean = build_tables({"a": HalfExpert(0.3, 1)}, data, tmp_path / "clean", n=10,
+                         progress=False)  # fmt: skip
+    first = HalfExpert(0.3, 1)
+    first.fail_after = 1  # batch 100 / n 10 = 10 inputs per call: shard 0 (of 6) is written
+    kw = dict(n=10, batch_size=100, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        build_tables({"a": first}, data, tmp_path / "run", shard_size=6, **kw)
+    again = HalfExpert(0.3, 1)
+    table = build_tables({"a": again}, data, tmp_path / "run", shard_size=8, **kw)
+    assert again.calls == 3 and torch.equal(table.radii, clean.radii)  # 8 + 8 + 4: all new

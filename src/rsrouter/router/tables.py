@@ -223,7 +223,7 @@ def build_column(
 
     def run(shard, positions):
         target = _shard_path(partial, shard)
-        if target.is_file():
+        if _shard_counts(target, positions) is not None:
             return
         counts = _compute_shard(
             expert,
@@ -250,8 +250,8 @@ def build_column(
         run(shard, positions)
     width = int(expert.num_classes)
     parts = []
-    for shard, _ in shards:
-        counts = read_column_shard(_shard_path(partial, shard))
+    for shard, positions in shards:
+        counts = _shard_counts(_shard_path(partial, shard), positions)
         parts.append(torch.nn.functional.pad(counts, (0, width - counts.shape[1])))
     counts = torch.cat(parts)
     idx = torch.as_tensor(indices, dtype=torch.long)
@@ -264,8 +264,14 @@ def build_column(
     return True
 
 
-def read_column_shard(path: Path) -> torch.Tensor:
+def _shard_counts(path: Path, positions) -> torch.Tensor | None:
+    """A shard's counts if it exists and covers ``positions`` (another shard size: None)."""
+    if not path.is_file():
+        return None
     with safe_open(str(path), framework="pt") as fh:
+        meta = json.loads((fh.metadata() or {}).get("meta", "{}"))
+        if meta.get("positions") != list(positions):
+            return None
         return fh.get_tensor("counts")
 
 
