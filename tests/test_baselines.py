@@ -41,13 +41,16 @@ def test_fall_to_smaller_sigma_and_cap_by_earlier_stage():
     assert (r.prediction, r.stage, r.sigma) == (2, 0, 0.25)
     assert r.radius == pytest.approx(min(own, cap), rel=1e-9)
     assert r.radius == pytest.approx(cap, rel=1e-9)  # here the earlier stage is the limit
-    assert multiscale([big, small], 0.01) == r.__class__(**{**r.to_dict(), "stage": 1})
+    assert r.evaluated == (1, 0)  # largest sigma first, then the one that fired
+    swapped = multiscale([big, small], 0.01)
+    assert (swapped.prediction, swapped.radius, swapped.stage) == (2, r.radius, 1)
 
 
 def test_undecided_stage_abstains_and_so_does_a_negative_cap():
     undecided = cert([480, 520], 1.0)  # interval straddles 1/2
     sure = cert([0, 1000], 0.5)
-    assert multiscale([undecided, sure], 0.001).prediction == ABSTAIN
+    stopped = multiscale([undecided, sure], 0.001)
+    assert stopped.prediction == ABSTAIN and stopped.evaluated == (0,)  # never reached 0.5
     lopsided = cert([490, 10, 0], 1.0, selected=1)  # selection missed the big class
     r = multiscale([lopsided, cert([0, 0, 1000], 0.5)], 0.001)
     assert r.prediction == ABSTAIN and r.radius == 0.0

@@ -40,6 +40,7 @@ class MultiscaleResult:
     sigma: float  # that stage's sigma, 0.0 if none
     alpha: float
     p_skip: float
+    evaluated: tuple[int, ...] = ()  # experts the cascade had to sample, in cascade order
 
     @property
     def abstained(self) -> bool:
@@ -80,10 +81,10 @@ def multiscale(
     level = alpha / len(stages)
     order = sorted(range(len(stages)), key=lambda i: -stages[i].sigma)  # largest sigma first
     passed: list[tuple[Certificate, np.ndarray]] = []
-    none = MultiscaleResult(ABSTAIN, 0.0, -1, 0.0, alpha, p_skip)
     z_skip = _ppf(p_skip)
-    for i in order:
+    for k, i in enumerate(order):
         cert = stages[i]
+        none = MultiscaleResult(ABSTAIN, 0.0, -1, 0.0, alpha, p_skip, tuple(order[: k + 1]))
         lo, up = _bounds(cert, level)
         hi = float(up[cert.selected]) if cert.selected < len(up) else 0.0
         if lo >= p_skip and lo > 0.5:
@@ -95,11 +96,13 @@ def multiscale(
                 radius = min(radius, prev.sigma * (z_skip - _ppf(u)))
             if not radius > 0:
                 return none
-            return MultiscaleResult(y, float(radius), i, cert.sigma, alpha, p_skip)
+            return MultiscaleResult(
+                y, float(radius), i, cert.sigma, alpha, p_skip, tuple(order[: k + 1])
+            )
         if hi >= p_skip:
             return none
         passed.append((cert, up))
-    return none
+    return none  # every stage fell through
 
 
 def oracle(certificates: Sequence[Certificate], label: int) -> tuple[int, float]:

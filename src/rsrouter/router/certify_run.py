@@ -159,19 +159,11 @@ def make_record(
                 "radius": ms.radius,
                 "correct": bool(ms.prediction == label),
                 "stage": ms.stage,
-                "seconds": float(sum(expert_counts[i]["seconds"] for i in _stages_run(ms, sigmas))),
+                "seconds": float(sum(expert_counts[i]["seconds"] for i in ms.evaluated)),
             },
             "oracle": {"expert": best, "radius": best_radius, "correct": best >= 0},
         },
     }
-
-
-def _stages_run(ms, sigmas: Sequence[float]) -> list[int]:
-    """Experts the cascade evaluated (largest sigma down to the one it stopped at)."""
-    order = sorted(range(len(sigmas)), key=lambda i: -sigmas[i])
-    if ms.stage < 0:
-        return order
-    return order[: order.index(ms.stage) + 1]
 
 
 class _Cache:
