@@ -136,7 +136,7 @@ def parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto")
     parser.add_argument("--tiny", action="store_true", help="small models and n: a CPU smoke run")
-    parser.add_argument("--inputs", type=int, default=None, help="inputs timed (default 4; 2)")
+    parser.add_argument("--inputs", type=int, default=None, help="default 4 (tiny: 2)")
     parser.add_argument("--n", type=int, default=None, help="default 10000 (tiny: 32)")
     parser.add_argument("--n0", type=int, default=None, help="default 100 (tiny: 8)")
     parser.add_argument("--alpha", type=float, default=0.001)
