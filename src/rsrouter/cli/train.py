@@ -111,9 +111,15 @@ def train_cmd(
         consistency_weight=weighting, balance=balance, soft_label_scale=label_scale, seed=seed,
     )  # fmt: skip
     router_overrides = dict(arch=arch, sigma_e=sigma_e, denoiser=denoiser)
-    router, history, folder = train_workspace(
-        ws, device=device, router_overrides=router_overrides, train_overrides=train_overrides
-    )
+    from rsrouter import distributed
+
+    result = train_workspace(
+        ws, device=device, router_overrides=router_overrides, train_overrides=train_overrides,
+        ctx=distributed.context(),
+    )  # fmt: skip
+    if result is None:  # not rank 0: it helped with the tables; rank 0 trains
+        return
+    router, history, folder = result
     _print_history(history)
     console.print(
         f"router over {', '.join(router.expert_names)} (σ_e = {router.sigma_e:g}) saved to "

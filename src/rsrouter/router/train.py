@@ -384,17 +384,24 @@ def train_workspace(
     router_overrides: dict | None = None,
     train_overrides: dict | None = None,
     table_overrides: dict | None = None,
+    ctx=None,
 ):
-    """Tables (only missing columns are computed), then the router: (router, history, folder)."""
+    """Tables (only missing columns are computed), then the router: (router, history, folder).
+
+    With a ``rsrouter.distributed`` context the missing columns are shared among the ranks and
+    rank 0 alone trains; the other ranks return None.
+    """
     from rsrouter.router.tables import workspace_tables
     from rsrouter.runtime import resolve_device
 
-    device = resolve_device(device)
+    device = ctx.device(device) if ctx is not None else resolve_device(device)
     config = RouterTrainConfig.from_settings(ws.settings("train"), **(train_overrides or {}))
     experts = ws.load_experts(device=device)
     table, dataset = workspace_tables(
-        ws, experts=experts, device=device, progress=progress, **(table_overrides or {})
+        ws, experts=experts, device=device, progress=progress, ctx=ctx, **(table_overrides or {})
     )
+    if ctx is not None and not ctx.is_main:
+        return None
     router = build_router(
         experts,
         router_settings(ws, **(router_overrides or {})),
