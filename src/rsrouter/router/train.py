@@ -248,7 +248,7 @@ def train_router(
             "table": table_info,
             "router": structure,
             "fingerprints": list(table.fingerprints),
-        }  # fmt: skip
+        }
     )
     router.to(device)
     if router.denoiser is not None:
@@ -268,6 +268,8 @@ def train_router(
     with progress_bar("train router", total, enabled=progress and total > 0) as advance:
         for epoch in range(start + 1, config.epochs + 1):
             router.train()
+            if router.denoiser is not None:
+                router.denoiser.eval()  # frozen: only the classifier learns
             order = torch.randperm(
                 len(rows),
                 generator=torch.Generator().manual_seed(_epoch_seed(config.seed, epoch, 0)),
