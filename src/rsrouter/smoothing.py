@@ -24,7 +24,7 @@ from scipy.stats import beta, binomtest, norm
 from rsrouter.errors import UsageError
 
 ABSTAIN = -1
-NOISE_BLOCK = 1024  # draws generated per input per step; fixed so that seeded noise is stable
+NOISE_BLOCK = 1000  # draws generated per input per step; fixed so that seeded noise is stable
 SELECTION, ESTIMATION = 0, 1  # noise stages of CERTIFY (independent draws)
 
 Base = Callable[[torch.Tensor], torch.Tensor]
@@ -292,9 +292,10 @@ def sample_counts(
                 )
             labels = forward((x.unsqueeze(1) + sigma * noise).reshape(k * m, *x.shape[1:]))
             labels = labels.view(k, m)
-            top = int(labels.max()) + 1
-            if int(labels.min()) < 0:
+            low, high = (int(v) for v in torch.aminmax(labels))
+            if low < 0:
                 raise UsageError("the base model returned a negative class id.")
+            top = high + 1
             if top > counts.shape[1]:
                 counts = torch.nn.functional.pad(counts, (0, top - counts.shape[1]))
             counts.scatter_add_(1, labels, torch.ones_like(labels))
