@@ -18,7 +18,7 @@ TINY = PipelineConfig(
     expert_arch_args={"width": 4},
     expert_epochs=1,
     table_n=16,
-    table_subset=0.25,
+    table_subset=0.1,
     router_arch_args={"width": 4},
     router_epochs=2,
     router_batch_size=32,
@@ -46,6 +46,10 @@ def test_pipeline_end_to_end_then_resumes_without_recomputing(tmp_path):
     assert second.certified_now == 0  # every record was there
     assert second.table_markdown == md
     assert (tmp_path / "ws" / "router.toml").read_text() == toml  # no expert re-registered
+    # the workspace records the run's settings: the CLI continues from it, reusing everything
+    records = list((tmp_path / "ws" / ".rsrouter" / "certify").glob("*.jsonl"))
+    assert run(["certify", "--workspace", str(tmp_path / "ws")]) == 0
+    assert list((tmp_path / "ws" / ".rsrouter" / "certify").glob("*.jsonl")) == records
 
 
 def test_demo_command_prints_the_table_and_where_outputs_are(tmp_path, monkeypatch, capsys):

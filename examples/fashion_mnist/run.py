@@ -60,7 +60,7 @@ SMOKE = replace(
         block_out_channels=(8, 16), epochs=1, batch_size=64, extra={"add_attention": False}
     ),
     table_n=16,
-    table_subset=0.2,
+    table_subset=0.1,
     router_arch="small_cnn",
     router_arch_args={"width": 4},
     router_epochs=1,

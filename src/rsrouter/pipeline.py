@@ -40,7 +40,7 @@ class PipelineConfig:
     dataset: str = "fashion-mnist-subset"
     data_root: str | None = None
     sigmas: tuple[float, ...] = (0.25, 0.5, 1.0)
-    train_limit: int | None = None  # first K training images (experts, denoiser, tables)
+    train_limit: int | None = None  # train experts / the denoiser on the first K images only
     # experts
     expert_kind: str = "classifier"  # "classifier": one Gaussian-trained model per sigma;
     # "denoised": one classifier through a trained DDPM denoiser at every sigma
@@ -141,11 +141,59 @@ def open_workspace(config: PipelineConfig):
     return Workspace.init(path, dataset=config.dataset)
 
 
+def configure_workspace(ws, config: PipelineConfig, experts: Sequence[str]) -> None:
+    """Write the run's settings into router.toml, so that `router tables/train/certify` on this
+    workspace later use (and reuse) the same tables, router and certificates."""
+    if ws.settings("data").get("dataset") != config.dataset:
+        raise UsageError(
+            f"{ws.path} is a workspace for dataset {ws.settings('data').get('dataset')!r}, "
+            f"not {config.dataset!r}: use another folder."
+        )
+    sections = {
+        "data": {"dataset": config.dataset, "root": config.data_root},
+        "tables": {
+            "n": config.table_n,
+            "alpha": config.table_alpha,
+            "subset": config.table_subset,
+            "seed": config.seed,
+            "batch_size": config.batch_size,
+        },
+        "router": {
+            "arch": config.router_arch,
+            "arch_args": config.router_arch_args,
+            "denoiser": experts[0] if config.router_denoiser else None,
+        },
+        "train": {
+            "epochs": config.router_epochs,
+            "batch_size": config.router_batch_size,
+            "lr": config.router_lr,
+            "seed": config.seed,
+            **config.router_options,
+        },
+        "certify": {
+            "n0": config.n0,
+            "n": config.n,
+            "alpha": config.alpha,
+            "alpha_router": config.alpha_router,
+            "seed": config.seed,
+            "limit": config.certify_limit,
+            "batch_size": config.batch_size,
+        },
+    }
+    for section, values in sections.items():
+        values = {k: v for k, v in values.items() if v is not None and v != {}}
+        stale = set(ws.settings(section)) - set(values)  # e.g. a denoiser no longer asked for
+        if stale or any(ws.settings(section).get(k) != v for k, v in values.items()):
+            ws.doc[section] = values
+            ws.save()
+
+
 def load_split(config: PipelineConfig, split: str):
+    """A split of the dataset; the training split cut to ``train_limit`` (for the experts)."""
     from rsrouter.data import load_dataset
 
     data = load_dataset(config.dataset, split, root=config.data_root)
-    limit = config.train_limit if split == "train" else None  # test: certify_run's limit
+    limit = config.train_limit if split == "train" else None
     if limit is not None and limit < len(data):
         data = data.subset(range(limit))
     return data
@@ -254,88 +302,27 @@ def _registered(ws) -> set[str]:
     return {e.name for e in ws.experts}
 
 
-def build_radius_tables(ws, train, config: PipelineConfig, device):
-    from rsrouter.router.tables import build_tables
+def build_radius_tables(ws, config: PipelineConfig, device):
+    """The workspace's radius tables (only missing columns are computed)."""
+    from rsrouter.router.tables import workspace_tables
 
-    return build_tables(
-        ws.load_experts(),
-        train,
-        ws.artifacts,
-        n=config.table_n,
-        alpha=config.table_alpha,
-        seed=config.seed,
-        subset=config.table_subset,
-        batch_size=config.batch_size,
-        device=device,
-        progress=config.progress,
-    )
+    table, _ = workspace_tables(ws, device=device, progress=config.progress)
+    return table
 
 
-def train_the_router(ws, train, table, config: PipelineConfig, device):
-    """Train (or resume, or reuse) the router on the table; returns the trained RouterModel."""
-    from rsrouter.router.model import RouterModel
-    from rsrouter.router.train import RouterTrainConfig, train_router
+def train_the_router(ws, config: PipelineConfig, device):
+    """Train the router on the tables (resumes from its last epoch checkpoint)."""
+    from rsrouter.router.train import train_workspace
 
-    experts = ws.load_experts()
-    first = next(iter(experts.values()))
-    unet = scheduler = None
-    if config.router_denoiser:
-        unet, scheduler = first.denoiser.unet, first.scheduler
-    torch.manual_seed(config.seed)  # the router's initial weights
-    router = RouterModel(
-        arch=config.router_arch,
-        arch_args=config.router_arch_args,
-        expert_names=list(experts),
-        sigmas=[e.sigma for e in experts.values()],
-        fingerprints=[e.fingerprint for e in experts.values()],
-        in_chans=first.input_shape[0],
-        input_size=first.input_shape[1:],
-        mean=first.config.mean,
-        std=first.config.std,
-        unet=unet,
-        scheduler=scheduler,
-    )
-    settings = RouterTrainConfig(
-        epochs=config.router_epochs,
-        batch_size=config.router_batch_size,
-        lr=config.router_lr,
-        seed=config.seed,
-        **config.router_options,
-    )
-    train_router(
-        router,
-        table,
-        train.images,
-        Path(ws.artifacts) / "router",
-        settings,
-        device=device,
-        progress=config.progress,
-    )
+    router, history, folder = train_workspace(ws, device=device, progress=config.progress)
     return router
 
 
-def certify_test_set(ws, test, router, config: PipelineConfig, device):
+def certify_test_set(ws, config: PipelineConfig, device):
     """Dual certification of the first ``certify_limit`` test inputs, with every baseline."""
-    from rsrouter.router.certify_run import certify_run
-    from rsrouter.router.dual import DualSmoothed
+    from rsrouter.router.certify_run import certify_workspace
 
-    experts = ws.load_experts(device=device)
-    dual = DualSmoothed(router.to(device), router.sigma_e, list(experts.values()))
-    return certify_run(
-        dual,
-        test,
-        ws.artifacts,
-        n0=config.n0,
-        n=config.n,
-        alpha=config.alpha,
-        alpha_router=config.alpha_router,
-        seed=config.seed,
-        limit=config.certify_limit,
-        expert_names=list(experts),
-        progress=config.progress,
-        batch_size=config.batch_size,
-        device=device,
-    )
+    return certify_workspace(ws, device=device, progress=config.progress)
 
 
 def write_report(ws, run, config: PipelineConfig) -> dict[str, Path]:
@@ -364,16 +351,16 @@ def run_pipeline(
     device = resolve_device(config.device)
     ws = open_workspace(config)
     timer = _Timer(log)
-    train = load_split(config, "train")
-    test = load_split(config, "test")
     if register is None:
         register = (
             train_gaussian_experts if config.expert_kind == "classifier" else train_denoised_experts
         )
-    timer.step("experts", register, ws, train, config, device)
-    table = timer.step("radius tables", build_radius_tables, ws, train, config, device)
-    router = timer.step("router", train_the_router, ws, train, table, config, device)
-    run = timer.step("certify", certify_test_set, ws, test, router, config, device)
+    train = load_split(config, "train")
+    names = timer.step("experts", register, ws, train, config, device)
+    configure_workspace(ws, config, names)
+    timer.step("radius tables", build_radius_tables, ws, config, device)
+    timer.step("router", train_the_router, ws, config, device)
+    run = timer.step("certify", certify_test_set, ws, config, device)
     paths = timer.step("report", write_report, ws, run, config)
     return PipelineResult(
         workspace=Path(ws.root),
