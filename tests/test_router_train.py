@@ -293,3 +293,18 @@ def test_cli_tables_train_finetune_retrain(tmp_path: Path, capsys):
     assert run([*table, *w]) == 0  # the retrain built the new columns already
     assert "nothing to compute" in capsys.readouterr().out
     assert run(["finetune-expert", "nope", *w]) == 1
+
+
+def test_router_with_a_denoiser_round_trips(tmp_path: Path):
+    from rsrouter.experts.train import DenoiserConfig, build_denoiser
+
+    unet, scheduler = build_denoiser(DenoiserConfig(block_out_channels=(8, 8)), 1, 8)
+    experts = {"dark": GroupExpert(0), "bright": GroupExpert(1, sigma=0.5)}
+    router = make_router(experts, unet=unet, scheduler=scheduler, sigma_e=0.75)
+    assert router.denoiser.sigma == 0.75 and router.config()["denoiser"] is True
+    router.save_pretrained(tmp_path / "r")
+    assert (tmp_path / "r" / "denoiser" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    loaded = RouterModel.from_pretrained(tmp_path / "r")
+    x = group_data(4, seed=0).images
+    assert torch.allclose(loaded(x), router.eval()(x), atol=1e-6)
+    assert loaded.fingerprint == router.fingerprint
