@@ -62,11 +62,18 @@ def _write_path(path: Path, ctx) -> Path:
     return path if ctx.world == 1 else _rank_path(path, ctx.rank)
 
 
-def read_records(path: str | Path) -> dict[int, dict]:
-    """Records by input index from ``path`` and any rank shards beside it (first one wins)."""
+def read_records(path: str | Path, ctx=None) -> dict[int, dict]:
+    """Records by input index from ``path`` and rank shards beside it (first one wins).
+
+    With a multi-process ``ctx`` only this rank's shard is read: the others may be mid-write.
+    """
     path = Path(path)
+    if ctx is not None and ctx.world > 1:
+        shards = [_rank_path(path, ctx.rank)]
+    else:
+        shards = sorted(path.parent.glob(f"{path.stem}.rank-*.jsonl"))
     out: dict[int, dict] = {}
-    for p in [path, *sorted(path.parent.glob(f"{path.stem}.rank-*.jsonl"))]:
+    for p in [path, *shards]:
         for record in read_jsonl(p):
             out.setdefault(int(record["index"]), record)
     return out
@@ -170,7 +177,7 @@ class _Cache:
     """One model's counts by input index, loaded once; missing ones are sampled and appended."""
 
     def __init__(self, path: Path, ctx):
-        self.path, self.ctx, self.have = path, ctx, read_records(path)
+        self.path, self.ctx, self.have = path, ctx, read_records(path, ctx)
 
     def fill(self, model_counts, xs, indices: Sequence[int], **kw) -> dict[int, dict]:
         todo = [i for i in indices if i not in self.have]
@@ -267,7 +274,7 @@ def certify_run(
         }
         write_json(meta_path, meta)
     mine = distributed.shard_indices(range(size), ctx)
-    done = read_records(path)
+    done = read_records(path, ctx)
     todo = [i for i in mine if i not in done]
     kw = {"n0": n0, "n": n, "seed": seed, **sampling}
     expert_caches = [_Cache(p, ctx) for p in expert_paths]
