@@ -11,7 +11,7 @@ import torch
 from rsrouter import distributed
 from rsrouter.errors import UsageError
 from rsrouter.router import DualSmoothed
-from rsrouter.router.certify_run import certify_run, latest_run, load_run
+from rsrouter.router.certify_run import certify_run, counts_key, latest_run, load_run
 
 N0, N, ALPHA, SEED = 20, 200, 0.01, 5
 
@@ -83,6 +83,7 @@ def test_records_match_the_api_and_hold_every_baseline(tmp_path):
     assert "not a certificate" in meta["labels"]["oracle"]
     assert _strip(records) == _strip(result.records)
     assert latest_run(tmp_path) == result.path
+    assert counts_key("m", "d", 1, 2, 3) != counts_key("m", "d", 1, 2, 3, bf16=True)
 
 
 def test_cached_expert_counts_make_dual_cost_only_the_router(tmp_path):

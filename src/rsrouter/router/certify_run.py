@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+import torch
+
 from rsrouter import distributed
 from rsrouter.errors import UsageError
 from rsrouter.io import append_jsonl, read_json, read_jsonl, sha256_json, write_json, write_text
@@ -31,10 +33,22 @@ from rsrouter.smoothing import Certificate, check_count
 FORMAT = "rsrouter.certify-run/1"
 
 
-def counts_key(model_fingerprint: str, dataset_fingerprint: str, n0: int, n: int, seed: int):
-    """Cache key of one model's counts on one dataset (alpha-free: counts serve every alpha)."""
+def counts_key(
+    model_fingerprint: str,
+    dataset_fingerprint: str,
+    n0: int,
+    n: int,
+    seed: int,
+    bf16: bool = False,
+):
+    """Cache key of one model's counts on one dataset (alpha-free: counts serve every alpha).
+
+    bf16 autocast changes the base model, so its counts are kept apart from float32 ones.
+    """
+    key = {"bf16": True} if bf16 else {}  # float32 keys stay as they were
     return sha256_json(
         {
+            **key,
             "model": model_fingerprint,
             "dataset": dataset_fingerprint,
             "n0": int(n0),
@@ -229,18 +243,21 @@ def certify_run(
         raise UsageError(f"{len(names)} expert names for {len(dual.experts)} experts.")
     total = len(dataset.labels)
     size = total if limit is None else min(check_count("limit", limit), total)
+    device = sampling.get("device")
+    bf16 = sampling.get("bf16")
+    if bf16 is None:  # the core's default: bf16 autocast on CUDA
+        bf16 = device is not None and torch.device(device).type == "cuda"
     router_fp = _fingerprint(dual.router, "router")
     expert_fps = [
         _fingerprint(e, f"expert {name!r}") for e, name in zip(dual.experts, names, strict=True)
     ]
     root = Path(artifacts) / "certify"
     expert_paths = [
-        root / "experts" / f"{counts_key(fp, dataset.fingerprint, n0, n, seed)}.jsonl"
+        root / "experts" / f"{counts_key(fp, dataset.fingerprint, n0, n, seed, bf16)}.jsonl"
         for fp in expert_fps
     ]
-    router_key = sha256_json(
-        {"key": counts_key(router_fp, dataset.fingerprint, n0, n, seed), "sigma_e": dual.sigma_e}
-    )
+    key = counts_key(router_fp, dataset.fingerprint, n0, n, seed, bf16)
+    router_key = sha256_json({"key": key, "sigma_e": dual.sigma_e})
     router_path = root / "router" / f"{router_key}.jsonl"
     settings = {
         "format": FORMAT,
@@ -261,6 +278,7 @@ def certify_run(
         "alpha_expert": a_expert,
         "seed": int(seed),
         "p_skip": float(p_skip),
+        **({"bf16": True} if bf16 else {}),
     }
     run_key = sha256_json(settings)
     path, meta_path = root / f"{run_key}.jsonl", root / f"{run_key}.json"
