@@ -130,6 +130,10 @@ def test_bad_configuration_is_one_sentence():
         DualSmoothed(Linear([1.0], 0.0), 0.5, [Linear([1.0], 0.0)])
     with pytest.raises(UsageError, match="at least one expert"):
         DualSmoothed(Linear([1.0], 0.0), 0.5, [])
+    three = Linear([1.0], 0.0)
+    three.num_classes = 3
+    with pytest.raises(UsageError, match="among 3 experts"):
+        DualSmoothed(three, 0.5, [e])
     dual = DualSmoothed(lambda x: torch.full((len(x),), 3), 0.5, [e])
     with pytest.raises(UsageError, match="only 1 experts"):
         dual.certify(torch.tensor([1.0]), n0=5, n=10, alpha=0.01, seed=0)

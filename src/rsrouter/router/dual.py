@@ -164,6 +164,11 @@ class DualSmoothed:
             if not hasattr(expert, "sigma"):
                 raise UsageError(f"expert {i} has no .sigma: bind each expert to its noise level.")
             check_sigma(expert.sigma)
+        width = getattr(router, "num_classes", None)
+        if isinstance(width, int) and width != len(self.experts):
+            raise UsageError(
+                f"the router chooses among {width} experts, but {len(self.experts)} were given."
+            )
 
     @property
     def sigmas(self) -> list[float]:
