@@ -386,9 +386,10 @@ def demo_config(**overrides) -> PipelineConfig:
 DEMO = PipelineConfig(
     workspace=Path("demo-output"),
     dataset="fashion-mnist-subset",
-    expert_epochs=5,
-    table_subset=0.4,
-    router_epochs=20,
+    expert_arch_args={"width": 16},
+    expert_epochs=10,
+    table_subset=0.3,
+    router_epochs=10,
     certify_limit=200,
     n0=32,
     n=200,

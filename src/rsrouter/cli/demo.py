@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.markdown import Markdown
 
 from rsrouter.cli.app import app, console
 from rsrouter.pipeline import PipelineConfig, demo_config, run_pipeline
@@ -34,7 +33,7 @@ def demo(
         progress=not quiet,
     )
     result = run_pipeline(config, log=lambda step: console.print(f"[bold]step:[/] {step}"))
-    console.print(Markdown(result.table_markdown))
+    console.print(result.table_markdown, markup=False, highlight=False, soft_wrap=True)
     steps = ", ".join(f"{k} {v:.0f} s" for k, v in result.seconds.items())
     console.print(f"time: {steps} (total {sum(result.seconds.values()):.0f} s)")
     console.print(f"workspace: {result.workspace}")
