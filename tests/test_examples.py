@@ -36,7 +36,7 @@ def test_fashion_mnist_example_smoke_runs_both_expert_families(tmp_path, capsys)
             "denoised",
         )
     toml = (out / "denoised" / "router.toml").read_text()
-    assert toml.count("dds-sigma") == 3 and "denoiser_source" in toml
+    assert toml.count('name = "dds-sigma') == 3 and "denoiser_source" in toml
     router = json.loads((out / "denoised" / ".rsrouter" / "router" / "config.json").read_text())
     assert router["denoiser"] is True
     assert "oracle" in printed

@@ -146,16 +146,16 @@ def register(args):
 
     def step(ws, train, config, device):
         names = [f"dds-sigma{s:g}" for s in config.sigmas]
-        have = {e.name for e in ws.experts}
-        missing = [s for s, n in zip(config.sigmas, names, strict=True) if n not in have]
-        if missing:
+        for sigma, name in zip(config.sigmas, names, strict=True):
+            if name in {e.name for e in ws.experts}:
+                continue
             classifier = args.classifier
             if args.timm_arch:
                 classifier = str(timm_classifier_folder(args, Path(ws.root) / "classifier"))
             ws.add_expert(
                 classifier,
-                sigma=missing,
-                name="dds",
+                sigma=sigma,
+                name="dds",  # registered as "dds-sigma<σ>"
                 revision=args.classifier_revision,
                 denoiser=args.denoiser,
                 denoiser_revision=args.denoiser_revision,

@@ -293,8 +293,10 @@ def train_denoised_experts(ws, train, config: PipelineConfig, device) -> list[st
             },
         )
         expert.save_pretrained(cls_folder)
-    missing = [s for s, n in zip(config.sigmas, names, strict=True) if n not in _registered(ws)]
-    ws.add_expert(str(cls_folder), sigma=missing, name="dds", denoiser=str(den_folder))
+    for sigma, name in zip(config.sigmas, names, strict=True):
+        if name not in _registered(ws):
+            # the registry names a denoised expert "<name>-sigma<σ>"
+            ws.add_expert(str(cls_folder), sigma=sigma, name="dds", denoiser=str(den_folder))
     return names
 
 
@@ -357,6 +359,8 @@ def run_pipeline(
         )
     train = load_split(config, "train")
     names = timer.step("experts", register, ws, train, config, device)
+    if [n for n in ws.names if n in names] != list(names):
+        raise UsageError(f"the expert step registered {ws.names}, not {list(names)}.")
     configure_workspace(ws, config, names)
     timer.step("radius tables", build_radius_tables, ws, config, device)
     timer.step("router", train_the_router, ws, config, device)
