@@ -71,3 +71,24 @@ def test_bad_pipeline_settings_are_usage_errors():
         PipelineConfig(router_denoiser=True)
     with pytest.raises(UsageError):
         PipelineConfig(certify_limit=0)
+
+
+def _accuracies(result) -> dict:
+    return {k: m["certified_accuracy"] for k, m in result.summary["methods"].items()}
+
+
+def test_a_run_killed_mid_way_resumes_to_the_same_result(tmp_path, monkeypatch):
+    whole = run_pipeline(replace(TINY, workspace=tmp_path / "whole"))
+    config = replace(TINY, workspace=tmp_path / "killed")
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # the process dies while the router trains
+
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline, "train_the_router", killed)
+        with pytest.raises(KeyboardInterrupt):
+            run_pipeline(config)
+    assert not (tmp_path / "killed" / ".rsrouter" / "report").exists()
+    resumed = run_pipeline(config)
+    assert _accuracies(resumed) == _accuracies(whole)
+    assert resumed.summary["run"] == whole.summary["run"]  # same router, experts, data, settings
