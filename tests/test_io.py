@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -18,6 +19,15 @@ def test_atomic_path_leaves_old_file_on_failure(tmp_path):
         raise RuntimeError("killed")
     assert read_json(target) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
+
+
+def test_atomic_files_get_the_umask_mode_not_mkstemps_0600(tmp_path):
+    old = os.umask(0o022)
+    try:
+        write_json(tmp_path / "a.json", {})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
 
 
 def test_read_jsonl_drops_and_truncates_a_torn_last_line(tmp_path):
