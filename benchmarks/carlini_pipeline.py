@@ -19,8 +19,6 @@ Every figure printed is measured in this run on this machine.
 from __future__ import annotations
 
 import argparse
-import platform
-import time
 from pathlib import Path
 
 import torch
@@ -31,7 +29,7 @@ from rsrouter.experts.nets import build_classifier, count_parameters
 from rsrouter.io import write_json, write_text
 from rsrouter.router import DualSmoothed
 from rsrouter.router.model import RouterModel
-from rsrouter.runtime import resolve_device
+from rsrouter.runtime import device_name, resolve_device, timed
 from rsrouter.smoothing import certify_batch
 
 SIGMAS = (0.25, 0.5, 1.0)  # the paper's CIFAR-10 candidate set; sigma_e = max
@@ -120,16 +118,6 @@ def bare(models_sigmas, xs, n0: int, n: int, batch_size: int, bf16: bool, channe
                     ):
                         model(batch).argmax(1)
                     done += m
-
-
-def timed(fn, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
 
 
 def parse() -> argparse.Namespace:
@@ -232,7 +220,7 @@ def main() -> None:
             f"warning: the router did not route {not_routed} input(s): dual time is a lower bound"
         )
 
-    where = torch.cuda.get_device_name(device) if gpu else (platform.processor() or "cpu")
+    where = device_name(device)
     report = {
         "machine": where,
         "torch": torch.__version__,

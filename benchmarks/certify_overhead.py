@@ -11,12 +11,11 @@ and their ratio, measured in this one run on this machine.
 from __future__ import annotations
 
 import argparse
-import platform
-import time
 
 import torch
 
 from rsrouter.experts import build_classifier
+from rsrouter.runtime import device_name, timed
 from rsrouter.smoothing import certify
 
 
@@ -29,16 +28,6 @@ def bare_loop(model, xs, sigma, total, batch_size, device, bf16):
             with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
                 model(batch).argmax(1)
             done += m
-
-
-def timed(fn, device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -86,7 +75,7 @@ def main() -> None:
     ours(), bare()  # warm-up (allocator, cudnn autotune)
     t_bare = min(timed(bare, device) for _ in range(3))
     t_ours = min(timed(ours, device) for _ in range(3))
-    where = torch.cuda.get_device_name(device) if gpu else f"{platform.processor() or 'cpu'}"
+    where = device_name(device)
     print(f"machine: {where}, torch {torch.__version__}, threads {torch.get_num_threads()}")
     print(f"model: {name}, inputs: {inputs}, n0 + n = {total}, batch {args.batch_size}")
     print(f"bare forward loop: {t_bare:.3f} s ({inputs * total / t_bare:,.0f} samples/s)")

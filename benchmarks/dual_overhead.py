@@ -23,7 +23,6 @@ Every figure printed is measured in this run on this machine.
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 
 import torch
@@ -32,11 +31,14 @@ from diffusers import DDPMScheduler, UNet2DModel
 from rsrouter.experts import Expert, ExpertConfig, build_classifier, count_parameters
 from rsrouter.router import DualSmoothed
 from rsrouter.router.model import RouterModel
-from rsrouter.runtime import resolve_device
+from rsrouter.runtime import device_name, resolve_device, timed
 from rsrouter.smoothing import certify_batch
 
 SIGMAS = (0.25, 0.5, 1.0)
 ROUTED = 1  # every input goes to the sigma = 0.5 expert
+# on CPU this process's CPU seconds (one thread), which other jobs on a shared machine do not
+# inflate; on CUDA wall seconds
+CPU_CLOCK = time.process_time
 
 CPU = {  # tiny, with the GPU setup's proportions: the classifier costs more than the UNet
     "unet": dict(
@@ -114,20 +116,6 @@ def build(cfg: dict, device: torch.device):
     return experts, light, denoised, params
 
 
-def timed(fn, device: torch.device) -> float:
-    """Wall seconds on CUDA; on CPU this process's CPU seconds (one thread), which other jobs
-    on a shared machine do not inflate."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize(device)
-        return time.perf_counter() - start
-    start = time.process_time()
-    fn()
-    return time.process_time() - start
-
-
 def forward_cost(model, shape, batch: int, device, bf16: bool, repeats: int = 3) -> float:
     """Seconds per sample of one forward pass on a batch of noisy inputs (min of repeats)."""
     x = torch.rand((batch, *shape), device=device)
@@ -137,7 +125,7 @@ def forward_cost(model, shape, batch: int, device, bf16: bool, repeats: int = 3)
             model(x)
 
     run()
-    return min(timed(run, device) for _ in range(repeats)) / batch
+    return min(timed(run, device, CPU_CLOCK) for _ in range(repeats)) / batch
 
 
 def main() -> None:
@@ -187,7 +175,7 @@ def main() -> None:
     times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(args.repeats):
         for name, fn in runs.items():
-            times[name].append(timed(fn, device) / inputs)
+            times[name].append(timed(fn, device, CPU_CLOCK) / inputs)
     seconds = {name: min(t) for name, t in times.items()}
     shape = (3, 32, 32)
     cost = {
@@ -195,7 +183,7 @@ def main() -> None:
         for name, model in (("expert", routed), ("lightweight", light), ("denoised", denoised))
     }
 
-    where = torch.cuda.get_device_name(device) if gpu else (platform.processor() or "cpu")
+    where = device_name(device)
     print("# Dual vs standard certification time (rsrouter.DualSmoothed, random weights)\n")
     clock = "wall time" if gpu else "CPU time of this process"
     print(f"machine: {where}; torch {torch.__version__}; threads {torch.get_num_threads()}; "

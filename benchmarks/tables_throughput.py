@@ -12,15 +12,14 @@ both throughputs and their ratio, measured in this one run on this machine (goal
 from __future__ import annotations
 
 import argparse
-import platform
 import tempfile
-import time
 from types import SimpleNamespace
 
 import torch
 
 from rsrouter.experts import Expert, build_classifier
 from rsrouter.router.tables import build_tables
+from rsrouter.runtime import device_name, timed
 
 
 def bare_loop(model, xs, sigma, n, batch_size, device, bf16, channels_last):
@@ -34,16 +33,6 @@ def bare_loop(model, xs, sigma, n, batch_size, device, bf16, channels_last):
             batch = batch.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
             model(batch).argmax(1).cpu()
-
-
-def timed(fn, device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -102,7 +91,7 @@ def main() -> None:
         t_ours.append(timed(ours, device))
     t_bare, t_ours = min(t_bare), min(t_ours)
     samples = inputs * args.n
-    where = torch.cuda.get_device_name(device) if gpu else f"{platform.processor() or 'cpu'}"
+    where = device_name(device)
     print(f"machine: {where}, torch {torch.__version__}, threads {torch.get_num_threads()}")
     print(f"model: {name}, inputs: {inputs}, n = {args.n}, batch {args.batch_size}")
     print(f"bare forward loop: {t_bare:.3f} s ({samples / t_bare:,.0f} samples/s)")
