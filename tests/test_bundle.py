@@ -9,6 +9,7 @@ import pytest
 import torch
 from huggingface_hub import HfApi, ModelCard
 
+from helpers import tiny_unet
 from rsrouter.errors import UsageError
 from rsrouter.experts import Expert, build_classifier
 from rsrouter.io import read_json
@@ -244,14 +245,9 @@ def test_card_carries_the_last_real_report(hub, published):
 
 
 def test_router_with_a_diffusion_denoiser_round_trips(hub, published, tmp_path):
-    from diffusers import DDPMScheduler, UNet2DModel
+    from diffusers import DDPMScheduler
 
-    torch.manual_seed(5)
-    unet = UNet2DModel(
-        sample_size=28, in_channels=1, out_channels=1, block_out_channels=(4, 8),
-        layers_per_block=1, down_block_types=("DownBlock2D",) * 2,
-        up_block_types=("UpBlock2D",) * 2, norm_num_groups=2,
-    )  # fmt: skip
+    unet = tiny_unet(sample_size=28, seed=5)
     local = published["local"]
     router = RouterModel(
         arch="small_cnn", arch_args={"width": 4}, expert_names=list(SIGMAS),

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from helpers import fashion_workspace
 from rsrouter import distributed
 from rsrouter.errors import UsageError
 from rsrouter.router import DualSmoothed
@@ -147,40 +148,13 @@ def test_bad_settings_are_one_sentence(tmp_path):
 # ---------------------------------------------------------------- the CLI on a real workspace
 
 
-def _workspace(tmp_path):
-    from rsrouter.data import FASHION_MNIST_CLASSES
-    from rsrouter.experts import Expert, build_classifier
-    from rsrouter.registry import Workspace
-    from rsrouter.router.model import RouterModel
-
-    ws = Workspace.init(tmp_path / "ws")
-    torch.manual_seed(0)
-    for sigma in (0.25, 0.5):
-        net = build_classifier("small_cnn", 10, 1, width=2)
-        expert = Expert.from_module(
-            net, sigma=sigma, arch="small_cnn", num_classes=10, in_chans=1, input_size=[28, 28],
-            arch_args={"width": 2}, class_names=list(FASHION_MNIST_CLASSES),
-        )  # fmt: skip
-        expert.save_pretrained(tmp_path / f"e{sigma}")
-        ws.add_expert(tmp_path / f"e{sigma}", sigma, name=f"gauss-{sigma}")
-    experts = ws.load_experts()
-    router = RouterModel.create(
-        arch="small_cnn", arch_args={"width": 2}, expert_names=list(experts),
-        sigmas=[e.sigma for e in experts.values()],
-        fingerprints=[e.fingerprint for e in experts.values()],
-        in_chans=1, input_size=[28, 28], sigma_e=0.5,
-    )  # fmt: skip
-    router.save_pretrained(ws.artifacts / "router")
-    return ws
-
-
 def test_cli_certify_report_predict(tmp_path, capsys):
     from PIL import Image
 
     from rsrouter.cli.main import run
     from rsrouter.data import load_dataset
 
-    ws = _workspace(tmp_path)
+    ws = fashion_workspace(tmp_path)
     w = ["-w", str(ws.root)]
     args = ["--limit", "6", "--n", "40", "--n0", "8", "--alpha", "0.01", "--device", "cpu"]
     assert run(["certify", *args, *w]) == 0

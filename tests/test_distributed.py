@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import fashion_workspace
 from rsrouter import distributed
 from rsrouter.distributed import DistContext, context, shard_indices
 from rsrouter.errors import UsageError
@@ -132,34 +133,6 @@ def test_two_gloo_processes_equal_one(tmp_path):
 # ---------------------------------------------------------------- the CLI under torchrun
 
 
-def _workspace(root):
-    """Two tiny Fashion-MNIST experts and an untrained router in a fresh workspace."""
-    from rsrouter.data import FASHION_MNIST_CLASSES
-    from rsrouter.experts import Expert, build_classifier
-    from rsrouter.registry import Workspace
-    from rsrouter.router.model import RouterModel
-
-    ws = Workspace.init(root / "ws")
-    torch.manual_seed(0)
-    for sigma in (0.25, 0.5):
-        net = build_classifier("small_cnn", 10, 1, width=2)
-        expert = Expert.from_module(
-            net, sigma=sigma, arch="small_cnn", num_classes=10, in_chans=1, input_size=[28, 28],
-            arch_args={"width": 2}, class_names=list(FASHION_MNIST_CLASSES),
-        )  # fmt: skip
-        expert.save_pretrained(root / f"e{sigma}")
-        ws.add_expert(root / f"e{sigma}", sigma, name=f"gauss-{sigma}")
-    experts = ws.load_experts()
-    router = RouterModel.create(
-        arch="small_cnn", arch_args={"width": 2}, expert_names=list(experts),
-        sigmas=[e.sigma for e in experts.values()],
-        fingerprints=[e.fingerprint for e in experts.values()],
-        in_chans=1, input_size=[28, 28], sigma_e=0.5,
-    )  # fmt: skip
-    router.save_pretrained(ws.artifacts / "router")
-    return ws
-
-
 TABLES = ["tables", "--split", "train", "--subset", "0.02", "--n", "20", "--shard-size", "8"]
 CERTIFY = ["certify", "--limit", "7", "--n", "40", "--n0", "8", "--alpha", "0.01"]
 
@@ -196,7 +169,7 @@ def test_torchrun_tables_and_certify_equal_one_process(tmp_path, fresh):
     from rsrouter.cli.main import run
     from rsrouter.registry import Workspace
 
-    ws = _workspace(tmp_path)
+    ws = fashion_workspace(tmp_path)
     shutil.copytree(ws.root, tmp_path / "ws2")
     one, two = ws.root, tmp_path / "ws2"
     device = ["--device", "cpu"]

@@ -10,6 +10,7 @@ import huggingface_hub
 import pytest
 import torch
 
+import helpers
 from rsrouter.errors import UsageError
 from rsrouter.experts import Expert, ExpertConfig, build_classifier
 from rsrouter.experts.convert import convert_checkpoint, export_expert
@@ -27,20 +28,9 @@ def tiny_expert(sigma=0.25, seed=0, **fields) -> Expert:
 
 
 def tiny_unet():
-    from diffusers import DDPMScheduler, UNet2DModel
+    from diffusers import DDPMScheduler
 
-    torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(4, 8),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D",) * 2,
-        up_block_types=("UpBlock2D",) * 2,
-        norm_num_groups=2,
-    )
-    return unet.eval(), DDPMScheduler(num_train_timesteps=1000)
+    return helpers.tiny_unet(), DDPMScheduler(num_train_timesteps=1000)
 
 
 def fill_hub_cache(cache: Path, repo_id: str, folder: Path, commit: str = "a" * 40) -> None:

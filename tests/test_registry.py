@@ -13,6 +13,7 @@ import torch
 from huggingface_hub import HfApi
 
 import rsrouter.cli.experts  # noqa: F401  (registers the commands)
+from helpers import tiny_unet
 from rsrouter.cli.app import run
 from rsrouter.errors import UsageError
 from rsrouter.experts import Expert, build_classifier
@@ -38,19 +39,9 @@ def save_expert(folder: Path, sigma=0.25, seed=0, num_classes=3, size=8) -> Path
 
 
 def save_denoiser(folder: Path) -> Path:
-    from diffusers import DDPMScheduler, UNet2DModel
+    from diffusers import DDPMScheduler
 
-    torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(4, 8),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D",) * 2,
-        up_block_types=("UpBlock2D",) * 2,
-        norm_num_groups=2,
-    )
+    unet = tiny_unet()
     unet.save_pretrained(folder / "unet")
     DDPMScheduler(num_train_timesteps=1000).save_pretrained(folder / "scheduler")
     return folder
