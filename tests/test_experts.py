@@ -175,3 +175,41 @@ def test_convert_checkpoint_and_export(tmp_path):
     assert Expert.from_pretrained(out).fingerprint == expert.fingerprint
     with pytest.raises(UsageError, match="pickle checkpoint.*convert-checkpoint"):
         export_expert(ckpt, tmp_path / "x", **common)
+
+
+def test_export_and_convert_commands_share_the_expert_options(tmp_path, capsys):
+    """Both commands take the same expert options and write what the functions write."""
+    from safetensors.torch import save_file
+
+    import rsrouter.cli.experts  # noqa: F401  (registers the commands)
+    from rsrouter.cli.app import run
+
+    expert = tiny_expert()
+    state = {f"m.{k}": v for k, v in expert.classifier.state_dict().items()}
+    save_file(state, tmp_path / "w.safetensors")
+    torch.save({"sd": state}, tmp_path / "w.pt")
+    options = ["--arch", "small_cnn", "--sigma", "0.5", "--num-classes", "3", "--in-chans", "1",
+               "--input-size", "8", "--arch-arg", "width=2", "--mean", "0.3", "--std", "0.2",
+               "--class-names", "a, b,c", "--dataset", "toy", "--license", "mit",
+               "--strip-prefix", "m."]  # fmt: skip
+    fields = dict(arch="small_cnn", sigma=0.5, num_classes=3, in_chans=1, input_size=[8, 8],
+                  arch_args={"width": 2}, mean=[0.3], std=[0.2], class_names=["a", "b", "c"],
+                  dataset="toy", license="mit", strip_prefix="m.")  # fmt: skip
+    assert (
+        run(["export-expert", str(tmp_path / "w.safetensors"), str(tmp_path / "e1"), *options]) == 0
+    )
+    assert "router add-expert" in capsys.readouterr().out
+    export_expert(tmp_path / "w.safetensors", tmp_path / "e2", **fields)
+    cmd = ["convert-checkpoint", str(tmp_path / "w.pt"), str(tmp_path / "c1"), *options]
+    assert run([*cmd, "--key", "sd"]) == 0
+    convert_checkpoint(tmp_path / "w.pt", tmp_path / "c2", key="sd", **fields)
+    for a, b in (("e1", "e2"), ("c1", "c2")):
+        assert json.loads((tmp_path / a / "config.json").read_text()) == json.loads(
+            (tmp_path / b / "config.json").read_text()
+        )
+        loaded = Expert.from_pretrained(tmp_path / a)
+        assert loaded.fingerprint == Expert.from_pretrained(tmp_path / b).fingerprint
+        assert loaded.sigma == 0.5 and loaded.config.class_names == ["a", "b", "c"]
+    assert run(["export-expert", str(tmp_path / "w.safetensors"), str(tmp_path / "x"),
+                *options[:8], "--input-size", "8x"]) == 1  # fmt: skip
+    assert "--input-size must be H or H,W" in capsys.readouterr().err

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 from pathlib import Path
 
 import typer
@@ -150,125 +152,103 @@ def remove_expert_cmd(name: str, workspace: Path = WORKSPACE) -> None:
     console.print(f"removed expert {name!r}; wrote {ws.path}")
 
 
-def _expert_fields(
-    arch,
-    sigma,
-    num_classes,
-    in_chans,
-    input_size,
-    arch_arg,
-    mean,
-    std,
-    class_names,
-    dataset,
-    license,
-) -> dict:
+# The options every expert folder needs, shared by export-expert and convert-checkpoint.
+EXPERT_OPTIONS = {
+    "arch": (
+        str,
+        typer.Option(..., help="build_classifier name: small_cnn, cifar_resnet20/56/110, or timm."),
+    ),
+    "sigma": (float, typer.Option(..., help="The sigma the weights were trained at.")),
+    "num_classes": (int, typer.Option(..., help="Number of classes.")),
+    "in_chans": (int, typer.Option(..., help="Input channels (1 grey, 3 colour).")),
+    "input_size": (str, typer.Option(..., help="Input size H or H,W.")),
+    "arch_arg": (
+        list[str],
+        typer.Option(None, help="Architecture argument key=value (repeatable)."),
+    ),
+    "mean": (str, typer.Option(None, help="Per-channel mean, comma-separated (default 0).")),
+    "std": (str, typer.Option(None, help="Per-channel std, comma-separated (default 1).")),
+    "class_names": (str, typer.Option(None, help="Comma-separated class names.")),
+    "dataset": (str, typer.Option("", help="Training dataset, for the model card.")),
+    "license": (str, typer.Option("unknown", help="Licence of the weights (SPDX id).")),
+}
+
+
+def _expert_fields(v: dict) -> dict:
+    """The EXPERT_OPTIONS values as the config fields export_expert/convert_checkpoint take."""
     fields = {
-        "arch": arch,
-        "sigma": sigma,
-        "num_classes": num_classes,
-        "in_chans": in_chans,
-        "input_size": parse_size(input_size),
-        "arch_args": parse_arch_args(arch_arg or []),
-        "dataset": dataset,
-        "license": license,
+        "arch": v["arch"],
+        "sigma": v["sigma"],
+        "num_classes": v["num_classes"],
+        "in_chans": v["in_chans"],
+        "input_size": parse_size(v["input_size"]),
+        "arch_args": parse_arch_args(v["arch_arg"] or []),
+        "dataset": v["dataset"],
+        "license": v["license"],
     }
-    if mean:
-        fields["mean"] = parse_floats(mean, "--mean")
-    if std:
-        fields["std"] = parse_floats(std, "--std")
-    if class_names:
-        fields["class_names"] = [c.strip() for c in class_names.split(",")]
+    if v["mean"]:
+        fields["mean"] = parse_floats(v["mean"], "--mean")
+    if v["std"]:
+        fields["std"] = parse_floats(v["std"], "--std")
+    if v["class_names"]:
+        fields["class_names"] = [c.strip() for c in v["class_names"].split(",")]
     return fields
 
 
-ARCH = typer.Option(..., help="build_classifier name: small_cnn, cifar_resnet20/56/110, or timm.")
-SIGMA = typer.Option(..., help="The sigma the weights were trained at.")
-NUM_CLASSES = typer.Option(..., help="Number of classes.")
-IN_CHANS = typer.Option(..., help="Input channels (1 grey, 3 colour).")
-INPUT_SIZE = typer.Option(..., help="Input size H or H,W.")
-ARCH_ARG = typer.Option(None, help="Architecture argument key=value (repeatable).")
-MEAN = typer.Option(None, help="Per-channel mean, comma-separated (default 0).")
-STD = typer.Option(None, help="Per-channel std, comma-separated (default 1).")
-CLASS_NAMES = typer.Option(None, help="Comma-separated class names.")
-DATASET = typer.Option("", help="Training dataset, for the model card.")
-LICENSE = typer.Option("unknown", help="Licence of the weights (SPDX id).")
+def with_expert_options(command):
+    """Put the EXPERT_OPTIONS where the command has its `fields` parameter (so every command
+    lists them alike, in one place) and call it with their parsed values as `fields`."""
+    signature = inspect.signature(command)
+    params = []
+    for p in signature.parameters.values():
+        if p.name != "fields":
+            params.append(p)
+            continue
+        for name, (kind, option) in EXPERT_OPTIONS.items():
+            params.append(inspect.Parameter(name, p.kind, default=option, annotation=kind))
+
+    @functools.wraps(command)
+    def wrapper(**kwargs):
+        values = {name: kwargs.pop(name) for name in EXPERT_OPTIONS}
+        return command(fields=_expert_fields(values), **kwargs)
+
+    wrapper.__signature__ = signature.replace(parameters=params)
+    wrapper.__annotations__ = {p.name: p.annotation for p in params}
+    return wrapper
 
 
 @app.command("export-expert")
+@with_expert_options
 def export_expert_cmd(
     weights: Path = typer.Argument(..., help="A safetensors state dict of the classifier."),
     out: Path = typer.Argument(..., help="The expert folder to write."),
-    arch: str = ARCH,
-    sigma: float = SIGMA,
-    num_classes: int = NUM_CLASSES,
-    in_chans: int = IN_CHANS,
-    input_size: str = INPUT_SIZE,
-    arch_arg: list[str] = ARCH_ARG,
-    mean: str = MEAN,
-    std: str = STD,
-    class_names: str = CLASS_NAMES,
-    dataset: str = DATASET,
-    license: str = LICENSE,
+    fields: dict = None,
     strip_prefix: str = typer.Option(None, help="Remove this prefix from every weight name."),
 ) -> None:
     """Make an expert folder (config.json, model.safetensors, README.md) from a state dict."""
     from rsrouter.experts.convert import export_expert
 
-    fields = _expert_fields(
-        arch,
-        sigma,
-        num_classes,
-        in_chans,
-        input_size,
-        arch_arg,
-        mean,
-        std,
-        class_names,
-        dataset,
-        license,
-    )
     folder = export_expert(weights, out, strip_prefix=strip_prefix, **fields)
-    console.print(
-        f"wrote expert folder {folder}/ (add it: router add-expert {folder} --sigma {sigma})"
-    )
+    _print_written(folder, fields["sigma"])
 
 
 @app.command("convert-checkpoint")
+@with_expert_options
 def convert_checkpoint_cmd(
     checkpoint: Path = typer.Argument(..., help="A .pt/.pth/.bin/.ckpt pickle checkpoint."),
     out: Path = typer.Argument(..., help="The expert folder to write."),
-    arch: str = ARCH,
-    sigma: float = SIGMA,
-    num_classes: int = NUM_CLASSES,
-    in_chans: int = IN_CHANS,
-    input_size: str = INPUT_SIZE,
-    arch_arg: list[str] = ARCH_ARG,
-    mean: str = MEAN,
-    std: str = STD,
-    class_names: str = CLASS_NAMES,
-    dataset: str = DATASET,
-    license: str = LICENSE,
+    fields: dict = None,
     key: str = typer.Option(None, help="Where the state dict sits in the checkpoint (a.b)."),
     strip_prefix: str = typer.Option(None, help="Remove this prefix from every weight name."),
 ) -> None:
     """Opt-in: read a pickle checkpoint with torch.load(weights_only=True), write safetensors."""
     from rsrouter.experts.convert import convert_checkpoint
 
-    fields = _expert_fields(
-        arch,
-        sigma,
-        num_classes,
-        in_chans,
-        input_size,
-        arch_arg,
-        mean,
-        std,
-        class_names,
-        dataset,
-        license,
-    )
     folder = convert_checkpoint(checkpoint, out, key=key, strip_prefix=strip_prefix, **fields)
+    _print_written(folder, fields["sigma"])
+
+
+def _print_written(folder: Path, sigma: float) -> None:
     console.print(
         f"wrote expert folder {folder}/ (add it: router add-expert {folder} --sigma {sigma})"
     )
