@@ -223,3 +223,16 @@ def test_unreachable_hub_names_the_repo(tmp_path):
     ws = Workspace.init(tmp_path / "ws")
     with pytest.raises(UsageError, match="'org/far-away'.*cannot be reached"):
         ws.add_expert("org/far-away", 0.25, endpoint="http://127.0.0.1:9", cache_dir=tmp_path)
+
+
+def test_settings_over_defaults_refuses_unknown_keys(tmp_path):
+    from rsrouter.router.certify_run import certify_settings
+    from rsrouter.router.tables import TABLE_DEFAULTS, table_settings
+
+    ws = Workspace.init(tmp_path)
+    ws.update_settings("tables", n=50)
+    s = table_settings(ws, n=None, alpha=0.01)
+    assert s == {**TABLE_DEFAULTS, "n": 50, "alpha": 0.01}
+    ws.update_settings("certify", nn=5)
+    with pytest.raises(UsageError, match=r"unknown \[certify\] setting\(s\) in .*: nn\."):
+        certify_settings(ws)

@@ -152,6 +152,18 @@ class Workspace:
             raise UsageError(f"{self.path}: [{section}] must be a table.")
         return dict(value)
 
+    def settings_over(self, section: str, defaults: dict, overrides: dict) -> dict:
+        """``[section]`` over ``defaults`` (a key not in them is a UsageError), then the
+        ``overrides`` that are not None: a command's effective settings."""
+        settings = self.settings(section)
+        unknown = sorted(set(settings) - set(defaults))
+        if unknown:
+            raise UsageError(
+                f"unknown [{section}] setting(s) in {self.path}: {', '.join(unknown)}."
+            )
+        given = {k: v for k, v in overrides.items() if v is not None}
+        return {**defaults, **settings, **given}
+
     def update_settings(self, section: str, **values) -> None:
         self.reload()
         table = self.settings(section)

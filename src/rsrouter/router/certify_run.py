@@ -376,12 +376,7 @@ CERTIFY_DEFAULTS = {
 
 def certify_settings(ws, **overrides) -> dict:
     """[certify] of the workspace over the defaults, then the overrides that are not None."""
-    settings = ws.settings("certify")
-    unknown = sorted(set(settings) - set(CERTIFY_DEFAULTS))
-    if unknown:
-        raise UsageError(f"unknown [certify] setting(s) in {ws.path}: {', '.join(unknown)}.")
-    given = {k: v for k, v in overrides.items() if v is not None}
-    return {**CERTIFY_DEFAULTS, **settings, **given}
+    return ws.settings_over("certify", CERTIFY_DEFAULTS, overrides)
 
 
 def workspace_dual(ws, *, device=None) -> tuple[DualSmoothed, list[str]]:

@@ -446,12 +446,7 @@ TABLE_DEFAULTS = {
 
 def table_settings(ws, **overrides) -> dict:
     """[tables] of the workspace over the defaults, then the overrides that are not None."""
-    settings = ws.settings("tables")
-    unknown = sorted(set(settings) - set(TABLE_DEFAULTS))
-    if unknown:
-        raise UsageError(f"unknown [tables] setting(s) in {ws.path}: {', '.join(unknown)}.")
-    given = {k: v for k, v in overrides.items() if v is not None}
-    return {**TABLE_DEFAULTS, **settings, **given}
+    return ws.settings_over("tables", TABLE_DEFAULTS, overrides)
 
 
 def workspace_dataset(ws, split: str):
