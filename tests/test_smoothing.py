@@ -209,3 +209,10 @@ def test_base_with_wrong_output_shape_is_refused():
         certify(lambda x: torch.zeros(3, 2), torch.zeros(2), 0.5, n0=10, n=10, alpha=0.01)
     with pytest.raises(UsageError, match="base model returned"):
         certify(lambda x: x.sum(1), torch.zeros(2), 0.5, n0=10, n=10, alpha=0.01)
+
+
+def test_pad_counts_zero_pads_to_the_widest():
+    from rsrouter.smoothing import pad_counts
+
+    sel, est = pad_counts(torch.tensor([[3, 1]]), torch.tensor([[0, 2, 5, 1]]))
+    assert sel.tolist() == [[3, 1, 0, 0]] and est.tolist() == [[0, 2, 5, 1]]

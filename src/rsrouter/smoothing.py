@@ -307,6 +307,13 @@ def sample_counts(
     return out
 
 
+def pad_counts(*counts: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Count matrices (B, K_i) zero-padded on the right to the widest K: a class id that one
+    draw never returned has count 0 there."""
+    width = max(c.shape[1] for c in counts)
+    return tuple(torch.nn.functional.pad(c, (0, width - c.shape[1])) for c in counts)
+
+
 def certify_batch(
     base: Base,
     xs: torch.Tensor,
@@ -321,9 +328,7 @@ def certify_batch(
     alpha, n0 = check_alpha(alpha), check_count("n0", n0)
     sel = sample_counts(base, xs, sigma, n0, stage=SELECTION, **sampling)
     est = sample_counts(base, xs, sigma, n, stage=ESTIMATION, **sampling)
-    width = max(sel.shape[1], est.shape[1])
-    sel = torch.nn.functional.pad(sel, (0, width - sel.shape[1]))
-    est = torch.nn.functional.pad(est, (0, width - est.shape[1]))
+    sel, est = pad_counts(sel, est)
     return [
         Certificate.from_counts(s, e, sigma, alpha)
         for s, e in zip(sel.numpy(), est.numpy(), strict=True)

@@ -30,6 +30,7 @@ from rsrouter.smoothing import (
     check_count,
     check_inputs,
     check_sigma,
+    pad_counts,
     sample_counts,
 )
 
@@ -136,9 +137,7 @@ class DualPrediction:
 
 
 def _pad_pair(sel: torch.Tensor, est: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    width = max(sel.shape[1], est.shape[1])
-    sel = torch.nn.functional.pad(sel, (0, width - sel.shape[1]))
-    est = torch.nn.functional.pad(est, (0, width - est.shape[1]))
+    sel, est = pad_counts(sel, est)
     return sel.numpy(), est.numpy()
 
 
