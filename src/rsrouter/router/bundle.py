@@ -363,27 +363,15 @@ def pull_router(
     device: str | torch.device = "cpu",
 ) -> PulledRouter:
     """Fetch a bundle and its pinned experts (every hash checked) and build the model."""
-    folder, commit = fetch_bundle(
-        repo_or_dir,
-        revision=revision,
-        endpoint=endpoint,
-        cache_dir=cache_dir,
-        token=token,
-        local_files_only=local_files_only,
+    hub = dict(
+        endpoint=endpoint, cache_dir=cache_dir, token=token, local_files_only=local_files_only
     )
+    folder, commit = fetch_bundle(repo_or_dir, revision=revision, **hub)
     if not (folder / "config.json").is_file():
         where = f"{repo_or_dir} at {revision}" if revision else str(repo_or_dir)
         raise UsageError(f"{where} has no config.json: it is not an rsrouter router bundle.")
     pins = bundle_pins(read_json(folder / "config.json"), str(folder / "config.json"))
-    experts = load_pinned_experts(
-        pins,
-        root=folder,
-        endpoint=endpoint,
-        cache_dir=cache_dir,
-        token=token,
-        local_files_only=local_files_only,
-        device=device,
-    )
+    experts = load_pinned_experts(pins, root=folder, device=device, **hub)
     router = RouterModel.from_pretrained(folder, device=device)
     router.check_experts([p["name"] for p in pins], [e.fingerprint for e in experts])
     return PulledRouter(folder, commit, pins, DualSmoothed(router, router.sigma_e, experts))
