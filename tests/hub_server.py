@@ -252,11 +252,11 @@ def _make_handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
             hub.requests.append(f"{self.command} {self.path}")
             body = self._body() if self.command in ("POST", "PUT", "DELETE") else b""
             try:
-                for method, pattern, handler in _ROUTES:
+                for method, pattern, name in _ROUTES:
                     match = pattern.fullmatch(url.path)
                     if match and method == self.command:
                         self._check_access(match.groupdict())
-                        handler(self, query=query, body=body, **match.groupdict())
+                        getattr(self, name)(query=query, body=body, **match.groupdict())
                         return
                 hub.unhandled.append(f"{self.command} {self.path}")
                 self._error(
@@ -422,46 +422,23 @@ def _make_handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
 
 _REPO = r"(?P<repo>[^/]+(?:/[^/]+)?)"
 _TYPE = r"(?P<type>models|datasets|spaces)"
+_RESOLVE = rf"/(?:(?P<type>datasets|spaces)/)?{_REPO}/resolve/(?P<rev>[^/]+)/(?P<path>.+)"
+# (method, path pattern, name of the Handler method that answers it with the pattern's groups)
 _ROUTES = [
-    ("POST", re.compile(r"/api/repos/create"), lambda h, **kw: h.create_repo(**kw)),
-    ("DELETE", re.compile(r"/api/repos/delete"), lambda h, **kw: h.delete_repo(**kw)),
-    (
-        "POST",
-        re.compile(rf"/api/{_TYPE}/{_REPO}/preupload/(?P<rev>[^/]+)"),
-        lambda h, **kw: h.preupload(**kw),
-    ),
-    (
-        "POST",
-        re.compile(rf"/api/{_TYPE}/{_REPO}/commit/(?P<rev>[^/]+)"),
-        lambda h, **kw: h.commit(**kw),
-    ),
-    ("POST", re.compile(r"/api/validate-yaml"), lambda h, **kw: h.validate_yaml(**kw)),
-    (
-        "POST",
-        re.compile(rf"/api/{_TYPE}/{_REPO}/branch/(?P<branch>.+)"),
-        lambda h, **kw: h.branch(**kw),
-    ),
-    (
-        "GET",
-        re.compile(rf"/api/{_TYPE}/{_REPO}/revision/(?P<rev>[^/]+)"),
-        lambda h, **kw: h.info(**kw),
-    ),
-    (
-        "GET",
-        re.compile(rf"/api/{_TYPE}/{_REPO}/tree/(?P<rev>[^/]+)(?:/(?P<path>.*))?"),
-        lambda h, **kw: h.tree(**kw),
-    ),
-    ("GET", re.compile(rf"/api/{_TYPE}/{_REPO}"), lambda h, **kw: h.info(**kw)),
-    (
-        "HEAD",
-        re.compile(rf"/(?:(?P<type>datasets|spaces)/)?{_REPO}/resolve/(?P<rev>[^/]+)/(?P<path>.+)"),
-        lambda h, **kw: h.resolve(**kw),
-    ),
-    (
-        "GET",
-        re.compile(rf"/(?:(?P<type>datasets|spaces)/)?{_REPO}/resolve/(?P<rev>[^/]+)/(?P<path>.+)"),
-        lambda h, **kw: h.resolve(**kw),
-    ),
+    (method, re.compile(pattern), name)
+    for method, pattern, name in [
+        ("POST", r"/api/repos/create", "create_repo"),
+        ("DELETE", r"/api/repos/delete", "delete_repo"),
+        ("POST", rf"/api/{_TYPE}/{_REPO}/preupload/(?P<rev>[^/]+)", "preupload"),
+        ("POST", rf"/api/{_TYPE}/{_REPO}/commit/(?P<rev>[^/]+)", "commit"),
+        ("POST", r"/api/validate-yaml", "validate_yaml"),
+        ("POST", rf"/api/{_TYPE}/{_REPO}/branch/(?P<branch>.+)", "branch"),
+        ("GET", rf"/api/{_TYPE}/{_REPO}/revision/(?P<rev>[^/]+)", "info"),
+        ("GET", rf"/api/{_TYPE}/{_REPO}/tree/(?P<rev>[^/]+)(?:/(?P<path>.*))?", "tree"),
+        ("GET", rf"/api/{_TYPE}/{_REPO}", "info"),
+        ("HEAD", _RESOLVE, "resolve"),
+        ("GET", _RESOLVE, "resolve"),
+    ]
 ]
 
 
