@@ -176,3 +176,18 @@ def test_cli_certify_report_predict(tmp_path, capsys):
     assert run(["predict", str(tmp_path / "small.png"), "--device", "cpu", *w]) == 1
     assert "28x20 pixels" in capsys.readouterr().err
     assert run(["certify", "--alpha-router", "0.5", *w]) == 1
+
+
+def test_every_certify_setting_but_the_split_reaches_certify_run():
+    import inspect
+
+    from rsrouter.router.certify_run import CERTIFY_DEFAULTS, RUN_OPTIONS, run_options
+
+    assert set(RUN_OPTIONS) == set(CERTIFY_DEFAULTS) - {"split"}
+    named = set(inspect.signature(certify_run).parameters)
+    assert (
+        set(RUN_OPTIONS) - {"batch_size"} <= named and "sampling" in named
+    )  # batch_size: **sampling
+    assert run_options({**CERTIFY_DEFAULTS, "n": 7}) == {
+        k: v for k, v in {**CERTIFY_DEFAULTS, "n": 7}.items() if k != "split"
+    }

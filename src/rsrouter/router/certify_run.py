@@ -379,6 +379,14 @@ def certify_settings(ws, **overrides) -> dict:
     return ws.settings_over("certify", CERTIFY_DEFAULTS, overrides)
 
 
+RUN_OPTIONS = ("n0", "n", "alpha", "alpha_router", "seed", "limit", "p_skip", "chunk", "batch_size")
+
+
+def run_options(settings: dict) -> dict:
+    """certify_run's keyword arguments from certify_settings (every setting but the split)."""
+    return {k: settings[k] for k in RUN_OPTIONS}
+
+
 def workspace_dual(ws, *, device=None) -> tuple[DualSmoothed, list[str]]:
     """The workspace's trained router over its experts (refused if they changed since)."""
     from rsrouter.router.model import RouterModel
@@ -406,16 +414,8 @@ def certify_workspace(ws, *, device=None, progress: bool = True, **overrides) ->
         dual,
         dataset,
         ws.artifacts,
-        n0=s["n0"],
-        n=s["n"],
-        alpha=s["alpha"],
-        alpha_router=s["alpha_router"],
-        seed=s["seed"],
-        limit=s["limit"],
-        p_skip=s["p_skip"],
         expert_names=names,
-        chunk=s["chunk"],
         progress=progress and ctx.is_main,
-        batch_size=s["batch_size"],
         device=device,
+        **run_options(s),
     )
