@@ -185,9 +185,8 @@ def test_every_certify_setting_but_the_split_reaches_certify_run():
 
     assert set(RUN_OPTIONS) == set(CERTIFY_DEFAULTS) - {"split"}
     named = set(inspect.signature(certify_run).parameters)
-    assert (
-        set(RUN_OPTIONS) - {"batch_size"} <= named and "sampling" in named
-    )  # batch_size: **sampling
+    # batch_size reaches certify_run through **sampling
+    assert set(RUN_OPTIONS) - {"batch_size"} <= named and "sampling" in named
     assert run_options({**CERTIFY_DEFAULTS, "n": 7}) == {
         k: v for k, v in {**CERTIFY_DEFAULTS, "n": 7}.items() if k != "split"
     }
