@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 from rich.console import Console
 
@@ -16,6 +18,10 @@ app = typer.Typer(
 )
 console = Console()
 err_console = Console(stderr=True)
+
+# options most commands take
+WORKSPACE = typer.Option(Path("."), "--workspace", "-w", help="The workspace folder.")
+DEVICE = typer.Option("auto", help="cpu, cuda, cuda:K or auto.")
 
 
 @app.callback()

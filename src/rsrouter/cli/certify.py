@@ -11,12 +11,10 @@ from rich.markdown import Markdown
 from rich.table import Table
 
 from rsrouter import distributed
-from rsrouter.cli.app import app, console
+from rsrouter.cli.app import DEVICE, WORKSPACE, app, console
 from rsrouter.errors import UsageError
 from rsrouter.io import read_json
 from rsrouter.registry import Workspace
-
-WORKSPACE = typer.Option(Path("."), "--workspace", "-w", help="The workspace folder.")
 
 
 @app.command("certify")
@@ -32,7 +30,7 @@ def certify_cmd(
     seed: int = typer.Option(None, help="Noise seed (default 0)."),
     p_skip: float = typer.Option(None, "--p-skip", help="Multiscale baseline threshold (0.5)."),
     batch_size: int = typer.Option(None, "--batch-size", help="Forward batch size (1000)."),
-    device: str = typer.Option("auto", help="cpu, cuda, cuda:K or auto."),
+    device: str = DEVICE,
     workspace: Path = WORKSPACE,
 ) -> None:
     """Dual-certify a split, with each expert alone, Multiscale and the oracle beside it."""
@@ -128,7 +126,7 @@ def predict_cmd(
     alpha: float = typer.Option(0.001, help="Total failure probability."),
     alpha_router: float = typer.Option(None, "--alpha-router", help="Router share (alpha / 2)."),
     seed: int = typer.Option(0, help="Noise seed."),
-    device: str = typer.Option("auto", help="cpu, cuda, cuda:K or auto."),
+    device: str = DEVICE,
     workspace: Path = WORKSPACE,
 ) -> None:
     """PREDICT with the router, then with the expert it picks (abstains unless both are sure)."""

@@ -9,11 +9,9 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from rsrouter.cli.app import app, console
+from rsrouter.cli.app import WORKSPACE, app, console
 from rsrouter.errors import UsageError
 from rsrouter.registry import Workspace
-
-WORKSPACE = typer.Option(Path("."), "--workspace", "-w", help="The workspace folder.")
 
 
 def parse_floats(text: str, what: str) -> list[float]:

@@ -7,8 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from rsrouter.cli.app import app, console
-from rsrouter.cli.experts import WORKSPACE
+from rsrouter.cli.app import WORKSPACE, app, console
 from rsrouter.registry import Workspace
 from rsrouter.router.bundle import bundle_workspace, pull_router, push_bundle
 

@@ -8,11 +8,8 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from rsrouter.cli.app import app, console
+from rsrouter.cli.app import DEVICE, WORKSPACE, app, console
 from rsrouter.registry import Workspace
-
-WORKSPACE = typer.Option(Path("."), "--workspace", "-w", help="The workspace folder.")
-DEVICE = typer.Option("auto", help="cpu, cuda, cuda:K or auto.")
 
 
 def _print_table(table) -> None:
