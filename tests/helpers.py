@@ -2,9 +2,40 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
+
+
+def small_cnn_expert(
+    sigma: float,
+    *,
+    num_classes: int = 3,
+    in_chans: int = 1,
+    input_size=(8, 8),
+    width: int = 2,
+    seed: int | None = None,
+    **fields,
+):
+    """A random small-CNN classifier expert at ``sigma`` (torch seeded first if ``seed``)."""
+    from rsrouter.experts import Expert, build_classifier
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    net = build_classifier("small_cnn", num_classes, in_chans, width=width)
+    return Expert.from_module(
+        net, sigma=sigma, arch="small_cnn", arch_args={"width": width}, num_classes=num_classes,
+        in_chans=in_chans, input_size=input_size, **fields,
+    )  # fmt: skip
+
+
+def fill_hub_cache(cache: Path, repo_id: str, folder: Path, commit: str = "a" * 40) -> None:
+    """The cache layout snapshot_download reads: refs/main → snapshots/<commit>/<files>."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(folder, repo / "snapshots" / commit)
 
 
 def tiny_unet(sample_size: int = 8, seed: int = 0):
@@ -28,18 +59,15 @@ def tiny_unet(sample_size: int = 8, seed: int = 0):
 def fashion_workspace(root: Path):
     """Two tiny Fashion-MNIST experts and an untrained router in a fresh workspace root/ws."""
     from rsrouter.data import FASHION_MNIST_CLASSES
-    from rsrouter.experts import Expert, build_classifier
     from rsrouter.registry import Workspace
     from rsrouter.router.model import RouterModel
 
     ws = Workspace.init(root / "ws")
     torch.manual_seed(0)
     for sigma in (0.25, 0.5):
-        net = build_classifier("small_cnn", 10, 1, width=2)
-        expert = Expert.from_module(
-            net, sigma=sigma, arch="small_cnn", num_classes=10, in_chans=1, input_size=[28, 28],
-            arch_args={"width": 2}, class_names=list(FASHION_MNIST_CLASSES),
-        )  # fmt: skip
+        expert = small_cnn_expert(
+            sigma, num_classes=10, input_size=[28, 28], class_names=list(FASHION_MNIST_CLASSES)
+        )
         expert.save_pretrained(root / f"e{sigma}")
         ws.add_expert(root / f"e{sigma}", sigma, name=f"gauss-{sigma}")
     experts = ws.load_experts()

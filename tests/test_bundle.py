@@ -9,9 +9,9 @@ import pytest
 import torch
 from huggingface_hub import HfApi, ModelCard
 
-from helpers import tiny_unet
+from helpers import small_cnn_expert, tiny_unet
 from rsrouter.errors import UsageError
-from rsrouter.experts import Expert, build_classifier
+from rsrouter.experts import Expert
 from rsrouter.io import read_json
 from rsrouter.registry import Workspace
 from rsrouter.router.bundle import (
@@ -33,11 +33,9 @@ REPORT = "| radius | dual RS |\n|---|---|\n| 0.00 | 0.812 |\n| 0.25 | 0.640 |\n"
 
 
 def _expert(sigma: float, seed: int) -> Expert:
-    torch.manual_seed(seed)
-    net = build_classifier("small_cnn", 10, 1, width=4)
-    return Expert.from_module(
-        net, sigma=sigma, arch="small_cnn", num_classes=10, in_chans=1, input_size=SHAPE[1:],
-        arch_args={"width": 4}, dataset="fashion-mnist-subset", license="mit",
+    return small_cnn_expert(
+        sigma, seed=seed, num_classes=10, input_size=SHAPE[1:], width=4,
+        dataset="fashion-mnist-subset", license="mit",
     )  # fmt: skip
 
 

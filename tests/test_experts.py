@@ -20,25 +20,13 @@ SHAPE = dict(num_classes=3, in_chans=1, input_size=(8, 8))
 
 
 def tiny_expert(sigma=0.25, seed=0, **fields) -> Expert:
-    torch.manual_seed(seed)
-    net = build_classifier("small_cnn", 3, 1, width=2)
-    return Expert.from_module(
-        net, sigma=sigma, arch="small_cnn", arch_args={"width": 2}, **SHAPE, **fields
-    ).eval()
+    return helpers.small_cnn_expert(sigma, seed=seed, **SHAPE, **fields).eval()
 
 
 def tiny_unet():
     from diffusers import DDPMScheduler
 
     return helpers.tiny_unet(), DDPMScheduler(num_train_timesteps=1000)
-
-
-def fill_hub_cache(cache: Path, repo_id: str, folder: Path, commit: str = "a" * 40) -> None:
-    """The cache layout snapshot_download reads: refs/main → snapshots/<commit>/<files>."""
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
-    shutil.copytree(folder, repo / "snapshots" / commit)
 
 
 def test_folder_round_trip_keeps_outputs_and_fingerprint(tmp_path):
@@ -119,7 +107,7 @@ def test_hub_cache_offline_and_missing_repo(tmp_path, monkeypatch):
     expert = tiny_expert()
     folder = expert.save_pretrained(tmp_path / "e")
     cache = tmp_path / "cache"
-    fill_hub_cache(cache, "org/tiny", folder)
+    helpers.fill_hub_cache(cache, "org/tiny", folder)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     loaded = Expert.from_pretrained("org/tiny", cache_dir=cache)
     assert loaded.fingerprint == expert.fingerprint

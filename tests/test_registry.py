@@ -13,10 +13,9 @@ import torch
 from huggingface_hub import HfApi
 
 import rsrouter.cli.experts  # noqa: F401  (registers the commands)
-from helpers import tiny_unet
+from helpers import fill_hub_cache, small_cnn_expert, tiny_unet
 from rsrouter.cli.app import run
 from rsrouter.errors import UsageError
-from rsrouter.experts import Expert, build_classifier
 from rsrouter.registry import Workspace
 from rsrouter.registry.toml import dumps
 
@@ -24,17 +23,7 @@ pytest_plugins = ["hub_server"]  # the `hub` fixture: a loopback Hub test double
 
 
 def save_expert(folder: Path, sigma=0.25, seed=0, num_classes=3, size=8) -> Path:
-    torch.manual_seed(seed)
-    net = build_classifier("small_cnn", num_classes, 1, width=2)
-    expert = Expert.from_module(
-        net,
-        sigma=sigma,
-        arch="small_cnn",
-        arch_args={"width": 2},
-        num_classes=num_classes,
-        in_chans=1,
-        input_size=size,
-    )
+    expert = small_cnn_expert(sigma, num_classes=num_classes, input_size=size, seed=seed)
     return expert.save_pretrained(folder)
 
 
@@ -146,8 +135,6 @@ def test_denoised_at_several_sigma_and_human_edits(tmp_path):
 
 
 def test_hub_cache_offline(tmp_path, monkeypatch):
-    from test_experts import fill_hub_cache
-
     cache = tmp_path / "cache"
     fill_hub_cache(cache, "org/cached", save_expert(tmp_path / "e"), commit="c" * 40)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
