@@ -5,24 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import small_cnn_expert
 from rsrouter.data import load_dataset
 from rsrouter.errors import UsageError
-from rsrouter.experts import Expert, build_classifier
+from rsrouter.experts import Expert
 from rsrouter.experts.denoiser import noise_levels, timestep_for_sigma
 from rsrouter.experts.train import DenoiserConfig, build_denoiser, train_denoiser
 
 
 def denoised_expert(unet, scheduler, sigma: float) -> Expert:
-    net = build_classifier("small_cnn", 10, 1, width=2)
-    clean = Expert.from_module(
-        net,
-        sigma=0,
-        arch="small_cnn",
-        arch_args={"width": 2},
-        num_classes=10,
-        in_chans=1,
-        input_size=28,
-    )
+    clean = small_cnn_expert(0, num_classes=10, input_size=28)
     return Expert.from_parts(clean.config, clean.classifier, unet, scheduler, sigma=sigma)
 
 
