@@ -72,6 +72,11 @@ def _rank_path(path: Path, rank: int) -> Path:
     return path.with_name(f"{path.stem}.rank-{rank}.jsonl")
 
 
+def _rank_shards(path: Path) -> list[Path]:
+    """Every rank's shard of ``path`` that is there, in name order."""
+    return sorted(path.parent.glob(f"{path.stem}.rank-*.jsonl"))
+
+
 def _write_path(path: Path, ctx) -> Path:
     return path if ctx.world == 1 else _rank_path(path, ctx.rank)
 
@@ -85,7 +90,7 @@ def read_records(path: str | Path, ctx=None) -> dict[int, dict]:
     if ctx is not None and ctx.world > 1:
         shards = [_rank_path(path, ctx.rank)]
     else:
-        shards = sorted(path.parent.glob(f"{path.stem}.rank-*.jsonl"))
+        shards = _rank_shards(path)
     out: dict[int, dict] = {}
     for p in [path, *shards]:
         for record in read_jsonl(p):
@@ -96,7 +101,7 @@ def read_records(path: str | Path, ctx=None) -> dict[int, dict]:
 def _merge(path: Path) -> None:
     """Rewrite ``path`` sorted by index from itself and its rank shards, then drop the shards."""
     records = read_records(path)
-    shards = sorted(path.parent.glob(f"{path.stem}.rank-*.jsonl"))
+    shards = _rank_shards(path)
     lines = [json.dumps(records[i], sort_keys=True) + "\n" for i in sorted(records)]
     write_text(path, "".join(lines))
     for shard in shards:
@@ -326,7 +331,7 @@ def certify_run(
     ctx.barrier()
     if ctx.is_main:
         for p in (*expert_paths, router_path, path):
-            if p.exists() or any(p.parent.glob(f"{p.stem}.rank-*.jsonl")):
+            if p.exists() or _rank_shards(p):
                 _merge(p)
     ctx.barrier()
     records = read_records(path)
