@@ -308,3 +308,41 @@ def test_router_with_a_denoiser_round_trips(tmp_path: Path):
     x = group_data(4, seed=0).images
     assert torch.allclose(loaded(x), router.eval()(x), atol=1e-6)
     assert loaded.fingerprint == router.fingerprint
+
+
+# ---------------------------------------------------------------- warm start from an expert
+
+
+def _small_expert(sigma: float, width: int, seed: int):
+    from rsrouter.experts import Expert
+    from rsrouter.experts.nets import build_classifier
+
+    torch.manual_seed(seed)
+    net = build_classifier("small_cnn", 10, 1, width=width)
+    return Expert.from_module(
+        net, sigma=sigma, arch="small_cnn", arch_args={"width": width}, num_classes=10,
+        in_chans=1, input_size=(8, 8), mean=(0.25,), std=(0.5,),
+    )  # fmt: skip
+
+
+def test_router_init_copies_an_experts_weights_but_its_head():
+    from rsrouter.router.train import ROUTER_DEFAULTS, build_router
+
+    experts = {"small": _small_expert(0.25, 4, 0), "large": _small_expert(1.0, 4, 1)}
+    settings = {**ROUTER_DEFAULTS, "arch_args": {"width": 4}, "init": "large"}
+    router = build_router(experts, settings, seed=0)
+    source = experts["large"].classifier.state_dict()
+    mine = router.classifier.state_dict()
+    assert list(mine)[-2:] == ["fc.weight", "fc.bias"]
+    for key in list(mine)[:-2]:
+        assert torch.equal(mine[key], source[key]), key
+    assert mine["fc.weight"].shape == (2, source["fc.weight"].shape[1])
+    assert router.mean == (0.25,) and router.info["init"] == "large"
+    plain = build_router(experts, {**settings, "init": None}, seed=0)
+    assert not torch.equal(
+        plain.classifier.state_dict()["features.0.weight"], source["features.0.weight"]
+    )
+    with pytest.raises(UsageError, match="not a registered expert"):
+        build_router(experts, {**settings, "init": "nobody"})
+    with pytest.raises(UsageError, match="architecture"):
+        build_router(experts, {**settings, "arch_args": {"width": 8}})

@@ -244,6 +244,8 @@ def train_router(
     structure = {k: v for k, v in router.config().items() if k not in router.info}
     run_key = sha256_json(
         {
+            # an expert's weights started it (absent: the seed did; keys stay as they were)
+            **({"init": router.info["init"]} if router.info.get("init") else {}),
             "config": config.to_dict(),
             "table": table_info,
             "router": structure,
@@ -322,6 +324,7 @@ ROUTER_DEFAULTS = {
     "denoiser": None,  # a registered denoised expert's name, or a diffusers folder
     "mean": None,  # None = the first expert's normalisation
     "std": None,
+    "init": None,  # a registered expert whose classifier weights start the router's (not its head)
 }
 
 
@@ -349,14 +352,40 @@ def _router_denoiser(spec, experts: dict):
     return load_denoiser(folder)
 
 
+def init_from_expert(router: RouterModel, expert, name: str) -> None:
+    """Copy ``expert``'s classifier weights into the router's, all but the output layer.
+
+    The largest-sigma expert was trained on x + N(0, sigma_e^2): its features are what the
+    router sees. Needs the same architecture and width (only the output layer differs).
+    """
+    source = getattr(expert, "classifier", None)
+    if source is None or getattr(expert, "denoiser", None) is not None:
+        raise UsageError(f"router init {name!r} must be a classifier expert without a denoiser.")
+    theirs, mine = source.state_dict(), router.classifier.state_dict()
+    differ = sorted(k for k in mine if k in theirs and theirs[k].shape != mine[k].shape)
+    last = list(mine)[-2:]  # the output layer's weight and bias
+    if set(theirs) != set(mine) or differ != sorted(last):
+        raise UsageError(
+            f"router init {name!r}: its classifier is not the router's architecture "
+            f"({router.arch} {router.arch_args}) with another output layer."
+        )
+    with torch.no_grad():
+        for key, value in mine.items():
+            if key not in last:
+                value.copy_(theirs[key])
+
+
 def build_router(experts: dict, settings: dict, *, seed: int = 0, info=None) -> RouterModel:
     """A fresh router over ``experts`` (name -> Expert, in order) from [router] settings."""
     if not experts:
         raise UsageError("no experts are registered: add one with `router add-expert` first.")
-    first = next(iter(experts.values()))
+    init = settings.get("init")
+    if init and init not in experts:
+        raise UsageError(f"router init {init!r} is not a registered expert.")
+    first = experts[init] if init else next(iter(experts.values()))  # normalisation source
     config = getattr(first, "config", None)
     unet, scheduler = _router_denoiser(settings.get("denoiser"), experts)
-    return RouterModel.create(
+    router = RouterModel.create(
         seed=seed,
         arch=settings["arch"],
         arch_args=settings.get("arch_args") or {},
@@ -372,6 +401,10 @@ def build_router(experts: dict, settings: dict, *, seed: int = 0, info=None) -> 
         scheduler=scheduler,
         info=info,
     )
+    if init:
+        init_from_expert(router, experts[init], init)
+        router.info["init"] = init
+    return router
 
 
 def router_folder(ws) -> Path:
