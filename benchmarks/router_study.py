@@ -4,7 +4,9 @@ Every variant trains a router on the workspace's radius tables (cached; nothing 
 into ``<artifacts>/study/<name>/`` and certifies the workspace's [certify] test inputs with it.
 The experts' test counts are cached in ``<artifacts>/certify/experts/``, so a variant costs its
 router training plus one router pass. Printed per variant: the routing shares, router
-abstention, dual − best single expert (points) at r = 0, 0.5, 1, 1.5, and the ACRs.
+abstention, dual − best single expert (points) at r = 0, 0.5, 1, 1.5, dual's certified
+accuracy there, the same for an uncertified use of the router's votes (a diagnostic: what the
+routing decisions would give if certifying the router cost nothing), and the ACRs.
 
     router demo --workspace /tmp/demo                 # once: experts, tables, test counts
     python benchmarks/router_study.py /tmp/demo       # every variant of VARIANTS
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -28,7 +31,13 @@ from rsrouter.router.certify_run import certify_run, certify_settings
 from rsrouter.router.dual import DualSmoothed
 from rsrouter.router.report import summarize
 from rsrouter.router.tables import workspace_dataset, workspace_tables
-from rsrouter.router.train import RouterTrainConfig, build_router, router_settings, train_router
+from rsrouter.router.train import (
+    RouterTrainConfig,
+    build_router,
+    router_settings,
+    soft_labels,
+    train_router,
+)
 
 RADII = (0.0, 0.5, 1.0, 1.5)
 
@@ -68,6 +77,28 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
         {"lr": 1e-3, "epochs": 60, "soft_label_scale": 0.1, "consistency_lambda": 100.0},
         {},
     ),
+    "lr1e-3-ep60-T0.1-lam200": (
+        {"lr": 1e-3, "epochs": 60, "soft_label_scale": 0.1, "consistency_lambda": 200.0},
+        {},
+    ),
+    "lr1e-3-ep120-T0.1-lam100": (
+        {"lr": 1e-3, "epochs": 120, "soft_label_scale": 0.1, "consistency_lambda": 100.0},
+        {},
+    ),
+    "lr1e-3-ep60-T0.1-lam400": (
+        {"lr": 1e-3, "epochs": 60, "soft_label_scale": 0.1, "consistency_lambda": 400.0},
+        {},
+    ),
+    "lr1e-3-ep60-T0.1-lam100-eta5": (
+        {
+            "lr": 1e-3,
+            "epochs": 60,
+            "soft_label_scale": 0.1,
+            "consistency_lambda": 100.0,
+            "consistency_eta": 5.0,
+        },
+        {},
+    ),
     "lr1e-3-ep60-T0.1-wr-none": (
         {"lr": 1e-3, "epochs": 60, "soft_label_scale": 0.1, "consistency_weight": "none"},
         {},
@@ -97,13 +128,31 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
 }
 
 
-def table_stats(table) -> dict:
-    """Share of kept rows whose best expert is each one, and the soft labels' mean entropy."""
+def table_stats(table, class_names) -> dict:
+    """Over the kept rows: the share whose best expert is each one (overall and per class), and
+    the soft labels' mean entropy at a few label scales T (uniform = log E)."""
     keep = table.certified
-    radii = table.radii[keep].float()
+    radii, labels = table.radii[keep].float(), table.labels[keep]
     best = radii.argmax(1)
-    shares = {n: float((best == e).float().mean()) for e, n in enumerate(table.names)}
-    return {"rows": len(table.indices), "kept": int(keep.sum()), "best_share": shares}
+
+    def shares(mask):
+        return [round(float((best[mask] == e).float().mean()), 2) for e in range(len(table.names))]
+
+    entropy = {}
+    for t in (1.0, 0.3, 0.1):
+        y = soft_labels(radii, t)
+        entropy[f"T={t:g}"] = round(float(-(y * y.clamp_min(1e-12).log()).sum(1).mean()), 3)
+    return {
+        "rows": len(table.indices),
+        "kept": int(keep.sum()),
+        "experts": list(table.names),
+        "best_share": shares(torch.ones_like(best, dtype=torch.bool)),
+        "best_share_by_class": {
+            name: shares(labels == c) for c, name in enumerate(class_names) if (labels == c).any()
+        },
+        "soft_label_entropy": entropy,
+        "uniform_entropy": round(math.log(len(table.names)), 3),
+    }
 
 
 def evaluate(ws, router, experts, names) -> dict:
@@ -128,10 +177,26 @@ def evaluate(ws, router, experts, names) -> dict:
         device="cpu",
     )
     meta = json.loads(run.meta_path.read_text())
-    return summarize(meta, run.records, grid=list(RADII))
+    return summarize(meta, run.records, grid=list(RADII)), run.records
 
 
-def row(name: str, summary: dict, history: list[dict], seconds: float) -> dict:
+def uncertified_routing(records: list[dict]) -> list[float]:
+    """Diagnostic, NOT a certificate: accuracy at RADII if every input went to the router's
+    most-voted expert (no router abstention, no R_sigma cap, the expert at the full alpha).
+    Its distance to the dual row is what certifying the router costs."""
+    out = []
+    for r in RADII:
+        hits = 0
+        for rec in records:
+            votes = rec["router"]["counts"]
+            e = rec["baselines"]["experts"][max(range(len(votes)), key=votes.__getitem__)]
+            hits += bool(e["correct"] and e["radius"] >= r)
+        out.append(round(100 * hits / len(records), 1))
+    return out
+
+
+def row(name: str, result, history: list[dict], seconds: float) -> dict:
+    summary, records = result
     m = summary["methods"]
     singles = [k for k in m if k.startswith("expert:")]
     return {
@@ -143,6 +208,7 @@ def row(name: str, summary: dict, history: list[dict], seconds: float) -> dict:
             for r, g in zip(RADII, summary["gap_to_best_single"], strict=True)
         },
         "dual": [round(100 * v, 1) for v in m["dual"]["certified_accuracy"]],
+        "uncertified_routing": uncertified_routing(records),
         "acr_dual": round(m["dual"]["acr"], 3),
         "acr_best_single": round(max(m[k]["acr"] for k in singles), 3),
         "train_picks_best": round(history[-1]["picks_best"], 3),
@@ -156,15 +222,18 @@ def markdown(rows: list[dict], names: list[str]) -> str:
         + " / ".join(names)
         + " (%) | router abst. | "
         + " | ".join(f"gap r={r:g}" for r in RADII)
-        + " | ACR dual | ACR best single | train picks best |"
+        + " | dual (%) | uncertified routing (%) | ACR dual | ACR best single |"
+        + " train picks best |"
     )
-    lines = [head, "|" + "---|" * (len(RADII) + 6)]
+    lines = [head, "|" + "---|" * (len(RADII) + 8)]
     for r in rows:
         shares = " / ".join(f"{100 * r['routing'][n]:.0f}" for n in names)
         gaps = " | ".join(f"{g:+.1f}" for g in r["gap"].values())
         lines.append(
             f"| {r['variant']} | {shares} | {100 * r['router_abstain']:.1f} | {gaps} | "
-            f"{r['acr_dual']:.3f} | {r['acr_best_single']:.3f} | {r['train_picks_best']:.2f} |"
+            f"{' / '.join(f'{v:g}' for v in r['dual'])} | "
+            f"{' / '.join(f'{v:g}' for v in r['uncertified_routing'])} | {r['acr_dual']:.3f} | "
+            f"{r['acr_best_single']:.3f} | {r['train_picks_best']:.2f} |"
         )
     return "\n".join(lines)
 
@@ -175,12 +244,11 @@ def main() -> None:
     parser.add_argument("--only", action="append", help="run only these variants (repeatable)")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     ws = Workspace.open(args.workspace)
     experts = ws.load_experts(device="cpu")
     names = list(experts)
     table, dataset = workspace_tables(ws, experts=experts, device="cpu", progress=False)
-    print("train table:", json.dumps(table_stats(table)))
+    print("train table:", json.dumps(table_stats(table, dataset.class_names)))
     rows = []
     for name, (train_over, router_over) in VARIANTS.items():
         if args.only and name not in args.only:

@@ -387,6 +387,10 @@ def demo_config(**overrides) -> PipelineConfig:
     return with_overrides(DEMO, **overrides)
 
 
+# The router settings are the defaults on purpose: docs/results/cpu-demo-router-study.md tried
+# epochs, lr, T, lambda, eta, balance, width, sigma_e, a warm start and more table rows; on this
+# toy every router that really routes loses more to its own certificate (abstentions, R_sigma
+# cap) than its routing gains, and the constant sigma = 1 router had the best dual ACR.
 DEMO = PipelineConfig(
     workspace=Path("demo-output"),
     dataset="fashion-mnist-subset",
