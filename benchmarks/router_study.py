@@ -85,6 +85,16 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
         {"lr": 1e-3, "epochs": 120, "soft_label_scale": 0.1, "consistency_lambda": 100.0},
         {},
     ),
+    "lr1e-3-ep60-T0.1-lam100-m4": (
+        {
+            "lr": 1e-3,
+            "epochs": 60,
+            "soft_label_scale": 0.1,
+            "consistency_lambda": 100.0,
+            "noise_copies": 4,
+        },
+        {},
+    ),
     "lr1e-3-ep60-T0.1-lam400": (
         {"lr": 1e-3, "epochs": 60, "soft_label_scale": 0.1, "consistency_lambda": 400.0},
         {},
