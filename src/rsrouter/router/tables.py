@@ -298,7 +298,7 @@ def _columns(experts: Mapping, dataset, artifacts, n, alpha, seed, subset):
 
 def _validate(experts, n, alpha, seed, subset):
     if not experts:
-        raise UsageError("no experts are registered: add one with `router add` first.")
+        raise UsageError("no experts are registered: add one with `router add-expert` first.")
     check_count("n", n)
     check_alpha(alpha)
     check_subset(subset)
