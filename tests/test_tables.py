@@ -148,3 +148,24 @@ def test_shards_of_another_shard_size_are_not_reused(tmp_path: Path):
     again = HalfExpert(0.3, 1)
     table = build_tables({"a": again}, data, tmp_path / "run", shard_size=8, **kw)
     assert again.calls == 3 and torch.equal(table.radii, clean.radii)  # 8 + 8 + 4: all new
+
+
+def test_cli_refuses_a_bad_option_before_saving_it(tmp_path: Path, capsys):
+    from rsrouter.cli.main import run
+    from rsrouter.registry import Workspace
+
+    ws = Workspace.init(tmp_path / "ws")
+    before = ws.path.read_text()
+    w = ["-w", str(tmp_path / "ws")]
+    bad_options = [
+        (["--n", "0"], "n must"),
+        (["--alpha", "2"], "alpha"),
+        (["--subset", "0"], "subset"),
+        (["--seed", "-1"], "seed"),
+        (["--batch-size", "0"], "batch_size"),
+        (["--split", "nope"], "split"),
+    ]
+    for bad, word in bad_options:
+        assert run(["tables", *bad, *w]) == 1
+        assert word in capsys.readouterr().err
+        assert ws.path.read_text() == before  # nothing saved: `router train` still works

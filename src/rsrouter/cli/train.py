@@ -43,13 +43,19 @@ def tables_cmd(
 ) -> None:
     """Compute the missing radius-table columns (one per expert); cached columns are reused."""
     from rsrouter import distributed
-    from rsrouter.router.tables import missing_columns, table_settings, workspace_tables
+    from rsrouter.router.tables import (
+        missing_columns,
+        table_settings,
+        workspace_dataset,
+        workspace_tables,
+    )
 
     ws = Workspace.open(workspace)
     ctx = distributed.context()
     overrides = dict(n=n, alpha=alpha, subset=subset, split=split, seed=seed,
                      batch_size=batch_size, shard_size=shard_size)  # fmt: skip
-    s = table_settings(ws, **overrides)
+    s = table_settings(ws, **overrides)  # checked: a bad value is refused before it is saved
+    dataset = workspace_dataset(ws, s["split"])  # an unknown split too
     given = {k: v for k, v in overrides.items() if v is not None}
     stored = ws.settings("tables")
     if ctx.is_main and any(stored.get(k) != v for k, v in given.items()):
@@ -57,11 +63,9 @@ def tables_cmd(
         console.print(f"saved {', '.join(f'{k}={v}' for k, v in given.items())} in {ws.path}")
     ctx.barrier()
     if ctx.is_main:
-        from rsrouter.router.tables import workspace_dataset
-
         experts = ws.load_experts(device=ctx.device(device))
         todo = missing_columns(
-            experts, workspace_dataset(ws, s["split"]), ws.artifacts, n=s["n"],
+            experts, dataset, ws.artifacts, n=s["n"],
             alpha=s["alpha"], seed=s["seed"], subset=s["subset"],
         )  # fmt: skip
         console.print(
@@ -70,7 +74,9 @@ def tables_cmd(
         )  # fmt: skip
     else:
         experts = None
-    table, _ = workspace_tables(ws, experts=experts, device=device, ctx=ctx, **overrides)
+    table, _ = workspace_tables(
+        ws, experts=experts, dataset=dataset, device=device, ctx=ctx, **overrides
+    )
     if ctx.is_main and table is not None:
         _print_table(table)
         console.print(f"columns: {Path(ws.artifacts) / 'tables'}")

@@ -299,6 +299,10 @@ def _columns(experts: Mapping, dataset, artifacts, n, alpha, seed, subset):
 def _validate(experts, n, alpha, seed, subset):
     if not experts:
         raise UsageError("no experts are registered: add one with `router add-expert` first.")
+    _check_settings(n, alpha, seed, subset)
+
+
+def _check_settings(n, alpha, seed, subset):
     check_count("n", n)
     check_alpha(alpha)
     check_subset(subset)
@@ -445,8 +449,13 @@ TABLE_DEFAULTS = {
 
 
 def table_settings(ws, **overrides) -> dict:
-    """[tables] of the workspace over the defaults, then the overrides that are not None."""
-    return ws.settings_over("tables", TABLE_DEFAULTS, overrides)
+    """[tables] of the workspace over the defaults, then the overrides that are not None;
+    checked, so that a bad value is refused before `router tables` saves it."""
+    s = ws.settings_over("tables", TABLE_DEFAULTS, overrides)
+    _check_settings(s["n"], s["alpha"], s["seed"], s["subset"])
+    check_count("batch_size", s["batch_size"])
+    check_count("shard_size", s["shard_size"])
+    return s
 
 
 def workspace_dataset(ws, split: str):
@@ -461,6 +470,7 @@ def workspace_tables(
     ws,
     *,
     experts: Mapping | None = None,
+    dataset=None,
     device: str | torch.device | None = None,
     progress: bool = True,
     ctx=None,
@@ -469,11 +479,12 @@ def workspace_tables(
     """Build (or load) the workspace's table: returns (RadiusTable or None off rank 0, dataset).
 
     ``ctx`` is a ``rsrouter.distributed`` context; without one this is a single process.
+    ``dataset`` is the [tables] split when the caller has loaded it already.
     """
     from rsrouter.runtime import resolve_device
 
     s = table_settings(ws, **overrides)
-    dataset = workspace_dataset(ws, s["split"])
+    dataset = dataset if dataset is not None else workspace_dataset(ws, s["split"])
     device = ctx.device(device) if ctx is not None else resolve_device(device)
     experts = experts if experts is not None else ws.load_experts(device=device)
     table = build_tables(
