@@ -201,3 +201,30 @@ def test_export_and_convert_commands_share_the_expert_options(tmp_path, capsys):
     assert run(["export-expert", str(tmp_path / "w.safetensors"), str(tmp_path / "x"),
                 *options[:8], "--input-size", "8x"]) == 1  # fmt: skip
     assert "--input-size must be H or H,W" in capsys.readouterr().err
+
+
+def test_bad_command_line_input_is_one_sentence(tmp_path, capsys):
+    """Wrong architecture arguments, a corrupt checkpoint, an output that is a file."""
+    from safetensors.torch import save_file
+
+    import rsrouter.cli.experts  # noqa: F401  (registers the commands)
+    from rsrouter.cli.app import run
+
+    with pytest.raises(UsageError, match="'small_cnn' cannot be built.*'depth'"):
+        build_classifier("small_cnn", 3, 1, depth=3)
+    save_file(tiny_expert().classifier.state_dict(), tmp_path / "w.safetensors")
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    options = ["--arch", "small_cnn", "--sigma", "0.25", "--num-classes", "3", "--in-chans", "1",
+               "--input-size", "8", "--arch-arg", "width=2"]  # fmt: skip
+    cases = {
+        ("export-expert", "w.safetensors", "out", "--arch-arg", "width=abc"): "cannot be built",
+        ("convert-checkpoint", "junk.pt", "out"): "junk.pt is not a PyTorch checkpoint",
+        ("export-expert", "w.safetensors", "junk.pt"): "junk.pt is a file",
+    }
+    for (cmd, src, out, *extra), message in cases.items():
+        argv = [cmd, str(tmp_path / src), str(tmp_path / out), *options, *extra]
+        assert run(argv) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+    assert (tmp_path / "junk.pt").read_bytes() == b"junk"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import struct
 from pathlib import Path
 
 import torch
@@ -55,7 +56,8 @@ def read_pickle_checkpoint(path: str | os.PathLike, key: str | None = None) -> d
             f"{path} holds Python objects{what} besides tensors; torch.load(weights_only=True) "
             "refuses them and rsrouter never unpickles anything else."
         ) from exc
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+    except (RuntimeError, EOFError, OSError, ValueError, struct.error, KeyError, IndexError) as exc:
+        # the legacy (non-zip) reader fails on stray bytes with whatever they provoke
         raise UsageError(f"{path} is not a PyTorch checkpoint.") from exc
     return unwrap(obj, key, path)
 

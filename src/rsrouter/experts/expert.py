@@ -311,6 +311,8 @@ class Expert(nn.Module):
     def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
         """Write config.json, model.safetensors (+ denoiser/) and README.md; return the folder."""
         folder = Path(save_directory)
+        if folder.exists() and not folder.is_dir():
+            raise UsageError(f"{folder} is a file; an expert is saved to a folder.")
         folder.mkdir(parents=True, exist_ok=True)
         self._write_weights(folder)
         write_json(folder / CONFIG_NAME, self.config.to_dict())

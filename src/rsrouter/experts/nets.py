@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -79,18 +81,29 @@ BUILTIN = {
 
 
 def build_classifier(arch: str, num_classes: int, in_chans: int, **arch_args) -> nn.Module:
-    """A randomly initialised classifier: a built-in name or any `timm.create_model` name."""
-    if arch in BUILTIN:
-        return BUILTIN[arch](num_classes=num_classes, in_chans=in_chans, **arch_args)
-    import timm
+    """A randomly initialised classifier: a built-in name or any `timm.create_model` name.
 
-    if not timm.is_model(arch):
+    Arguments the architecture refuses (an unknown key, a value of the wrong type or range)
+    are a UsageError, since they come from a config file or the command line."""
+    if arch in BUILTIN:
+        build = BUILTIN[arch]
+    else:
+        import timm
+
+        if not timm.is_model(arch):
+            raise UsageError(
+                f"unknown architecture {arch!r}: use one of {sorted(BUILTIN)} or a timm model name."
+            )
+        build = functools.partial(timm.create_model, arch, pretrained=False)
+    try:
+        return build(num_classes=num_classes, in_chans=in_chans, **arch_args)
+    except UsageError:
+        raise
+    except (TypeError, ValueError, RuntimeError) as exc:
         raise UsageError(
-            f"unknown architecture {arch!r}: use one of {sorted(BUILTIN)} or a timm model name."
-        )
-    return timm.create_model(
-        arch, pretrained=False, num_classes=num_classes, in_chans=in_chans, **arch_args
-    )
+            f"architecture {arch!r} cannot be built with num_classes={num_classes}, "
+            f"in_chans={in_chans} and arguments {arch_args} ({str(exc).splitlines()[0][:160]})."
+        ) from exc
 
 
 def count_parameters(module: nn.Module) -> int:
