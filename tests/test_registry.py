@@ -223,3 +223,24 @@ def test_settings_over_defaults_refuses_unknown_keys(tmp_path):
     ws.update_settings("certify", nn=5)
     with pytest.raises(UsageError, match=r"unknown \[certify\] setting\(s\) in .*: nn\."):
         certify_settings(ws)
+
+
+def test_a_malformed_workspace_file_is_one_sentence(tmp_path, capsys):
+    """Hand edits of router.toml: wrong types are named, and TOML brackets survive printing."""
+    (tmp_path / "afile").write_text("")
+    assert run(["init", str(tmp_path / "afile")]) == 1
+    assert "cannot create the workspace folder" in capsys.readouterr().err
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    entry = 'name = "a"\nsource = "x"\nkind = "classifier"\n'
+    cases = {
+        "experts = [1]\n": "experts must be [[experts]] tables.",
+        f"[[experts]]\n{entry}sigma = 'abc'\n": "expert 'a': sigma must be a positive",
+        f"[[experts]]\n{entry}sigma = 0\n": "expert 'a': sigma must be a positive",
+        '[[experts]]\nname = "a"\nsource = 3\nkind = "classifier"\nsigma = 1\n': "non-text source",
+    }
+    for text, message in cases.items():
+        (ws / "router.toml").write_text(text)
+        assert run(["experts", "-w", str(ws)]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and "Traceback" not in err

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from rsrouter.errors import UsageError
 
@@ -34,7 +35,10 @@ def run(argv: list[str] | None = None) -> int:
     try:
         app(args=argv, prog_name="router")
     except UsageError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        # escaped: messages quote TOML tables ([router], [[experts]]) that rich would eat
+        err_console.print(
+            f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True
+        )
         return 1
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 0

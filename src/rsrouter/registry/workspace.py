@@ -75,6 +75,13 @@ class ExpertEntry:
                 + (f"unknown keys {unknown}" if unknown else f"no {missing}")
                 + "."
             )
+        wrong = [k for k in ("name", "source", "kind") if not isinstance(data[k], str)]
+        if wrong:
+            raise UsageError(f"{where}: expert entry {data['name']!r} has a non-text {wrong[0]}.")
+        try:
+            check_sigma(data["sigma"])
+        except UsageError as exc:
+            raise UsageError(f"{where}: expert {data['name']!r}: {exc}") from exc
         data = dict(data)
         data.setdefault("num_classes", 0)
         data.setdefault("input_shape", [])
@@ -99,7 +106,10 @@ class Workspace:
     def _load(self, doc: dict) -> None:
         self.doc = doc
         where = str(self.path)
-        self.experts = [ExpertEntry.from_dict(e, where) for e in doc.get("experts", [])]
+        entries = doc.get("experts", [])
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            raise UsageError(f"{where}: experts must be [[experts]] tables.")
+        self.experts = [ExpertEntry.from_dict(e, where) for e in entries]
 
     def reload(self) -> None:
         """Read router.toml again (it may have been edited since this object was made)."""
@@ -120,7 +130,12 @@ class Workspace:
         root = Path(path).resolve()
         if (root / WORKSPACE_FILE).exists():
             raise UsageError(f"{root / WORKSPACE_FILE} already exists.")
-        root.mkdir(parents=True, exist_ok=True)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(
+                f"cannot create the workspace folder {root} ({exc.strerror})."
+            ) from exc
         doc = {"artifacts": ARTIFACTS_DIR, "data": {"dataset": dataset or "fashion-mnist-subset"}}
         ws = cls(root, doc)
         ws.save()
