@@ -143,6 +143,10 @@ def test_bad_settings_are_one_sentence(tmp_path):
         _run(dual, tmp_path)
     with pytest.raises(UsageError, match="router certify"):
         latest_run(tmp_path / "nothing")
+    for bad in ({"seed": -1}, {"seed": None}, {"batch_size": 0}):
+        with pytest.raises(UsageError, match="seed|batch_size"):
+            _run(_dual(), tmp_path / "bad", **bad)
+        assert not (tmp_path / "bad").exists()  # refused before any file is written
 
 
 # ---------------------------------------------------------------- the CLI on a real workspace

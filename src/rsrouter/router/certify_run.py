@@ -27,7 +27,7 @@ from rsrouter.errors import UsageError
 from rsrouter.io import append_jsonl, read_json, read_jsonl, sha256_json, write_json, write_text
 from rsrouter.progress import progress_bar
 from rsrouter.router.baselines import MULTISCALE_LABEL, ORACLE_LABEL, multiscale, oracle
-from rsrouter.router.dual import DualCertificate, DualSmoothed, split_alpha
+from rsrouter.router.dual import DualCertificate, DualSmoothed, check_seed, split_alpha
 from rsrouter.smoothing import Certificate, check_count
 
 FORMAT = "rsrouter.certify-run/1"
@@ -241,6 +241,9 @@ def certify_run(
     """
     n0, n, chunk = check_count("n0", n0), check_count("n", n), check_count("chunk", chunk)
     a_router, a_expert = split_alpha(alpha, alpha_router)
+    check_seed(seed, allow_none=False)  # records resume by input index: noise is seeded
+    if "batch_size" in sampling:  # checked here too: a run whose counts are cached never samples
+        check_count("batch_size", sampling["batch_size"])
     if not 0.5 <= p_skip < 1:
         raise UsageError(f"p_skip must lie in [0.5, 1), got {p_skip!r}.")
     names = list(expert_names or [f"expert-{i}" for i in range(len(dual.experts))])

@@ -37,6 +37,15 @@ from rsrouter.smoothing import (
 ROUTER_SELECTION, ROUTER_ESTIMATION = 2, 3  # noise stages of the router (experts use 0 and 1)
 
 
+def check_seed(seed: int | None, *, allow_none: bool = True) -> int | None:
+    """A noise seed: a non-negative whole number, or None (unseeded) where ``allow_none``."""
+    if seed is None and allow_none:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise UsageError(f"seed must be a non-negative whole number, got {seed!r}.")
+    return seed
+
+
 def split_alpha(alpha: float, alpha_router: float | None = None) -> tuple[float, float]:
     """(alpha_router, alpha_expert) summing to alpha; alpha_router defaults to alpha / 2."""
     alpha = check_alpha(alpha)
@@ -229,6 +238,7 @@ class DualSmoothed:
         xs = check_inputs(xs, batched=True)
         n0, n = check_count("n0", n0), check_count("n", n)
         a_router, a_expert = split_alpha(alpha, alpha_router)
+        seed = check_seed(seed)
         idx = list(range(len(xs))) if indices is None else [int(i) for i in indices]
         if len(idx) != len(xs):
             raise UsageError(f"indices has {len(idx)} entries for {len(xs)} inputs.")
@@ -271,6 +281,7 @@ class DualSmoothed:
         xs = check_inputs(xs, batched=True)
         n = check_count("n", n)
         a_router, a_expert = split_alpha(alpha, alpha_router)
+        seed = check_seed(seed)
         idx = list(range(len(xs))) if indices is None else [int(i) for i in indices]
         self._eval()
         counts = sample_counts(

@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from rsrouter.errors import UsageError
 from rsrouter.io import atomic_path, sha256_json
 from rsrouter.progress import progress_bar
+from rsrouter.router.dual import check_seed
 from rsrouter.smoothing import (
     ESTIMATION,
     certified_radius,
@@ -306,8 +307,7 @@ def _check_settings(n, alpha, seed, subset):
     check_count("n", n)
     check_alpha(alpha)
     check_subset(subset)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise UsageError(f"seed must be a non-negative whole number, got {seed!r}.")
+    check_seed(seed, allow_none=False)
 
 
 def build_tables(
