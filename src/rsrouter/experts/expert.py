@@ -378,9 +378,10 @@ def weight_files(folder: Path, config: ExpertConfig) -> list[str]:
     """The files (relative paths) whose bytes determine what the expert computes."""
     names = [WEIGHTS_NAME]
     if config.kind == "denoised":
-        unet_dir, sched_dir = denoiser_dirs(folder / config.denoiser_subfolder)
-        for path in (unet_dir / UNET_CONFIG, unet_dir / UNET_WEIGHTS, sched_dir / SCHEDULER_CONFIG):
-            names.append(path.relative_to(folder).as_posix())
+        names += [
+            p.relative_to(folder).as_posix()
+            for p in denoiser_paths(folder / config.denoiser_subfolder)
+        ]
     return names
 
 
@@ -456,17 +457,30 @@ def denoiser_dirs(folder: Path) -> tuple[Path, Path]:
     return unet_dir, sched
 
 
+def denoiser_paths(folder: Path) -> list[Path]:
+    """The files a denoiser is loaded from: UNet config and weights, scheduler config."""
+    unet_dir, sched_dir = denoiser_dirs(folder)
+    return [unet_dir / UNET_CONFIG, unet_dir / UNET_WEIGHTS, sched_dir / SCHEDULER_CONFIG]
+
+
+def check_denoiser_folder(folder: Path) -> list[Path]:
+    """``denoiser_paths(folder)``, refusing a missing file (pickles named) in one sentence."""
+    unet_config, unet_weights, scheduler_config = paths = denoiser_paths(folder)
+    if not unet_config.is_file():
+        raise UsageError(f"{folder} has no diffusers UNet (config.json).")
+    if not unet_weights.is_file():
+        refuse_pickles(unet_weights.parent, UNET_WEIGHTS)
+    if not scheduler_config.is_file():
+        raise UsageError(f"{folder} has no {SCHEDULER_CONFIG} (a diffusers DDPM scheduler).")
+    return paths
+
+
 def load_denoiser(folder: Path, device="cpu"):
     """(UNet2DModel, DDPMScheduler) from a diffusers folder; safetensors only."""
     from diffusers import DDPMScheduler, UNet2DModel
 
-    unet_dir, sched_dir = denoiser_dirs(folder)
-    if not (unet_dir / UNET_CONFIG).is_file():
-        raise UsageError(f"{folder} has no diffusers UNet (config.json).")
-    if not (unet_dir / UNET_WEIGHTS).is_file():
-        refuse_pickles(unet_dir, UNET_WEIGHTS)
-    if not (sched_dir / SCHEDULER_CONFIG).is_file():
-        raise UsageError(f"{folder} has no {SCHEDULER_CONFIG} (a diffusers DDPM scheduler).")
+    unet_config, _, scheduler_config = check_denoiser_folder(folder)
+    unet_dir, sched_dir = unet_config.parent, scheduler_config.parent
     try:
         unet = UNet2DModel.from_pretrained(
             unet_dir, use_safetensors=True, local_files_only=True, low_cpu_mem_usage=False

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -22,6 +22,7 @@ from rsrouter.experts.expert import (
     DENOISER_PATTERNS,
     EXPERT_PATTERNS,
     Expert,
+    check_denoiser_folder,
     fetch_snapshot,
     load_classifier,
     load_denoiser,
@@ -245,28 +246,35 @@ class Workspace:
                 "be registered at several."
             )
         base = name or default_name(str(denoiser or source))
+        first = ExpertEntry(
+            name=base,
+            source=cls_source,
+            kind=kind,
+            sigma=sigmas[0],
+            num_classes=0,
+            input_shape=[],
+            revision=revision if cls_commit else None,
+            commit=cls_commit,
+            endpoint=endpoint,
+            cache_dir=_str(cache_dir),
+            denoiser_source=den.get("denoiser_source"),
+            denoiser_revision=den.get("denoiser_revision"),
+            denoiser_commit=den.get("denoiser_commit"),
+            sha256=hashes,
+        )
+        expert = self._build(first, cls_folder, den.get("folder"), device="cpu")  # loaded once
         entries = []
         for s in sigmas:
-            entry = ExpertEntry(
+            if s != expert.sigma:  # only denoised experts get here: a sigma beyond the
+                expert.with_sigma(s)  # denoiser's schedule is refused, the models are shared
+            entry = replace(
+                first,
                 name=base if (name and kind != "denoised") else f"{base}-sigma{s:g}",
-                source=cls_source,
-                kind=kind,
                 sigma=s,
-                num_classes=0,
-                input_shape=[],
-                revision=revision if cls_commit else None,
-                commit=cls_commit,
-                endpoint=endpoint,
-                cache_dir=_str(cache_dir),
-                denoiser_source=den.get("denoiser_source"),
-                denoiser_revision=den.get("denoiser_revision"),
-                denoiser_commit=den.get("denoiser_commit"),
-                sha256=hashes,
+                num_classes=expert.num_classes,
+                input_shape=list(expert.input_shape),
+                parameters=expert.num_parameters,
             )
-            expert = self._build(entry, cls_folder, den.get("folder"), device="cpu")
-            entry.num_classes = expert.num_classes
-            entry.input_shape = list(expert.input_shape)
-            entry.parameters = expert.num_parameters
             self._check_new(entry, entries)
             entries.append(entry)
         self.experts.extend(entries)
@@ -383,12 +391,7 @@ class Workspace:
 
 def denoiser_files(folder: Path) -> list[str]:
     """The diffusers files a denoised expert loads from a denoiser folder (relative paths)."""
-    from rsrouter.experts.expert import SCHEDULER_CONFIG, UNET_CONFIG, UNET_WEIGHTS, denoiser_dirs
-
-    load_denoiser(folder)  # refuses pickles and broken folders with one sentence
-    unet_dir, sched_dir = denoiser_dirs(folder)
-    files = [unet_dir / UNET_CONFIG, unet_dir / UNET_WEIGHTS, sched_dir / SCHEDULER_CONFIG]
-    return [p.relative_to(folder).as_posix() for p in files]
+    return [p.relative_to(folder).as_posix() for p in check_denoiser_folder(folder)]
 
 
 def hash_files(folder: Path, names: list[str]) -> dict[str, str]:
