@@ -12,6 +12,7 @@ from torch import nn
 
 from rsrouter.errors import UsageError
 from rsrouter.router.tables import (
+    TABLE_STAGE,
     build_tables,
     load_tables,
     missing_columns,
@@ -59,7 +60,7 @@ def test_column_values_match_the_core(tmp_path: Path):
     table = build_tables(
         {"a": expert}, data, tmp_path, n=30, alpha=0.01, seed=3, shard_size=7, progress=False
     )
-    counts = sample_counts(expert, data.images, 0.1, 30, seed=3, num_classes=2)
+    counts = sample_counts(expert, data.images, 0.1, 30, seed=3, stage=TABLE_STAGE, num_classes=2)
     hits = counts.gather(1, data.labels.unsqueeze(1)).squeeze(1).numpy()
     expected = certified_radius(hits, 30, 0.1, 0.01)
     assert np.allclose(table.radii[:, 0].numpy(), expected)
@@ -169,3 +170,14 @@ def test_cli_refuses_a_bad_option_before_saving_it(tmp_path: Path, capsys):
         assert run(["tables", *bad, *w]) == 1
         assert word in capsys.readouterr().err
         assert ws.path.read_text() == before  # nothing saved: `router train` still works
+
+
+def test_tables_draw_noise_no_certification_stage_draws():
+    """The router learns from the tables: their draws must be independent of every draw that
+    certifies or routes an input of the same index (expert, router and finetuning stages)."""
+    from rsrouter.router.dual import ROUTER_ESTIMATION, ROUTER_SELECTION
+    from rsrouter.router.finetune import ROUTE_STAGE
+    from rsrouter.smoothing import ESTIMATION, SELECTION
+
+    others = (SELECTION, ESTIMATION, ROUTER_SELECTION, ROUTER_ESTIMATION, ROUTE_STAGE)
+    assert TABLE_STAGE not in others and len(set(others)) == len(others)

@@ -24,7 +24,7 @@ from rsrouter.progress import progress_bar
 from rsrouter.router.model import RouterModel
 from rsrouter.smoothing import check_count, sample_counts
 
-ROUTE_STAGE = 8  # noise stage of the router's votes here (tables use 1, certification 0-3)
+ROUTE_STAGE = 8  # noise stage of the router's votes here (tables use 4, certification 0-3)
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,9 @@ One column per expert, cached in ``<artifacts>/tables/<key>.safetensors`` where 
 computes only its column. A column is built in shards of inputs, each written atomically to
 ``<key>.partial/shard-NNNNN.safetensors``; a killed run resumes from the shards that are there,
 and since the noise of input i is seeded by (seed, i), the merged column is the same however
-the work was split (batch size, shards, ranks).
+the work was split (batch size, shards, ranks). The tables draw their noise in their own stage
+(TABLE_STAGE): the router is trained on them, so they must not reuse the draws with which an
+expert later certifies an input of the same index (stages 0 and 1).
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ from rsrouter.io import atomic_path, sha256_json
 from rsrouter.progress import progress_bar
 from rsrouter.router.dual import check_seed
 from rsrouter.smoothing import (
-    ESTIMATION,
     certified_radius,
     check_alpha,
     check_count,
@@ -35,6 +36,7 @@ from rsrouter.smoothing import (
 )
 
 FORMAT = "rsrouter.radius-column/1"
+TABLE_STAGE = 4  # noise stage of the tables (certification uses 0-3, finetuning's votes 8)
 
 
 def check_subset(subset: float) -> float:
@@ -63,6 +65,7 @@ def column_key(expert_fp: str, dataset_fp: str, n: int, alpha: float, seed: int,
             "alpha": float(alpha),
             "seed": int(seed),
             "subset": float(subset),
+            "stage": TABLE_STAGE,  # columns drawn in the certification stage are not reused
         }
     )
 
@@ -154,7 +157,7 @@ def _compute_shard(
         n,
         seed=seed,
         indices=[int(i) for i in rows],
-        stage=ESTIMATION,
+        stage=TABLE_STAGE,
         batch_size=batch_size,
         device=device,
         num_classes=int(expert.num_classes),
