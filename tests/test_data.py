@@ -135,6 +135,18 @@ def test_bad_requests_are_one_sentence(tmp_path, monkeypatch):
         fh.write(b"not an idx file")
     with pytest.raises(UsageError, match="not an IDX"):
         read_idx(bad)
+    bad.write_bytes(b"not gzipped")
+    with pytest.raises(UsageError, match="could not be read"):
+        read_idx(bad)
+    broken = tmp_path / "folder" / "cat"
+    broken.mkdir(parents=True)
+    (broken / "x.png").write_bytes(b"not a png")
+    with pytest.raises(UsageError, match="x.png is not a readable image"):
+        load_dataset(tmp_path / "folder", "test")
+    short = tmp_path / "short-idx1-ubyte"
+    short.write_bytes(b"\x00\x00\x08\x03\x00")
+    with pytest.raises(UsageError, match="truncated"):
+        read_idx(short)
 
 
 def write_cifar(root: Path, images: np.ndarray, labels: np.ndarray) -> None:

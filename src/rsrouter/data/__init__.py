@@ -175,11 +175,16 @@ def data_root(name: str, root) -> Path:
 def read_idx(path: Path) -> np.ndarray:
     """An IDX array (big-endian header, uint8 data), gzipped or not."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as fh:
-        raw = fh.read()
+    try:
+        with opener(path, "rb") as fh:
+            raw = fh.read()
+    except (OSError, EOFError) as exc:  # gzip.BadGzipFile is an OSError
+        raise UsageError(f"{path} could not be read ({exc}).") from exc
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise UsageError(f"{path} is not an IDX file of unsigned bytes.")
     ndim = raw[3]
+    if len(raw) < 4 + 4 * ndim:
+        raise UsageError(f"{path} is truncated: its header names {ndim} dimensions.")
     dims = np.frombuffer(raw, dtype=">u4", count=ndim, offset=4).astype(int)
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
     if data.size != int(np.prod(dims)):
@@ -302,7 +307,12 @@ def load_image_folder(path: Path, split: str) -> Dataset:
         ) from exc
     if not len(ds):
         raise UsageError(f"{folder} holds no images.")
-    arrays = [np.asarray(ds.loader(p), dtype=np.uint8) for p, _ in ds.samples]
+    arrays = []
+    for p, _ in ds.samples:
+        try:
+            arrays.append(np.asarray(ds.loader(p), dtype=np.uint8))
+        except OSError as exc:  # PIL's UnidentifiedImageError included
+            raise UsageError(f"{p} is not a readable image ({exc}).") from exc
     shapes = {a.shape for a in arrays}
     if len(shapes) > 1:
         raise UsageError(f"{folder}: images differ in size ({sorted(shapes)[:3]}…); resize them.")
