@@ -70,7 +70,9 @@ def add_expert_cmd(
     ),
     sigma: str = typer.Option(..., help="Noise level(s): 0.25, or 0.25,0.5,1.0 if denoised."),
     name: str = typer.Option(
-        None, help="Expert name (default: the source's; denoised experts get -sigma<S> added)."
+        None,
+        help="Expert name (default: the source's name + -sigma<S>; a denoised expert's "
+        "name always gets -sigma<S> added).",
     ),
     revision: str = typer.Option(None, help="Hub branch, tag or commit to pin."),
     denoiser: str = typer.Option(None, help="A diffusers UNet2DModel + DDPMScheduler repo."),
