@@ -293,6 +293,13 @@ def test_cli_tables_train_finetune_retrain(tmp_path: Path, capsys):
     assert run([*table, *w]) == 0  # the retrain built the new columns already
     assert "nothing to compute" in capsys.readouterr().out
     assert run(["finetune-expert", "nope", *w]) == 1
+    toml = (tmp_path / "ws" / "router.toml").read_text()
+    taken = ["finetune-expert", "dds-ft-sigma0.25", "--name", "dds-ft", "--keep", *w]
+    assert run(taken) == 1 and "already registered" in capsys.readouterr().err
+    assert run(["finetune-expert", "dds-ft-sigma0.25", "--name", "../x", *w]) == 1
+    assert "expert name '../x'" in capsys.readouterr().err
+    assert (tmp_path / "ws" / "router.toml").read_text() == toml  # nothing lost or added
+    assert not (tmp_path / "ws" / ".rsrouter" / "x").exists()
 
 
 def test_router_with_a_denoiser_round_trips(tmp_path: Path):

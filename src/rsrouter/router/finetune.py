@@ -21,6 +21,7 @@ from torch.nn import functional as F
 from rsrouter.errors import UsageError
 from rsrouter.io import sha256_json
 from rsrouter.progress import progress_bar
+from rsrouter.registry.workspace import NAME
 from rsrouter.router.model import RouterModel
 from rsrouter.smoothing import check_count, sample_counts
 
@@ -133,8 +134,7 @@ def finetune_family(
             progress=adv,
         )
     member_of = {router.expert_names.index(name): name for name in family}
-    keep = torch.tensor([int(c) in member_of for c in choice], dtype=torch.bool)
-    rows = torch.nonzero(keep).flatten()
+    rows = torch.nonzero(torch.isin(choice, torch.tensor(list(member_of)))).flatten()
     routed = {name: int((choice == i).sum()) for i, name in member_of.items()}
     if len(rows) == 0:
         raise UsageError(f"the router sends no training input to {', '.join(family)}.")
@@ -225,6 +225,16 @@ def finetune_workspace(
     missing = [n for n in names if n not in experts]
     if missing:
         raise UsageError(f"no expert named {', '.join(missing)} in {ws.path}.")
+    new = name or family_name(names)
+    if not NAME.match(new):  # it names a folder too: checked before anything is written
+        raise UsageError(
+            f"expert name {new!r} must start with a letter or digit and use only letters, "
+            "digits, '.', '_' and '-'."
+        )
+    stay = [n for n in ws.names if not (replace and n in family)]
+    taken = [n for n in stay if n == new or n.startswith(f"{new}-sigma")]
+    if taken:  # refused before finetuning, and before <artifacts>/experts/<new> is overwritten
+        raise UsageError(f"expert(s) {', '.join(taken)} already registered: choose another --name.")
     t = table_settings(ws)
     dataset = workspace_dataset(ws, t["split"])
     rows = subset_indices(len(dataset.labels), t["subset"], t["seed"])
@@ -238,7 +248,6 @@ def finetune_workspace(
         progress=progress,
         indices=[int(i) for i in rows],
     )
-    new = name or family_name(names)
     first = next(iter(family.values()))
     record = {"finetuned_from": names, "router": router.fingerprint, **config.to_dict(),
               "routed": result["routed"], "loss": result["history"]}  # fmt: skip
@@ -247,10 +256,16 @@ def finetune_workspace(
     out = first.save_pretrained(Path(ws.artifacts) / "experts" / new)
     sigmas = [family[n].sigma for n in names]
     positions = [ws.names.index(n) for n in names]
-    if replace:
-        for n in names:
-            ws.remove_expert(n)
-    entries = ws.add_expert(str(out), sigmas if len(sigmas) > 1 else sigmas[0], name=new)
+    before = list(ws.experts)
+    try:
+        if replace:
+            for n in names:
+                ws.remove_expert(n)
+        entries = ws.add_expert(str(out), sigmas if len(sigmas) > 1 else sigmas[0], name=new)
+    except UsageError:  # e.g. a bad name: the family must not stay removed
+        ws.experts = before
+        ws.save()
+        raise
     if replace:  # put the new experts where the old ones were: router output order is stable
         for entry in entries:
             ws.experts.remove(entry)
