@@ -17,6 +17,7 @@ from torch.nn import functional as F
 
 from rsrouter.errors import UsageError
 from rsrouter.experts.denoiser import timestep_for_sigma
+from rsrouter.experts.expert import Expert
 from rsrouter.experts.nets import build_classifier, normalize
 from rsrouter.progress import progress_bar
 from rsrouter.smoothing import check_count, check_sigma
@@ -180,10 +181,8 @@ def train_expert(
     dataset: str = "",
     device: str | torch.device = "cpu",
     progress: bool = True,
-):
+) -> Expert:
     """Build a classifier, train it at ``config.sigma`` and return it as an ``Expert``."""
-    from rsrouter.experts import Expert  # helper A's class; imported late to keep this light
-
     _check_data(images, labels)
     in_chans = images.shape[1]
     num_classes = int(labels.max()) + 1 if not class_names else len(class_names)
