@@ -143,6 +143,11 @@ def test_bad_settings_are_one_sentence(tmp_path):
         _run(dual, tmp_path)
     with pytest.raises(UsageError, match="router certify"):
         latest_run(tmp_path / "nothing")
+    other = tmp_path / "other.jsonl"  # a JSONL beside a JSON that is not a run's settings
+    other.write_text('{"index": 0}\n')
+    other.with_suffix(".json").write_text("{}")
+    with pytest.raises(UsageError, match="not the records of a `router certify` run"):
+        load_run(other)
     for bad in ({"seed": -1}, {"seed": None}, {"batch_size": 0}):
         with pytest.raises(UsageError, match="seed|batch_size"):
             _run(_dual(), tmp_path / "bad", **bad)

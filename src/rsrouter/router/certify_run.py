@@ -348,6 +348,8 @@ def load_run(path: str | Path) -> tuple[dict, list[dict]]:
     if not path.exists():
         raise UsageError(f"{path} does not exist.")
     meta = read_json(path.with_suffix(".json"))
+    if meta.get("format") != FORMAT:
+        raise UsageError(f"{path} is not the records of a `router certify` run.")
     records = read_records(path)
     return meta, [records[i] for i in sorted(records)]
 
