@@ -162,6 +162,8 @@ def test_local_bundle_folder_loads_and_push_refuses_local_experts(hub, published
              for p in published["pins"]]  # fmt: skip
     bundle = make_bundle(published["router_dir"], tmp_path / "local-bundle", local)
     assert _certify(load_router(bundle)) == _certify(published["local"])
+    with pytest.raises(UsageError, match="local folder: a revision names a Hub commit"):
+        load_router(bundle, revision="main")
     with pytest.raises(UsageError, match="come from local folders"):
         push_bundle(bundle, "org/other", endpoint=hub.endpoint, token="hf_test")
 

@@ -274,6 +274,8 @@ def fetch_bundle(
     """A bundle folder and its commit (None for a local folder): used as is, or downloaded."""
     path = Path(repo_or_dir)
     if path.is_dir():
+        if revision is not None:
+            raise UsageError(f"{path} is a local folder: a revision names a Hub commit.")
         return path, None
     if path.exists() or str(repo_or_dir).count("/") > 1:
         raise UsageError(f"{repo_or_dir} is neither a bundle folder nor a Hub repo id.")
