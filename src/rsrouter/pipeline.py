@@ -330,11 +330,9 @@ def certify_test_set(ws, config: PipelineConfig, device):
 def write_report(ws, run, config: PipelineConfig) -> dict[str, Path]:
     """The report of a certification run, plus the pipeline settings that produced it."""
     from rsrouter.io import write_json
-    from rsrouter.router.certify_run import load_run
     from rsrouter.router.report import write_report as write
 
-    meta, records = load_run(run.path)
-    paths = write(meta, records, Path(ws.artifacts) / "report")
+    paths = write(read_json(run.meta_path), run.records, Path(ws.artifacts) / "report")
     paths["pipeline"] = Path(ws.artifacts) / "report" / "pipeline.json"
     write_json(paths["pipeline"], config.to_dict())
     return paths
