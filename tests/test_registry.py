@@ -244,3 +244,7 @@ def test_a_malformed_workspace_file_is_one_sentence(tmp_path, capsys):
         assert run(["experts", "-w", str(ws)]) == 1
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and "Traceback" not in err
+    # a bad command line is one sentence too (click's own errors, exit status 2)
+    assert run(["experts", "--bogus"]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: No such option: --bogus; see `router experts --help`.\n"

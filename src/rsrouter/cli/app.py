@@ -31,15 +31,28 @@ def _root() -> None:
 
 
 def run(argv: list[str] | None = None) -> int:
-    """Run the app; a UsageError becomes one sentence on stderr and exit status 1."""
+    """Run the app; a UsageError becomes one sentence on stderr and exit status 1, a bad command
+    line (unknown option, missing argument, unparsable value) one sentence and status 2."""
     try:
-        app(args=argv, prog_name="router")
+        code = app(args=argv, prog_name="router", standalone_mode=False)
     except UsageError as exc:
-        # escaped: messages quote TOML tables ([router], [[experts]]) that rich would eat
-        err_console.print(
-            f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True
-        )
+        _error(str(exc))
         return 1
+    except typer.Abort:  # Ctrl-C
+        _error("aborted.")
+        return 1
+    except typer.TyperException as exc:  # click's parsing errors, raised as-is without standalone
+        message = exc.format_message()
+        if message:  # empty for `router` alone, whose help is already printed
+            ctx = getattr(exc, "ctx", None)
+            where = ctx.command_path if ctx is not None else "router"
+            _error(f"{message.rstrip('.')}; see `{where} --help`.")
+        return exc.exit_code
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 0
-    return 0
+    return code if isinstance(code, int) else 0  # typer.Exit(code) comes back as a value
+
+
+def _error(message: str) -> None:
+    # escaped: messages quote TOML tables ([router], [[experts]]) that rich would eat
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
