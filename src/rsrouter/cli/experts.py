@@ -116,8 +116,7 @@ def experts_cmd(
     """List the registered experts in router order."""
     ws = Workspace.open(workspace)
     if verify:
-        for e in ws.experts:
-            ws.load_expert(e.name)  # raises on a missing or changed file
+        ws.load_experts()  # raises on a missing or changed file; a denoiser is loaded once
 
     table = Table(title=f"experts in {ws.path}")
     for col in ("#", "name", "σ", "kind", "params"):
