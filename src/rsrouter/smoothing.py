@@ -292,7 +292,7 @@ def sample_counts(
                 )
             labels = forward((x.unsqueeze(1) + sigma * noise).reshape(k * m, *x.shape[1:]))
             labels = labels.view(k, m)
-            low, high = (int(v) for v in torch.aminmax(labels))
+            low, high = torch.stack(torch.aminmax(labels)).tolist()  # one device sync
             if low < 0:
                 raise UsageError("the base model returned a negative class id.")
             top = high + 1
