@@ -137,6 +137,8 @@ def test_bad_configuration_is_one_sentence():
     dual = DualSmoothed(lambda x: torch.full((len(x),), 3), 0.5, [e])
     with pytest.raises(UsageError, match="only 1 experts"):
         dual.certify(torch.tensor([1.0]), n0=5, n=10, alpha=0.01, seed=0)
+    with pytest.raises(UsageError, match="indices has 1 entries for 2 inputs"):
+        dual.predict_batch(torch.ones(2, 1), n=10, alpha=0.01, seed=0, indices=[0])
     for bad in (-1, 1.5, True):
         with pytest.raises(UsageError, match="seed must be a non-negative whole number"):
             dual.certify(torch.tensor([1.0]), n0=5, n=10, alpha=0.01, seed=bad)

@@ -145,6 +145,14 @@ class DualPrediction:
         }
 
 
+def _indices(indices: Sequence[int] | None, size: int) -> list[int]:
+    """The dataset index of each of ``size`` inputs (their noise streams): 0..size-1 by default."""
+    idx = list(range(size)) if indices is None else [int(i) for i in indices]
+    if len(idx) != size:
+        raise UsageError(f"indices has {len(idx)} entries for {size} inputs.")
+    return idx
+
+
 def _pad_pair(sel: torch.Tensor, est: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     sel, est = pad_counts(sel, est)
     return sel.numpy(), est.numpy()
@@ -238,10 +246,7 @@ class DualSmoothed:
         xs = check_inputs(xs, batched=True)
         n0, n = check_count("n0", n0), check_count("n", n)
         a_router, a_expert = split_alpha(alpha, alpha_router)
-        seed = check_seed(seed)
-        idx = list(range(len(xs))) if indices is None else [int(i) for i in indices]
-        if len(idx) != len(xs):
-            raise UsageError(f"indices has {len(idx)} entries for {len(xs)} inputs.")
+        seed, idx = check_seed(seed), _indices(indices, len(xs))
         sel, est = self.router_counts(xs, n0=n0, n=n, indices=idx, seed=seed, **sampling)
         routers = [
             Certificate.from_counts(s, e, self.sigma_e, a_router)
@@ -281,8 +286,7 @@ class DualSmoothed:
         xs = check_inputs(xs, batched=True)
         n = check_count("n", n)
         a_router, a_expert = split_alpha(alpha, alpha_router)
-        seed = check_seed(seed)
-        idx = list(range(len(xs))) if indices is None else [int(i) for i in indices]
+        seed, idx = check_seed(seed), _indices(indices, len(xs))
         self._eval()
         counts = sample_counts(
             self.router,
