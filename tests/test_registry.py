@@ -230,6 +230,9 @@ def test_a_malformed_workspace_file_is_one_sentence(tmp_path, capsys):
     (tmp_path / "afile").write_text("")
     assert run(["init", str(tmp_path / "afile")]) == 1
     assert "cannot create the workspace folder" in capsys.readouterr().err
+    assert run(["init", str(tmp_path / "w0"), "--dataset", "imagenet-99"]) == 1
+    assert "unknown dataset 'imagenet-99'" in capsys.readouterr().err
+    assert not (tmp_path / "w0").exists()
     ws = tmp_path / "ws"
     ws.mkdir()
     entry = 'name = "a"\nsource = "x"\nkind = "classifier"\n'

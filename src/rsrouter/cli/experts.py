@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from rsrouter.cli.app import WORKSPACE, app, console
+from rsrouter.data import check_dataset_name
 from rsrouter.errors import UsageError
 from rsrouter.registry import Workspace
 
@@ -59,7 +60,7 @@ def init_cmd(
     ),
 ) -> None:
     """Create a workspace: router.toml (experts and settings) and its artifacts folder."""
-    ws = Workspace.init(directory, dataset=dataset)
+    ws = Workspace.init(directory, dataset=check_dataset_name(dataset))
     console.print(f"created {ws.path}; outputs will go to {ws.artifacts}/")
 
 

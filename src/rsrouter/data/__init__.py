@@ -145,15 +145,21 @@ def load_dataset(name_or_path: str | os.PathLike, split: str = "test", root=None
     """
     if split not in SPLITS:
         raise UsageError(f"split must be one of {SPLITS}, got {split!r}.")
-    name = str(name_or_path)
+    name = check_dataset_name(name_or_path)
     if name == SUBSET:
         return load_subset(split)
     if name in IDX_DATASETS:
         return load_idx(name, split, data_root(name, root))
     if name == "cifar10":
         return load_cifar10(split, data_root(name, root))
-    if Path(name).is_dir():
-        return load_image_folder(Path(name), split)
+    return load_image_folder(Path(name), split)
+
+
+def check_dataset_name(name_or_path: str | os.PathLike) -> str:
+    """A dataset name ``load_dataset`` knows, or an existing directory; else a UsageError."""
+    name = str(name_or_path)
+    if name in (SUBSET, *IDX_DATASETS, "cifar10") or Path(name).is_dir():
+        return name
     raise UsageError(
         f"unknown dataset {name!r}: use {SUBSET}, fashion-mnist, mnist, cifar10 or an "
         "ImageFolder directory."
