@@ -141,6 +141,14 @@ def _check_expert(name: str, expert, dataset) -> None:
         )
 
 
+def _shards(size: int, shard_size: int) -> list[tuple[int, tuple[int, int]]]:
+    """(shard number, (start, end) positions) of every shard of ``size`` inputs."""
+    return [
+        (s, (start, min(start + shard_size, size)))
+        for s, start in enumerate(range(0, size, shard_size))
+    ]
+
+
 def _shard_path(partial: Path, shard: int) -> Path:
     return partial / f"shard-{shard:05d}.safetensors"
 
@@ -219,10 +227,7 @@ def build_column(
 ) -> bool:
     """Compute this rank's missing shards, then (rank 0) fill any gap and merge. True if merged."""
     partial = path.with_name(path.stem + ".partial")
-    shards = [
-        (s, (start, min(start + shard_size, len(indices))))
-        for s, start in enumerate(range(0, len(indices), shard_size))
-    ]
+    shards = _shards(len(indices), shard_size)
     images = torch.as_tensor(np.asarray(dataset.images))
 
     def run(shard, positions):
@@ -344,11 +349,8 @@ def build_tables(
     columns = _columns(experts, dataset, artifacts, n, alpha, seed, subset)
     missing = [c for c in columns if not c[2].is_file()]
     if missing:
-        mine = sum(
-            min(shard_size, len(indices) - start)
-            for s, start in enumerate(range(0, len(indices), shard_size))
-            if s % world == rank
-        )
+        shards = _shards(len(indices), shard_size)
+        mine = sum(end - start for s, (start, end) in shards if s % world == rank)
         total = mine * n * len(missing)
         with progress_bar("radius tables", total, enabled=progress and total > 0) as advance:
             for _name, expert, path, meta in missing:
