@@ -240,7 +240,9 @@ def test_a_malformed_workspace_file_is_one_sentence(tmp_path, capsys):
         "experts = [1]\n": "experts must be [[experts]] tables.",
         f"[[experts]]\n{entry}sigma = 'abc'\n": "expert 'a': sigma must be a positive",
         f"[[experts]]\n{entry}sigma = 0\n": "expert 'a': sigma must be a positive",
-        '[[experts]]\nname = "a"\nsource = 3\nkind = "classifier"\nsigma = 1\n': "non-text source",
+        f"[[experts]]\n{entry}sigma = 1\nsha256 = 'x'\n": "sha256 must be a table",
+        f"[[experts]]\n{entry}sigma = 1\nparameters = '9'\n": "malformed parameters",
+        '[[experts]]\nname = "a"\nsource = 3\nkind = "classifier"\nsigma = 1\n': "malformed source",
     }
     for text, message in cases.items():
         (ws / "router.toml").write_text(text)

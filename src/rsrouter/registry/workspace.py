@@ -77,8 +77,12 @@ class ExpertEntry:
                 + "."
             )
         wrong = [k for k in ("name", "source", "kind") if not isinstance(data[k], str)]
+        wrong += [k for k in ("num_classes", "parameters") if not isinstance(data.get(k, 0), int)]
         if wrong:
-            raise UsageError(f"{where}: expert entry {data['name']!r} has a non-text {wrong[0]}.")
+            raise UsageError(f"{where}: expert entry {data['name']!r} has a malformed {wrong[0]}.")
+        hashes = data.get("sha256", {})
+        if not isinstance(hashes, dict) or not all(isinstance(v, str) for v in hashes.values()):
+            raise UsageError(f"{where}: expert {data['name']!r}: sha256 must be a table of text.")
         try:
             check_sigma(data["sigma"])
         except UsageError as exc:
