@@ -202,6 +202,8 @@ def test_toml_writer_round_trips():
             {"name": "a", "sigma": 0.25, "sha256": {"denoiser/config.json": "ab"}},
             {"name": "b", "sigma": 1.0, "sha256": {}},
         ],
+        # hand-written settings deeper than one sub-table survive add-expert's rewrite
+        "router": {"arch_args": {"a": {"b": 1}}, "runs": [{"c": 2, "d": {"e": 3}}]},
     }
     assert tomllib.loads(dumps(doc, "header\nlines")) == doc
 

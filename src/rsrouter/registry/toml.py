@@ -1,7 +1,7 @@
 """A small TOML writer for the value types a workspace file holds (tomllib reads it back).
 
-Scalars (str, int, float, bool), lists of scalars, tables of those, and arrays of tables whose
-values may include one level of sub-tables. None values are left out.
+Scalars (str, int, float, bool), lists of scalars, tables and arrays of tables, nested to any
+depth. None values are left out.
 """
 
 from __future__ import annotations
@@ -47,11 +47,15 @@ def _pairs(table: dict) -> list[str]:
     ]
 
 
-def _subtables(table: dict, prefix: str, header: str) -> list[str]:
-    lines = []
+def _table(table: dict, path: str, *, array: bool = False) -> list[str]:
+    """``[path]`` (or ``[[path]]``) with its pairs, then its sub-tables at any depth."""
+    lines = ["", f"[[{path}]]" if array else f"[{path}]", *_pairs(table)]
     for k, v in table.items():
         if isinstance(v, dict):
-            lines += ["", f"{header[0]}{prefix}.{key(k)}{header[1]}", *_pairs(v)]
+            lines += _table(v, f"{path}.{key(k)}")
+        elif _is_table_array(v):
+            for item in v:
+                lines += _table(item, f"{path}.{key(k)}", array=True)
     return lines
 
 
@@ -61,11 +65,9 @@ def dumps(doc: dict, header: str = "") -> str:
     lines += _pairs(doc)
     for name, v in doc.items():
         if isinstance(v, dict):
-            lines += ["", f"[{key(name)}]", *_pairs(v)]
-            lines += _subtables(v, key(name), "[]")
+            lines += _table(v, key(name))
     for name, v in doc.items():
         if _is_table_array(v):
             for item in v:
-                lines += ["", f"[[{key(name)}]]", *_pairs(item)]
-                lines += _subtables(item, key(name), "[]")
+                lines += _table(item, key(name), array=True)
     return "\n".join(lines).lstrip("\n") + "\n"
