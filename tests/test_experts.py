@@ -220,6 +220,8 @@ def test_bad_command_line_input_is_one_sentence(tmp_path, capsys):
         ("export-expert", "w.safetensors", "out", "--arch-arg", "width=abc"): "cannot be built",
         ("convert-checkpoint", "junk.pt", "out"): "junk.pt is not a PyTorch checkpoint",
         ("export-expert", "w.safetensors", "junk.pt"): "junk.pt is a file",
+        ("export-expert", "w.safetensors", "junk.pt/sub"): "cannot create the folder",
+        ("convert-checkpoint", ".", "out"): "is a folder, not a file",
     }
     for (cmd, src, out, *extra), message in cases.items():
         argv = [cmd, str(tmp_path / src), str(tmp_path / out), *options, *extra]

@@ -31,19 +31,25 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             f"{path} is a pickle checkpoint; rsrouter loads safetensors only: convert it "
             "explicitly with `router convert-checkpoint`."
         )
-    if not path.is_file():
-        raise UsageError(f"{path} does not exist.")
+    _input_file(path)
     try:
         return load_file(str(path))
     except (SafetensorError, OSError) as exc:
         raise UsageError(f"{path} is not a safetensors file ({exc}).") from exc
 
 
-def read_pickle_checkpoint(path: str | os.PathLike, key: str | None = None) -> dict:
-    """The tensors of a pickle checkpoint, loaded with ``weights_only=True`` (no code runs)."""
+def _input_file(path: Path) -> Path:
     path = Path(path)
     if not path.is_file():
-        raise UsageError(f"{path} does not exist.")
+        raise UsageError(
+            f"{path} {'is a folder, not a file' if path.is_dir() else 'does not exist'}."
+        )
+    return path
+
+
+def read_pickle_checkpoint(path: str | os.PathLike, key: str | None = None) -> dict:
+    """The tensors of a pickle checkpoint, loaded with ``weights_only=True`` (no code runs)."""
+    path = _input_file(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:

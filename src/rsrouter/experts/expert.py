@@ -313,7 +313,10 @@ class Expert(nn.Module):
         folder = Path(save_directory)
         if folder.exists() and not folder.is_dir():
             raise UsageError(f"{folder} is a file; an expert is saved to a folder.")
-        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"cannot create the folder {folder} ({exc.strerror}).") from exc
         self._write_weights(folder)
         write_json(folder / CONFIG_NAME, self.config.to_dict())
         write_text(folder / CARD_NAME, model_card(self))
