@@ -98,5 +98,8 @@ def test_grid_and_empty_runs():
     assert radius_grid(0.0) == [0]
     assert radius_grid(0.74) == [0, 0.25, 0.5]
     assert radius_grid(0.75) == [0, 0.25, 0.5, 0.75]
+    assert len(radius_grid(9.99, 0.01)) == 1000
+    with pytest.raises(UsageError, match="gives 100001 columns"):
+        radius_grid(1.0, 1e-5)  # before anything is written
     with pytest.raises(UsageError, match="router certify"):
         summarize(META, [])

@@ -19,6 +19,7 @@ from rsrouter.io import atomic_path, write_json, write_text
 from rsrouter.router.baselines import MULTISCALE_LABEL, ORACLE_LABEL
 
 STEP = 0.25
+MAX_GRID = 1000  # radius columns of a report: a tiny step would write (and print) megabytes
 
 
 def radius_grid(max_radius: float, step: float = STEP) -> list[float]:
@@ -26,6 +27,11 @@ def radius_grid(max_radius: float, step: float = STEP) -> list[float]:
     if not step > 0:
         raise UsageError(f"the radius step must be positive, got {step!r}.")
     top = math.floor(max(max_radius, 0.0) / step + 1e-9)
+    if top + 1 > MAX_GRID:
+        raise UsageError(
+            f"a radius step of {step:g} up to radius {max_radius:.3g} gives {top + 1} columns "
+            f"(at most {MAX_GRID}): use a larger step."
+        )
     return [round(k * step, 10) for k in range(top + 1)]
 
 
