@@ -293,10 +293,10 @@ def train_denoised_experts(ws, train, config: PipelineConfig, device) -> list[st
             },
         )
         expert.save_pretrained(cls_folder)
-    for sigma, name in zip(config.sigmas, names, strict=True):
-        if name not in _registered(ws):
-            # the registry names a denoised expert "<name>-sigma<σ>"
-            ws.add_expert(str(cls_folder), sigma=sigma, name="dds", denoiser=str(den_folder))
+    registered = _registered(ws)
+    missing = [s for s, n in zip(config.sigmas, names, strict=True) if n not in registered]
+    # at every missing sigma at once (loaded and hashed once); named "dds-sigma<σ>"
+    ws.add_expert(str(cls_folder), sigma=missing, name="dds", denoiser=str(den_folder))
     return names
 
 
