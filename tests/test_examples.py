@@ -121,6 +121,10 @@ def test_cifar10_dds_example_with_tiny_stand_ins(tmp_path, capsys):
     # a rerun registers nothing new and certifies nothing new
     assert example.main(argv) == 0
     assert (ws / "router.toml").read_text() == toml
+    capsys.readouterr()
+    bad_mean = [*argv[:3], str(tmp_path / "ws2"), *argv[4:], "--mean", "a,b,c"]
+    assert example.main(bad_mean) == 1
+    assert "'a,b,c' is not a comma-separated list of numbers" in capsys.readouterr().err
 
 
 def test_cifar10_dds_example_refuses_a_pickle_as_weights(tmp_path, capsys):

@@ -94,7 +94,10 @@ def parse(argv):
 
 
 def _floats(text: str) -> list[float]:
-    return [float(v) for v in text.split(",") if v.strip()]
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        raise UsageError(f"{text!r} is not a comma-separated list of numbers.") from exc
 
 
 def _arch_args(text: str) -> dict:
@@ -146,22 +149,23 @@ def register(args):
 
     def step(ws, train, config, device):
         names = [f"dds-sigma{s:g}" for s in config.sigmas]
-        for sigma, name in zip(config.sigmas, names, strict=True):
-            if name in {e.name for e in ws.experts}:
-                continue
-            classifier = args.classifier
-            if args.timm_arch:
-                classifier = str(timm_classifier_folder(args, Path(ws.root) / "classifier"))
-            ws.add_expert(
-                classifier,
-                sigma=sigma,
-                name="dds",  # registered as "dds-sigma<σ>"
-                revision=args.classifier_revision,
-                denoiser=args.denoiser,
-                denoiser_revision=args.denoiser_revision,
-                endpoint=args.endpoint,
-                cache_dir=args.cache_dir,
-            )
+        registered = {e.name for e in ws.experts}
+        missing = [s for s, n in zip(config.sigmas, names, strict=True) if n not in registered]
+        if not missing:
+            return names
+        classifier = args.classifier
+        if args.timm_arch:
+            classifier = str(timm_classifier_folder(args, Path(ws.root) / "classifier"))
+        ws.add_expert(  # every missing sigma at once: fetched, loaded and hashed once
+            classifier,
+            sigma=missing,
+            name="dds",  # registered as "dds-sigma<σ>"
+            revision=args.classifier_revision,
+            denoiser=args.denoiser,
+            denoiser_revision=args.denoiser_revision,
+            endpoint=args.endpoint,
+            cache_dir=args.cache_dir,
+        )
         return names
 
     return step
