@@ -40,6 +40,13 @@ def test_read_jsonl_drops_and_truncates_a_torn_last_line(tmp_path):
     assert [json.loads(line)["i"] for line in path.read_text().splitlines()] == [0, 1, 2]
 
 
+def test_a_corrupt_record_mid_file_is_one_sentence(tmp_path):
+    path = tmp_path / "records.jsonl"
+    path.write_text('{"i": 0}\nnot json\n{"i": 2}\n')
+    with pytest.raises(UsageError, match="line 2 is not a JSON record"):
+        read_jsonl(path)
+
+
 def test_read_json_errors_are_one_sentence(tmp_path):
     with pytest.raises(UsageError, match="does not exist"):
         read_json(tmp_path / "missing.json")

@@ -76,7 +76,18 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     if len(keep) != len(raw):
         with path.open("r+b") as fh:
             fh.truncate(len(keep))
-    return [json.loads(line) for line in keep.decode("utf-8").splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(keep.decode("utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise UsageError(
+                f"{path} line {number} is not a JSON record ({exc.msg}); "
+                "remove the file to recompute it."
+            ) from exc
+    return records
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
