@@ -23,7 +23,7 @@ from rsrouter.experts.train import consistency_terms
 from rsrouter.io import atomic_path, sha256_json
 from rsrouter.progress import progress_bar
 from rsrouter.router.model import RouterModel
-from rsrouter.router.tables import RadiusTable
+from rsrouter.router.tables import TABLE_STAGE, RadiusTable
 from rsrouter.smoothing import check_count
 
 WEIGHTINGS = ("none", "weak", "strong")
@@ -238,6 +238,7 @@ def train_router(
         "seed": table.seed,
         "subset": table.subset,
         "dataset_fingerprint": table.dataset_fingerprint,
+        "stage": TABLE_STAGE,  # the tables' noise stream: a router of older tables is retrained
         "rows": len(table.indices),
         "rows_kept": int(keep.sum()),
     }
