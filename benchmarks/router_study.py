@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from rsrouter.registry import Workspace
-from rsrouter.router.certify_run import certify_run, certify_settings
+from rsrouter.router.certify_run import certify_run, certify_settings, run_options
 from rsrouter.router.dual import DualSmoothed
 from rsrouter.router.report import summarize
 from rsrouter.router.tables import workspace_dataset, workspace_tables
@@ -173,18 +173,10 @@ def evaluate(ws, router, experts, names) -> dict:
         dual,
         workspace_dataset(ws, s["split"]),
         ws.artifacts,
-        n0=s["n0"],
-        n=s["n"],
-        alpha=s["alpha"],
-        alpha_router=s["alpha_router"],
-        seed=s["seed"],
-        limit=s["limit"],
-        p_skip=s["p_skip"],
         expert_names=names,
-        chunk=s["chunk"],
         progress=False,
-        batch_size=s["batch_size"],
         device="cpu",
+        **run_options(s),
     )
     meta = json.loads(run.meta_path.read_text())
     return summarize(meta, run.records, grid=list(RADII)), run.records
