@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from rsrouter.cli.app import app, console
-from rsrouter.pipeline import PipelineConfig, demo_config, run_pipeline
+from rsrouter.pipeline import demo_config, run_pipeline
 
 
 @app.command()
@@ -39,6 +39,3 @@ def demo(
     console.print(f"workspace: {result.workspace}")
     console.print(f"report: {result.report_dir}")
     console.print(f"plot: {result.plot}")
-
-
-__all__ = ["PipelineConfig", "demo"]
