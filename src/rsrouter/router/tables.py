@@ -384,13 +384,18 @@ def build_tables(
     return _assemble(columns, dataset, indices, n, alpha, seed, subset)
 
 
+def _cached_columns(experts, dataset, artifacts, n, alpha, seed, subset):
+    """The columns for these settings, and the names of those not on disk yet."""
+    _validate(experts, n, alpha, seed, subset)
+    columns = _columns(experts, dataset, artifacts, n, alpha, seed, subset)
+    return columns, [name for name, _, path, _ in columns if not path.is_file()]
+
+
 def missing_columns(
     experts: Mapping, dataset, artifacts, *, n=100, alpha=0.001, seed=0, subset=1.0
 ):
     """Names of the experts whose column is not cached yet."""
-    _validate(experts, n, alpha, seed, subset)
-    columns = _columns(experts, dataset, artifacts, n, alpha, seed, subset)
-    return [name for name, _, path, _ in columns if not path.is_file()]
+    return _cached_columns(experts, dataset, artifacts, n, alpha, seed, subset)[1]
 
 
 def load_tables(
@@ -404,9 +409,7 @@ def load_tables(
     subset: float = 1.0,
 ) -> RadiusTable:
     """The cached table for ``experts`` on ``dataset``; a missing column is a UsageError."""
-    _validate(experts, n, alpha, seed, subset)
-    columns = _columns(experts, dataset, artifacts, n, alpha, seed, subset)
-    absent = [name for name, _, path, _ in columns if not path.is_file()]
+    columns, absent = _cached_columns(experts, dataset, artifacts, n, alpha, seed, subset)
     if absent:
         raise UsageError(
             f"no radius table column for {', '.join(absent)} with these settings: "
