@@ -38,6 +38,7 @@ from rsrouter.router.train import (
     soft_labels,
     train_router,
 )
+from rsrouter.runtime import resolve_device
 
 RADII = (0.0, 0.5, 1.0, 1.5)
 
@@ -165,7 +166,7 @@ def table_stats(table, class_names) -> dict:
     }
 
 
-def evaluate(ws, router, experts, names) -> dict:
+def evaluate(ws, router, experts, names, device) -> dict:
     """Certify the workspace's test inputs with ``router`` over the cached expert counts."""
     s = certify_settings(ws)
     dual = DualSmoothed(router, router.sigma_e, list(experts.values()))
@@ -175,7 +176,7 @@ def evaluate(ws, router, experts, names) -> dict:
         ws.artifacts,
         expert_names=names,
         progress=False,
-        device="cpu",
+        device=device,
         **run_options(s),
     )
     meta = json.loads(run.meta_path.read_text())
@@ -245,7 +246,12 @@ def main() -> None:
     parser.add_argument("workspace", type=Path)
     parser.add_argument("--only", action="append", help="run only these variants (repeatable)")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, ... (default: auto)")
     args = parser.parse_args()
+    device = resolve_device(args.device)
+    unknown = sorted(set(args.only or ()) - set(VARIANTS))
+    if unknown:
+        parser.error(f"unknown variant(s): {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
     ws = Workspace.open(args.workspace)
     experts = ws.load_experts(device="cpu")
     names = list(experts)
@@ -261,10 +267,10 @@ def main() -> None:
         start = time.perf_counter()
         history = train_router(
             router, table, dataset.images, Path(ws.artifacts) / "study" / name, config,
-            progress=False,
+            device=device, progress=False,
         )  # fmt: skip
         seconds = time.perf_counter() - start
-        rows.append(row(name, evaluate(ws, router, experts, names), history, seconds))
+        rows.append(row(name, evaluate(ws, router, experts, names, device), history, seconds))
         print(json.dumps(rows[-1]), flush=True)
     print(markdown(rows, names))
     if args.json:
