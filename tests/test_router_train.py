@@ -68,10 +68,10 @@ def test_router_loss_against_hand_computed_values():
             LOGITS, RADII, sigmas=SIGMAS, w_e=torch.tensor([w_e]), lam=lam, eta=eta,
             weighting=weighting, radius_scale=2.0,
         )  # fmt: skip
-        assert parts["soft_ce"] == pytest.approx(soft_ce, rel=1e-6)
-        assert parts["kl"] == pytest.approx(kl, rel=1e-5)
-        assert parts["entropy"] == pytest.approx(entropy, rel=1e-6)
-        assert parts["consistency"] == pytest.approx(lam * kl + eta * entropy, rel=1e-5)
+        assert float(parts["soft_ce"]) == pytest.approx(soft_ce, rel=1e-6)
+        assert float(parts["kl"]) == pytest.approx(kl, rel=1e-5)
+        assert float(parts["entropy"]) == pytest.approx(entropy, rel=1e-6)
+        assert float(parts["consistency"]) == pytest.approx(lam * kl + eta * entropy, rel=1e-5)
         expected = w_e * (soft_ce + w_r * (lam * kl + eta * entropy))
         assert float(loss) == pytest.approx(expected, rel=1e-5)
     with pytest.raises(UsageError):

@@ -125,10 +125,11 @@ def router_loss(
     weighting: str = "strong",
     radius_scale: float = 1.0,
     label_scale: float = 1.0,
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The router objective on (m, B, E) logits of m noisy copies and (B, E) radii.
 
-    Returns the loss and its parts (batch means): soft_ce, kl, entropy, consistency, w_r.
+    Returns the loss and its parts (batch means, detached 0-d tensors on the logits' device, so
+    that logging them does not wait for the device): soft_ce, kl, entropy, consistency, w_r.
     """
     if logits.ndim != 3 or logits.shape[1:] != radii.shape:
         raise UsageError(f"logits {tuple(logits.shape)} do not fit radii {tuple(radii.shape)}.")
@@ -148,7 +149,7 @@ def router_loss(
         "consistency": con,
         "w_r": w_r,
     }
-    return loss, {k: float(v.detach().mean()) for k, v in parts.items()}
+    return loss, {k: v.detach().mean() for k, v in parts.items()}
 
 
 # ---------------------------------------------------------------- training loop
@@ -228,8 +229,8 @@ def train_router(
     w_e = balance_weights(radii) if config.balance else torch.ones(len(radii))
     scale = float(radii.max())
     sigmas = torch.tensor(router.sigmas)
-    best = radii.argmax(dim=1)
     device = torch.device(device)
+    best = radii.argmax(dim=1).to(device)
     bf16 = device.type == "cuda"
     out_dir = Path(out_dir)
     table_info = {
@@ -278,7 +279,7 @@ def train_router(
                 generator=torch.Generator().manual_seed(_epoch_seed(config.seed, epoch, 0)),
             )
             noise_gen = torch.Generator().manual_seed(_epoch_seed(config.seed, epoch, 1))
-            sums: dict[str, float] = {}
+            sums: dict[str, torch.Tensor] = {}  # on the device: read once per epoch
             for batch in order.split(config.batch_size):
                 x = images[rows[batch]].float()
                 noise = torch.randn((m, *x.shape), generator=noise_gen)
@@ -300,15 +301,15 @@ def train_router(
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                parts["loss"] = float(loss.detach())
-                parts["picks_best"] = float(
-                    (logits.detach().argmax(-1).cpu() == best[batch]).float().mean()
+                parts["loss"] = loss.detach()
+                parts["picks_best"] = (
+                    (logits.detach().argmax(-1) == best[batch.to(device)]).float().mean()
                 )
                 for k, v in parts.items():
                     sums[k] = sums.get(k, 0.0) + v * len(batch)
                 advance(1)
             sched.step()
-            history.append({"epoch": epoch, **{k: v / len(rows) for k, v in sums.items()}})
+            history.append({"epoch": epoch, **{k: float(v) / len(rows) for k, v in sums.items()}})
             _save_checkpoint(out_dir, run_key, epoch, router, opt, sched, history)
     router.eval()
     router.info.update({"training": config.to_dict(), "table": table_info, "history": history[-1:]})
