@@ -13,7 +13,8 @@
 # importlib_metadata wheels) where diffusers is not installed. Results go to $OUT (default
 # runs/gpu-session); the example's workspace lives in runs/fm-gpu and is copied to
 # $OUT/fm-gpu after every step so that a fresh machine can carry it back in.
-# PYTHON picks the interpreter (default python3). SMOKE=1 runs every step at its tiny CPU size (a check of this script, not a measurement).
+# PYTHON picks the interpreter (default python3). SMOKE=1 runs every step at its tiny CPU size
+# (a check of this script, not a measurement).
 set -euo pipefail
 step=${1:?usage: scripts/gpu_session.sh bench|compiled|example|study}
 out=${OUT:-runs/gpu-session}
@@ -49,8 +50,8 @@ bench)
   "$py" -c "import torch, timm, diffusers; print('torch', torch.__version__, 'timm', \
 timm.__version__, 'diffusers', diffusers.__version__)"
   log "Carlini pipeline, eager"
-  timeout $((budget - 120)) "$py" benchmarks/carlini_pipeline.py --device "$device" "${bench_size[@]}" \
-    --out "$out/carlini-eager" | tee "$out/carlini-eager.txt"
+  timeout $((budget - 120)) "$py" benchmarks/carlini_pipeline.py --device "$device" \
+    "${bench_size[@]}" --out "$out/carlini-eager" | tee "$out/carlini-eager.txt"
   log "certify overhead (ResNet-110)"
   timeout 120 "$py" benchmarks/certify_overhead.py --device "$device" \
     | tee "$out/certify-overhead.txt"
@@ -74,7 +75,8 @@ example)
 study)
   log "router study on $ws/gaussian"
   status=0
-  variants=(base T0.1 lr1e-3-ep60 lr1e-3-ep60-T0.1 lr1e-3-ep60-T0.1-lam100 lr1e-3-ep60-T0.1-se0.75)
+  variants=(base T0.1 lr1e-3-ep60 lr1e-3-ep60-T0.1 lr1e-3-ep60-T0.1-lam100
+    lr1e-3-ep60-T0.1-se0.75) # a variant already trained and certified is read back, not redone
   timeout "$budget" "$py" benchmarks/router_study.py "$ws/gaussian" --device "$device" \
     "${variants[@]/#/--only=}" --json "$out/study.json" | tee "$out/study.txt" || status=$?
   save_workspace
