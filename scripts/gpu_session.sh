@@ -14,7 +14,7 @@
 # runs/gpu-session); the example's workspace lives in runs/fm-gpu and is copied to
 # $OUT/fm-gpu after every step so that a fresh machine can carry it back in.
 # PYTHON picks the interpreter (default python3). SMOKE=1 runs every step at its tiny CPU size
-# (a check of this script, not a measurement).
+# (a check of this script, not a measurement). WORKSPACE moves the example's workspace.
 set -euo pipefail
 step=${1:?usage: scripts/gpu_session.sh bench|compiled|example|study}
 out=${OUT:-runs/gpu-session}
@@ -31,9 +31,10 @@ fi
 export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH}
 
 if [[ ${SMOKE:-0} == 1 ]]; then
-  bench_size=(--tiny) example_size=(--smoke) device=cpu ws=runs/fm-gpu-smoke
+  bench_size=(--tiny) example_size=(--smoke) device=cpu ws=${WORKSPACE:-runs/fm-gpu-smoke}
 else
-  bench_size=() example_size=(--data-root .data/fashion-mnist) device=cuda ws=runs/fm-gpu
+  bench_size=() example_size=(--data-root .data/fashion-mnist) device=cuda
+  ws=${WORKSPACE:-runs/fm-gpu}
 fi
 
 save_workspace() { # copy the workspace out (router training keeps only its latest checkpoint)

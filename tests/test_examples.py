@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -139,3 +142,37 @@ def test_cifar10_dds_example_refuses_a_pickle_as_weights(tmp_path, capsys):
     ]  # fmt: skip
     assert example.main(argv) == 1
     assert "safetensors" in capsys.readouterr().err
+
+
+def test_gpu_session_script_smoke_runs_example_then_study(tmp_path):
+    """scripts/gpu_session.sh (the runbook for a lent GPU) at its tiny CPU sizes: the example's
+    step writes the report and copies the workspace to $OUT; the study step reads it back."""
+    env = {
+        **os.environ,
+        "SMOKE": "1",
+        "PYTHON": sys.executable,
+        "OUT": str(tmp_path / "out"),
+        "WORKSPACE": str(tmp_path / "ws"),
+    }
+
+    def step(name):
+        return subprocess.run(
+            ["bash", "scripts/gpu_session.sh", name], cwd=ROOT, env=env, capture_output=True,
+            text=True, timeout=600,
+        )  # fmt: skip
+
+    done = step("example")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "report:" in (tmp_path / "out" / "example.txt").read_text()
+    saved = tmp_path / "out" / "ws" / "gaussian"
+    assert (saved / ".rsrouter" / "report" / "curve.png").is_file()
+    assert (saved / "router.toml").read_text() == (
+        tmp_path / "ws" / "gaussian" / "router.toml"
+    ).read_text()
+    done = step("study")
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads((tmp_path / "out" / "study.json").read_text())
+    assert [r["variant"] for r in rows][:2] == ["base", "T0.1"] and len(rows) == 6
+    assert all(0.0 <= r["router_abstain"] <= 1.0 for r in rows)
+    bad = step("nope")
+    assert bad.returncode == 2 and "unknown step" in bad.stderr
