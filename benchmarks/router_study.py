@@ -137,6 +137,29 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
         INIT,
     ),
 }
+# class-map routers: a copy of the sigma = 1 expert whose predicted class picks the expert (no
+# training); the class groups come from the train table's best expert per class (Shirt: 0.25;
+# Pullover, Coat: split; the other classes: 1)
+TOPS = ("T-shirt/top", "Pullover", "Coat", "Shirt")
+VARIANTS |= {
+    "classmap-shirt0.25": ({}, {"class_map": {"Shirt": "gauss-sigma0.25"}}),
+    "classmap-shirt0.25-pullcoat0.5": (
+        {},
+        {
+            "class_map": {
+                "Shirt": "gauss-sigma0.25",
+                "Pullover": "gauss-sigma0.5",
+                "Coat": "gauss-sigma0.5",
+            }
+        },
+    ),  # fmt: skip
+    "classmap-tops0.5": ({}, {"class_map": dict.fromkeys(TOPS, "gauss-sigma0.5")}),
+    "classmap-tops0.25": ({}, {"class_map": dict.fromkeys(TOPS, "gauss-sigma0.25")}),
+    "classmap-shirt0.25-tops0.5": (
+        {},
+        {"class_map": {**dict.fromkeys(TOPS, "gauss-sigma0.5"), "Shirt": "gauss-sigma0.25"}},
+    ),
+}
 
 
 def table_stats(table, class_names) -> dict:
@@ -214,7 +237,7 @@ def row(name: str, result, history: list[dict], seconds: float) -> dict:
         "uncertified_routing": uncertified_routing(records),
         "acr_dual": round(m["dual"]["acr"], 3),
         "acr_best_single": round(max(m[k]["acr"] for k in singles), 3),
-        "train_picks_best": round(history[-1]["picks_best"], 3),
+        "train_picks_best": round(history[-1]["picks_best"], 3) if history else None,
         "train_seconds": round(seconds, 1),
     }
 
@@ -236,7 +259,8 @@ def markdown(rows: list[dict], names: list[str]) -> str:
             f"| {r['variant']} | {shares} | {100 * r['router_abstain']:.1f} | {gaps} | "
             f"{' / '.join(f'{v:g}' for v in r['dual'])} | "
             f"{' / '.join(f'{v:g}' for v in r['uncertified_routing'])} | {r['acr_dual']:.3f} | "
-            f"{r['acr_best_single']:.3f} | {r['train_picks_best']:.2f} |"
+            f"{r['acr_best_single']:.3f} | "
+            f"{'—' if r['train_picks_best'] is None else format(r['train_picks_best'], '.2f')} |"
         )
     return "\n".join(lines)
 
@@ -263,7 +287,9 @@ def main() -> None:
             continue
         config = RouterTrainConfig.from_settings(ws.settings("train"), **train_over)
         settings = router_settings(ws, **router_over)
-        router = build_router(experts, settings, seed=config.seed)
+        router = build_router(
+            experts, settings, seed=config.seed, info={"class_names": list(dataset.class_names)}
+        )
         start = time.perf_counter()
         history = train_router(
             router, table, dataset.images, Path(ws.artifacts) / "study" / name, config,

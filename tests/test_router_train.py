@@ -353,3 +353,92 @@ def test_router_init_copies_an_experts_weights_but_its_head():
         build_router(experts, {**settings, "init": "nobody"})
     with pytest.raises(UsageError, match="architecture"):
         build_router(experts, {**settings, "arch_args": {"width": 8}})
+
+
+# ---------------------------------------------------------------- class-map router
+
+
+def test_class_map_router_routes_by_the_copied_experts_class(tmp_path: Path):
+    from rsrouter.router import DualSmoothed
+    from rsrouter.router.train import ROUTER_DEFAULTS, build_router, train_router
+
+    experts = {"small": _small_expert(0.25, 4, 0), "large": _small_expert(1.0, 4, 1)}
+    settings = {**ROUTER_DEFAULTS, "class_map": {"3": "small", "7": "small"}}
+    router = build_router(experts, settings, seed=0).eval()
+    assert router.info["init"] == "large" and router.class_map == (1, 1, 1, 0, 1, 1, 1, 0, 1, 1)
+    x = torch.rand(64, 1, 8, 8) * torch.linspace(0, 5, 64).view(-1, 1, 1, 1)
+    classes = experts["large"].eval()(x).argmax(1)  # classes 0, 3, 4 and 6 occur
+    want = torch.tensor([0 if c in (3, 7) else 1 for c in classes.tolist()])
+    votes = router(x)
+    assert torch.equal(votes.argmax(1), want) and torch.equal(votes.sum(1), torch.ones(64))
+    assert 0 < int(want.eq(0).sum()) < 64  # both routes occur: the test can fail
+    # nothing is trained; the folder round-trips with the same routes and fingerprint
+    assert train_router(router, _table_for(experts), x, tmp_path / "r") == []
+    loaded = RouterModel.from_pretrained(tmp_path / "r")
+    assert loaded.class_map == router.class_map and loaded.fingerprint == router.fingerprint
+    assert torch.equal(loaded(x), votes)
+    dual = DualSmoothed(loaded, loaded.sigma_e, list(experts.values()))
+    for cert in dual.certify_batch(x[-8:].clamp(0, 1), n0=8, n=64, alpha=0.01, seed=0):
+        counts = cert.router.counts  # one vote per noisy copy, for the mapped expert
+        assert sum(counts) == 64 and cert.expert in (-1, max(range(2), key=counts.__getitem__))
+    # by class name, from the dataset's names when the expert has none
+    named = build_router(
+        experts, {**settings, "class_map": {"Shirt": "small"}},
+        info={"class_names": [f"c{i}" for i in range(9)] + ["Shirt"]},
+    )  # fmt: skip
+    assert named.class_map == (1,) * 9 + (0,)
+
+
+def _table_for(experts):
+    from rsrouter.router.tables import RadiusTable
+
+    n = 4
+    return RadiusTable(
+        names=tuple(experts), sigmas=tuple(e.sigma for e in experts.values()),
+        fingerprints=tuple(e.fingerprint for e in experts.values()),
+        indices=torch.arange(n), labels=torch.zeros(n, dtype=torch.long),
+        radii=torch.ones(n, len(experts)), n=8, alpha=0.01, seed=0, subset=1.0,
+        dataset_fingerprint="d",
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"class_map": {"42": "small"}}, "not a class"),
+        ({"class_map": {"3": "nobody"}}, "not a registered expert"),
+        ({"class_map": {"3": "small"}, "init": "nobody"}, "not a registered expert"),
+        ({"class_map": {"3": "small"}, "sigma_e": 0.75}, "no single expert"),
+        ({"class_map": ["small"]}, "table of class = expert"),
+    ],
+)
+def test_class_map_router_refuses_bad_settings(change, message):
+    from rsrouter.router.train import ROUTER_DEFAULTS, build_router
+
+    experts = {"small": _small_expert(0.25, 4, 0), "large": _small_expert(1.0, 4, 1)}
+    with pytest.raises(UsageError, match=message):
+        build_router(experts, {**ROUTER_DEFAULTS, **change})
+    with pytest.raises(UsageError, match="expert index"):
+        RouterModel(
+            arch="small_cnn", expert_names=["a", "b"], sigmas=[0.25, 1.0], fingerprints=["x", "y"],
+            in_chans=1, input_size=(8, 8), class_map=[0, 2],
+        )  # fmt: skip
+
+
+def test_cli_train_class_map_builds_no_tables_and_certifies(tmp_path: Path, capsys):
+    from helpers import fashion_workspace
+    from rsrouter.cli.main import run
+
+    ws = fashion_workspace(tmp_path)
+    w = ["-w", str(tmp_path / "ws"), "--device", "cpu"]
+    assert run(["train", "--class-map", "Shirt=gauss-0.25, Coat=gauss-0.25", *w]) == 0
+    assert "class-map router: a copy of gauss-0.5" in capsys.readouterr().out
+    assert not (ws.artifacts / "tables").exists()  # routes are fixed: no radius tables
+    router = RouterModel.from_pretrained(ws.artifacts / "router")
+    assert router.class_map == (1, 1, 1, 1, 0, 1, 0, 1, 1, 1)
+    certify = ["certify", "--limit", "3", "--n0", "8", "--n", "16", *w]
+    assert run(certify) == 0
+    assert run(["train", "--class-map", "Scarf=gauss-0.25", *w]) == 1
+    assert "'Scarf' is not a class" in capsys.readouterr().err
+    assert run(["train", "--class-map", "Shirt", *w]) == 2
+    assert RouterModel.from_pretrained(ws.artifacts / "router").class_map == router.class_map

@@ -101,6 +101,12 @@ def train_cmd(
     denoiser: str = typer.Option(
         None, help="Denoiser in front of the router: a denoised expert's name or a folder."
     ),
+    class_map: str = typer.Option(
+        None,
+        "--class-map",
+        help="No training: route by the sigma_e expert's predicted class, CLASS=EXPERT,... "
+        "(unlisted classes stay with it), e.g. Shirt=gauss-sigma0.25,Coat=gauss-sigma0.5.",
+    ),
     device: str = DEVICE,
     workspace: Path = WORKSPACE,
 ) -> None:
@@ -113,7 +119,9 @@ def train_cmd(
         consistency_lambda=lam, consistency_eta=eta, noise_copies=copies,
         consistency_weight=weighting, balance=balance, soft_label_scale=label_scale, seed=seed,
     )  # fmt: skip
-    router_overrides = dict(arch=arch, sigma_e=sigma_e, denoiser=denoiser)
+    router_overrides = dict(
+        arch=arch, sigma_e=sigma_e, denoiser=denoiser, class_map=_parse_class_map(class_map)
+    )
     from rsrouter import distributed
 
     result = train_workspace(
@@ -123,11 +131,30 @@ def train_cmd(
     if result is None:  # not rank 0: it helped with the tables; rank 0 trains
         return
     router, history, folder = result
-    _print_history(history)
+    if router.class_map is not None:
+        console.print(
+            f"class-map router: a copy of {router.info['init']}; its predicted class picks the "
+            "expert (nothing trained)."
+        )
+    else:
+        _print_history(history)
     console.print(
         f"router over {', '.join(router.expert_names)} (σ_e = {router.sigma_e:g}) saved to "
         f"{folder}\nnext: `router certify`."
     )
+
+
+def _parse_class_map(text: str | None) -> dict | None:
+    if text is None:
+        return None
+    pairs = [p.partition("=") for p in text.split(",") if p.strip()]
+    if not pairs or any(
+        not key.strip() or not sep or not value.strip() for key, sep, value in pairs
+    ):
+        raise typer.BadParameter(
+            "use CLASS=EXPERT pairs separated by commas.", param_hint="--class-map"
+        )
+    return {key.strip(): value.strip() for key, _, value in pairs}
 
 
 def _print_history(history: list[dict]) -> None:

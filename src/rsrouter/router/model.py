@@ -3,6 +3,11 @@
 Its base model maps a noisy [0, 1] batch x + δ_e to one logit per expert: optionally a one-step
 diffusion denoiser at sigma_e first (the paper's design), then per-channel normalisation, then
 the classifier. It is a valid ``base`` for ``rsrouter.smoothing`` at ``sigma = sigma_e``.
+
+A class-map router (``class_map`` set) is an image classifier instead, usually a copy of the
+sigma_e expert: the class it predicts on x + δ_e picks the expert through a fixed table
+(class_map[c] = expert index), so nothing is trained. Smoothed at sigma_e it is an ordinary
+router: CERTIFY counts its votes per expert and certifies the majority.
 A self-describing folder: ``config.json`` + ``model.safetensors`` (+ ``denoiser/unet`` and
 ``denoiser/scheduler`` in diffusers format).
 """
@@ -46,6 +51,7 @@ class RouterModel(nn.Module):
         unet: nn.Module | None = None,
         scheduler=None,
         info: dict | None = None,
+        class_map: Sequence[int] | None = None,
     ):
         super().__init__()
         if not expert_names or not len(expert_names) == len(sigmas) == len(fingerprints):
@@ -67,9 +73,23 @@ class RouterModel(nn.Module):
         self.info = dict(info or {})
         self.scheduler = scheduler
         self.denoiser = OneStepDenoiser(unet, scheduler, self.sigma_e) if unet is not None else None
-        self.classifier = build_classifier(
-            arch, len(self.expert_names), self.in_chans, **self.arch_args
-        )
+        try:
+            self.class_map = None if class_map is None else tuple(int(e) for e in class_map)
+        except (TypeError, ValueError) as exc:
+            raise UsageError(
+                f"class_map must be a list of expert indices, got {class_map!r}."
+            ) from exc
+        if self.class_map is not None:
+            if not self.class_map or not all(
+                0 <= e < len(self.expert_names) for e in self.class_map
+            ):
+                raise UsageError(
+                    "class_map must send every class to an expert index "
+                    f"0..{len(self.expert_names) - 1}."
+                )
+            self.register_buffer("_routes", torch.tensor(self.class_map), persistent=False)
+        outputs = len(self.class_map) if self.class_map is not None else len(self.expert_names)
+        self.classifier = build_classifier(arch, outputs, self.in_chans, **self.arch_args)
 
     @classmethod
     def create(cls, *, seed: int = 0, **kwargs) -> RouterModel:
@@ -94,7 +114,11 @@ class RouterModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.denoiser is not None:
             x = self.denoiser(x)
-        return self.classifier(normalize(x, self.mean, self.std))
+        logits = self.classifier(normalize(x, self.mean, self.std))
+        if self.class_map is None:
+            return logits
+        routes = self._routes[logits.argmax(dim=1)]  # one vote for the mapped expert
+        return torch.nn.functional.one_hot(routes, self.num_classes).to(logits.dtype)
 
     def trainable_parameters(self):
         """The classifier's parameters: a denoiser in front stays frozen."""
@@ -115,6 +139,7 @@ class RouterModel(nn.Module):
             "mean": list(self.mean),
             "std": list(self.std),
             "denoiser": self.denoiser is not None,
+            **({"class_map": list(self.class_map)} if self.class_map is not None else {}),
             **self.info,
         }
 
@@ -148,7 +173,7 @@ class RouterModel(nn.Module):
             raise UsageError("this config.json does not describe an rsrouter router.")
         known = {
             "format", "arch", "arch_args", "sigma_e", "experts", "sigmas", "fingerprints",
-            "in_chans", "input_size", "mean", "std", "denoiser",
+            "in_chans", "input_size", "mean", "std", "denoiser", "class_map",
         }  # fmt: skip
         return cls(
             arch=config["arch"],
@@ -164,6 +189,7 @@ class RouterModel(nn.Module):
             unet=unet,
             scheduler=scheduler,
             info={k: v for k, v in config.items() if k not in known},
+            class_map=config.get("class_map"),
         )
 
     @classmethod

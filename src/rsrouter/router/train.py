@@ -216,6 +216,9 @@ def train_router(
         raise UsageError(
             f"the table has experts {list(table.names)}, the router {list(router.expert_names)}."
         )
+    if router.class_map is not None:  # routes by a fixed table: nothing to learn
+        router.eval().save_pretrained(out_dir)
+        return []
     keep = table.certified
     if int(keep.sum()) == 0:
         raise UsageError("no expert certifies any input of the table: nothing to train on.")
@@ -327,6 +330,9 @@ ROUTER_DEFAULTS = {
     "mean": None,  # None = the first expert's normalisation
     "std": None,
     "init": None,  # a registered expert whose classifier weights start the router's (not its head)
+    # {class name or index: expert name}: a class-map router, a copy of the `init` expert (default:
+    # the expert at sigma_e) whose predicted class picks the expert; unlisted classes go to it
+    "class_map": None,
 }
 
 
@@ -377,10 +383,86 @@ def init_from_expert(router: RouterModel, expert, name: str) -> None:
                 value.copy_(theirs[key])
 
 
+def class_map_source(experts: dict, settings: dict) -> str:
+    """The expert a class-map router copies: [router] init, else the one whose sigma is sigma_e."""
+    if settings.get("init"):
+        return settings["init"]
+    sigma_e = settings.get("sigma_e") or max(e.sigma for e in experts.values())
+    matches = [name for name, e in experts.items() if float(e.sigma) == float(sigma_e)]
+    if len(matches) != 1:
+        raise UsageError(
+            f"a class-map router copies one expert: set [router] init (no single expert has "
+            f"sigma_e = {sigma_e:g})."
+        )
+    return matches[0]
+
+
+def resolve_class_map(mapping: dict, names: list[str], class_names: list[str], source: str):
+    """{class name or index: expert name} -> one expert index per class (unlisted: ``source``)."""
+    if not isinstance(mapping, dict) or not mapping:
+        raise UsageError('class_map must be a table of class = expert name, e.g. {Shirt = "a"}.')
+    if not class_names:
+        raise UsageError("a class-map router needs the experts' class count or class names.")
+    routes = [names.index(source)] * len(class_names)
+    for key, expert in mapping.items():
+        key = str(key)
+        if key in class_names:
+            c = class_names.index(key)
+        elif key.isdigit() and int(key) < len(class_names):
+            c = int(key)
+        else:
+            raise UsageError(
+                f"class_map: {key!r} is not a class (classes: {', '.join(class_names)})."
+            )
+        if expert not in names:
+            raise UsageError(
+                f"class_map: {expert!r} is not a registered expert ({', '.join(names)})."
+            )
+        routes[c] = names.index(expert)
+    return routes
+
+
+def build_class_map_router(experts: dict, settings: dict, *, info=None) -> RouterModel:
+    """A copy of one classifier expert that routes by its predicted class (nothing to train)."""
+    source = class_map_source(experts, settings)
+    if source not in experts:
+        raise UsageError(f"router init {source!r} is not a registered expert.")
+    expert = experts[source]
+    if getattr(expert, "denoiser", None) is not None:
+        raise UsageError(f"class-map router: {source!r} must be a classifier expert (no denoiser).")
+    if settings.get("denoiser"):
+        raise UsageError("a class-map router takes no denoiser: it copies a classifier expert.")
+    config = expert.config
+    class_names = (
+        list(config.class_names)
+        or list((info or {}).get("class_names") or [])
+        or [str(c) for c in range(config.num_classes)]
+    )
+    routes = resolve_class_map(settings["class_map"], list(experts), class_names, source)
+    router = RouterModel(
+        arch=config.arch,
+        arch_args=config.arch_args,
+        expert_names=list(experts),
+        sigmas=[e.sigma for e in experts.values()],
+        fingerprints=[e.fingerprint for e in experts.values()],
+        in_chans=config.in_chans,
+        input_size=config.input_size,
+        mean=config.mean,
+        std=config.std,
+        sigma_e=settings.get("sigma_e"),
+        info={**(info or {}), "init": source},
+        class_map=routes,
+    )
+    router.classifier.load_state_dict(expert.classifier.state_dict())
+    return router
+
+
 def build_router(experts: dict, settings: dict, *, seed: int = 0, info=None) -> RouterModel:
     """A fresh router over ``experts`` (name -> Expert, in order) from [router] settings."""
     if not experts:
         raise UsageError("no experts are registered: add one with `router add-expert` first.")
+    if settings.get("class_map"):
+        return build_class_map_router(experts, settings, info=info)
     init = settings.get("init")
     if init and init not in experts:
         raise UsageError(f"router init {init!r} is not a registered expert.")
@@ -428,12 +510,21 @@ def train_workspace(
     With a ``rsrouter.distributed`` context the missing columns are shared among the ranks and
     rank 0 alone trains; the other ranks return None.
     """
-    from rsrouter.router.tables import workspace_tables
+    from rsrouter.router.tables import table_settings, workspace_dataset, workspace_tables
     from rsrouter.runtime import resolve_device
 
     device = ctx.device(device) if ctx is not None else resolve_device(device)
     config = RouterTrainConfig.from_settings(ws.settings("train"), **(train_overrides or {}))
+    settings = router_settings(ws, **(router_overrides or {}))
     experts = ws.load_experts(device=device)
+    folder = router_folder(ws)
+    if settings.get("class_map"):  # fixed routes: no radius tables, nothing to train
+        if ctx is not None and not ctx.is_main:
+            return None
+        dataset = workspace_dataset(ws, table_settings(ws, **(table_overrides or {}))["split"])
+        info = {"dataset": dataset.name, "class_names": list(dataset.class_names)}
+        router = build_router(experts, settings, info=info)
+        return router, [], router.eval().save_pretrained(folder)
     table, dataset = workspace_tables(
         ws, experts=experts, device=device, progress=progress, ctx=ctx, **(table_overrides or {})
     )
@@ -441,11 +532,10 @@ def train_workspace(
         return None
     router = build_router(
         experts,
-        router_settings(ws, **(router_overrides or {})),
+        settings,
         seed=config.seed,
         info={"dataset": dataset.name, "class_names": list(dataset.class_names)},
     )
-    folder = router_folder(ws)
     history = train_router(
         router, table, dataset.images, folder, config, device=device, progress=progress
     )
