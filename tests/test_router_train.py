@@ -442,3 +442,16 @@ def test_cli_train_class_map_builds_no_tables_and_certifies(tmp_path: Path, caps
     assert "'Scarf' is not a class" in capsys.readouterr().err
     assert run(["train", "--class-map", "Shirt", *w]) == 2
     assert RouterModel.from_pretrained(ws.artifacts / "router").class_map == router.class_map
+
+
+def test_card_of_a_class_map_router_names_its_routes():
+    from rsrouter.router.card import render_card
+
+    config = {
+        "arch": "small_cnn", "sigma_e": 1.0, "in_chans": 1, "input_size": [8, 8],
+        "class_map": [1, 0, 1], "class_names": ["Coat", "Shirt", "Bag"], "init": "large",
+        "bundle": {"experts": [{"name": "small", "sigma": 0.25}, {"name": "large", "sigma": 1.0}]},
+    }  # fmt: skip
+    text = str(render_card(config))
+    assert "a copy of expert large whose predicted class picks the expert" in text
+    assert "classes Shirt → small; classes Coat, Bag → large" in text

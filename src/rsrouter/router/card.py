@@ -37,7 +37,7 @@ DATA_LICENCES = {
 # Config keys the card shows in their own sections (everything else goes to "Training").
 _SHOWN = {
     "format", "arch", "arch_args", "sigma_e", "experts", "sigmas", "fingerprints", "in_chans",
-    "input_size", "mean", "std", "denoiser", "bundle",
+    "input_size", "mean", "std", "denoiser", "bundle", "class_map",
 }  # fmt: skip
 
 
@@ -108,6 +108,21 @@ def render_card(
     pins = config.get("bundle", {}).get("experts", [])
     sigmas = ", ".join(f"{p['sigma']:g}" for p in pins)
     denoiser = "a one-step diffusion denoiser, then " if config.get("denoiser") else ""
+    routes = ""
+    if config.get("class_map"):
+        names = [p["name"] for p in pins]
+        labels = config.get("class_names") or []
+        groups = {}
+        for c, e in enumerate(config["class_map"]):
+            groups.setdefault(e, []).append(_cell(labels[c]) if c < len(labels) else str(c))
+        routes = (
+            f", a copy of expert {_cell(config.get('init', '—'))} whose predicted class picks the "
+            "expert (class map, not trained): "
+            + "; ".join(
+                f"classes {', '.join(cs)} → {_cell(names[e] if e < len(names) else e)}"
+                for e, cs in sorted(groups.items())
+            )
+        )
     results = (
         _demote(report_md.strip())
         if report_md
@@ -127,7 +142,7 @@ input which of {len(pins)} expert randomized-smoothing classifiers (σ = {sigmas
 The certified ℓ2 radius is min(R_σ, R_c): the router's radius and the chosen expert's, at total
 failure probability α = α_router + α_expert (Sun, Mao & Vechev, ICLR 2026, Theorem 4.2).
 Router base model: {denoiser}`{config["arch"]}` on inputs of shape
-{config["in_chans"]}×{"×".join(str(s) for s in config["input_size"])} in [0, 1].
+{config["in_chans"]}×{"×".join(str(s) for s in config["input_size"])} in [0, 1]{routes}.
 
 ## Experts
 
