@@ -77,7 +77,8 @@ study)
   log "router study on $ws/gaussian"
   status=0
   variants=(base T0.1 lr1e-3-ep60 lr1e-3-ep60-T0.1 lr1e-3-ep60-T0.1-lam100
-    lr1e-3-ep60-T0.1-se0.75) # a variant already trained and certified is read back, not redone
+    lr1e-3-ep60-T0.1-se0.75 classmap-shirt0.25-pullcoat0.5 classmap-tops0.5)
+  # a variant already trained and certified is read back, not redone
   timeout "$budget" "$py" benchmarks/router_study.py "$ws/gaussian" --device "$device" \
     "${variants[@]/#/--only=}" --json "$out/study.json" | tee "$out/study.txt" || status=$?
   save_workspace

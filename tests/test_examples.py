@@ -172,7 +172,7 @@ def test_gpu_session_script_smoke_runs_example_then_study(tmp_path):
     done = step("study")
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads((tmp_path / "out" / "study.json").read_text())
-    assert [r["variant"] for r in rows][:2] == ["base", "T0.1"] and len(rows) == 6
+    assert [r["variant"] for r in rows][:2] == ["base", "T0.1"] and len(rows) == 8
     assert all(0.0 <= r["router_abstain"] <= 1.0 for r in rows)
     bad = step("nope")
     assert bad.returncode == 2 and "unknown step" in bad.stderr
