@@ -8,6 +8,7 @@ A class-map router (``class_map`` set) is an image classifier instead, usually a
 sigma_e expert: the class it predicts on x + δ_e picks the expert through a fixed table
 (class_map[c] = expert index), so nothing is trained. Smoothed at sigma_e it is an ordinary
 router: CERTIFY counts its votes per expert and certifies the majority.
+
 A self-describing folder: ``config.json`` + ``model.safetensors`` (+ ``denoiser/unet`` and
 ``denoiser/scheduler`` in diffusers format).
 """
