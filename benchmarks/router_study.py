@@ -136,6 +136,9 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
         {"lr": 1e-3, "epochs": 30, "soft_label_scale": 0.1, "balance": False},
         INIT,
     ),
+    # the same start, only the output layer trained: a probe on the sigma = 1 expert's features
+    "init-probe": ({"head_only": True}, INIT),
+    "init-probe-T0.1": ({"head_only": True, "soft_label_scale": 0.1}, INIT),
 }
 # class-map routers: a copy of the sigma = 1 expert whose predicted class picks the expert (no
 # training); the class groups come from the train table's best expert per class (Shirt: 0.25;

@@ -389,16 +389,17 @@ def test_class_map_router_routes_by_the_copied_experts_class(tmp_path: Path):
     assert named.class_map == (1,) * 9 + (0,)
 
 
-def _table_for(experts):
+def _table_for(experts, rows: int = 4):
+    """A table over ``experts`` whose rows alternate which expert certifies the larger radius."""
     from rsrouter.router.tables import RadiusTable
 
-    n = 4
+    radii = torch.ones(rows, len(experts))
+    radii[::2, 0] = 2.0
     return RadiusTable(
         names=tuple(experts), sigmas=tuple(e.sigma for e in experts.values()),
         fingerprints=tuple(e.fingerprint for e in experts.values()),
-        indices=torch.arange(n), labels=torch.zeros(n, dtype=torch.long),
-        radii=torch.ones(n, len(experts)), n=8, alpha=0.01, seed=0, subset=1.0,
-        dataset_fingerprint="d",
+        indices=torch.arange(rows), labels=torch.zeros(rows, dtype=torch.long),
+        radii=radii, n=8, alpha=0.01, seed=0, subset=1.0, dataset_fingerprint="d",
     )  # fmt: skip
 
 
@@ -455,3 +456,46 @@ def test_card_of_a_class_map_router_names_its_routes():
     text = str(render_card(config))
     assert "a copy of expert large whose predicted class picks the expert" in text
     assert "classes Shirt → small; classes Coat, Bag → large" in text
+
+
+def test_head_only_training_moves_the_output_layer_alone(tmp_path: Path):
+    from rsrouter.router.train import ROUTER_DEFAULTS, RouterTrainConfig, build_router, train_router
+
+    experts = {"small": _small_expert(0.25, 4, 0), "large": _small_expert(1.0, 4, 1)}
+    settings = {**ROUTER_DEFAULTS, "arch_args": {"width": 4}, "init": "large"}
+    router = build_router(experts, settings, seed=0)
+    before = {k: v.clone() for k, v in router.classifier.state_dict().items()}
+    torch.manual_seed(0)
+    images = torch.rand(16, 1, 8, 8)
+    table = _table_for(experts, rows=16)
+    config = RouterTrainConfig(epochs=2, batch_size=8, lr=0.1, head_only=True)
+    history = train_router(router, table, images, tmp_path / "r", config)
+    assert len(history) == 2
+    after = router.classifier.state_dict()
+    for key in list(after)[:-2]:
+        assert torch.equal(after[key], before[key]), key
+    assert not torch.equal(after["fc.weight"], before["fc.weight"])
+    assert "head_only" in config.to_dict() and "head_only" not in RouterTrainConfig().to_dict()
+    plain = build_router(experts, {**settings, "init": None}, seed=0)
+    with pytest.raises(UsageError, match="init"):
+        train_router(plain, table, images, tmp_path / "p", config)
+
+
+def test_cli_train_head_only_from_an_expert(tmp_path: Path, capsys):
+    from helpers import fashion_workspace
+    from rsrouter.cli.main import run
+
+    ws = fashion_workspace(tmp_path)
+    ws.update_settings("router", arch_args={"width": 2})
+    ws.update_settings("tables", subset=0.05, n=8, alpha=0.05)
+    w = ["-w", str(tmp_path / "ws"), "--device", "cpu"]
+    assert run(["train", "--epochs", "1", "--batch-size", "8", "--head-only", *w]) == 1
+    assert "init" in capsys.readouterr().err  # a probe needs an expert's features...
+    assert not (ws.artifacts / "tables").exists()  # ...and is refused before any table work
+    train = ["train", "--epochs", "1", "--batch-size", "8", "--init", "gauss-0.5", "--head-only"]
+    assert run([*train, *w]) == 0
+    router = RouterModel.from_pretrained(ws.artifacts / "router")
+    expert = ws.load_expert("gauss-0.5")
+    assert router.info["init"] == "gauss-0.5" and router.info["training"]["head_only"] is True
+    mine, theirs = router.classifier.state_dict(), expert.classifier.state_dict()
+    assert all(torch.equal(mine[k], theirs[k]) for k in list(mine)[:-2])

@@ -101,6 +101,12 @@ def train_cmd(
     denoiser: str = typer.Option(
         None, help="Denoiser in front of the router: a denoised expert's name or a folder."
     ),
+    init: str = typer.Option(
+        None, help="Start from this expert's classifier weights (all but the output layer)."
+    ),
+    head_only: bool = typer.Option(
+        None, "--head-only/--all-layers", help="Train the output layer only (needs --init)."
+    ),
     class_map: str = typer.Option(
         None,
         "--class-map",
@@ -118,9 +124,14 @@ def train_cmd(
         epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
         consistency_lambda=lam, consistency_eta=eta, noise_copies=copies,
         consistency_weight=weighting, balance=balance, soft_label_scale=label_scale, seed=seed,
+        head_only=head_only,
     )  # fmt: skip
     router_overrides = dict(
-        arch=arch, sigma_e=sigma_e, denoiser=denoiser, class_map=_parse_class_map(class_map)
+        arch=arch,
+        sigma_e=sigma_e,
+        denoiser=denoiser,
+        init=init,
+        class_map=_parse_class_map(class_map),
     )
     from rsrouter import distributed
 

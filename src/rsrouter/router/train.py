@@ -46,6 +46,7 @@ class RouterTrainConfig:
     balance: bool = True  # w_e = 1/q_i; off for strong experts (§6.1)
     soft_label_scale: float = 1.0  # T in softmax(R / T)
     seed: int = 0
+    head_only: bool = False  # train the output layer only: a probe on [router] init's features
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "noise_copies"):
@@ -76,7 +77,10 @@ class RouterTrainConfig:
         return self.lr_step or max(1, self.epochs // 3)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if not self.head_only:  # keeps the run keys of routers trained before it existed
+            del d["head_only"]
+        return d
 
 
 # ---------------------------------------------------------------- the objective (pure)
@@ -197,6 +201,14 @@ def _load_checkpoint(router, opt, sched, weights: Path, state: Path) -> list[dic
     return list(saved["history"])
 
 
+def check_head_only(config: RouterTrainConfig, init: str | None) -> None:
+    if config.head_only and not init:
+        raise UsageError(
+            "head_only trains the output layer alone: start the router from an expert's "
+            "features with [router] init (or --init)."
+        )
+
+
 def train_router(
     router: RouterModel,
     table: RadiusTable,
@@ -219,6 +231,7 @@ def train_router(
     if router.class_map is not None:  # routes by a fixed table: nothing to learn
         router.eval().save_pretrained(out_dir)
         return []
+    check_head_only(config, router.info.get("init"))
     keep = table.certified
     if int(keep.sum()) == 0:
         raise UsageError("no expert certifies any input of the table: nothing to train on.")
@@ -260,9 +273,12 @@ def train_router(
     router.to(device)
     if router.denoiser is not None:
         router.denoiser.requires_grad_(False)
-    opt = torch.optim.AdamW(
-        router.trainable_parameters(), lr=config.lr, weight_decay=config.weight_decay
-    )
+    params = list(router.trainable_parameters())
+    if config.head_only:
+        for frozen in params[:-2]:  # all but the output layer's weight and bias
+            frozen.requires_grad_(False)
+        params = params[-2:]
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=config.step, gamma=config.lr_gamma)
     history: list[dict] = []
     start = 0
@@ -277,6 +293,8 @@ def train_router(
             router.train()
             if router.denoiser is not None:
                 router.denoiser.eval()  # frozen: only the classifier learns
+            if config.head_only:
+                router.classifier.eval()  # frozen features: no batch-norm or dropout updates
             order = torch.randperm(
                 len(rows),
                 generator=torch.Generator().manual_seed(_epoch_seed(config.seed, epoch, 0)),
@@ -525,6 +543,7 @@ def train_workspace(
         info = {"dataset": dataset.name, "class_names": list(dataset.class_names)}
         router = build_router(experts, settings, info=info)
         return router, [], router.eval().save_pretrained(folder)
+    check_head_only(config, settings.get("init"))  # before the tables are built
     table, dataset = workspace_tables(
         ws, experts=experts, device=device, progress=progress, ctx=ctx, **(table_overrides or {})
     )
