@@ -378,22 +378,23 @@ def _router_denoiser(spec, experts: dict):
     return load_denoiser(folder)
 
 
-def init_from_expert(router: RouterModel, expert, name: str) -> None:
+def init_from_expert(router: RouterModel, expert, name: str, *, head: bool = False) -> None:
     """Copy ``expert``'s classifier weights into the router's, all but the output layer.
 
     The largest-sigma expert was trained on x + N(0, sigma_e^2): its features are what the
-    router sees. Needs the same architecture and width (only the output layer differs).
+    router sees. Needs the same architecture and width (only the output layer differs), or,
+    with ``head`` (a class-map router), the same classifier outright: every weight is copied.
     """
     source = getattr(expert, "classifier", None)
     if source is None or getattr(expert, "denoiser", None) is not None:
         raise UsageError(f"router init {name!r} must be a classifier expert without a denoiser.")
     theirs, mine = source.state_dict(), router.classifier.state_dict()
     differ = sorted(k for k in mine if k in theirs and theirs[k].shape != mine[k].shape)
-    last = list(mine)[-2:]  # the output layer's weight and bias
+    last = [] if head else list(mine)[-2:]  # the output layer's weight and bias
     if set(theirs) != set(mine) or differ != sorted(last):
         raise UsageError(
             f"router init {name!r}: its classifier is not the router's architecture "
-            f"({router.arch} {router.arch_args}) with another output layer."
+            f"({router.arch} {router.arch_args})" + ("." if head else " with another output layer.")
         )
     with torch.no_grad():
         for key, value in mine.items():
@@ -440,71 +441,55 @@ def resolve_class_map(mapping: dict, names: list[str], class_names: list[str], s
     return routes
 
 
-def build_class_map_router(experts: dict, settings: dict, *, info=None) -> RouterModel:
-    """A copy of one classifier expert that routes by its predicted class (nothing to train)."""
-    source = class_map_source(experts, settings)
-    if source not in experts:
-        raise UsageError(f"router init {source!r} is not a registered expert.")
-    expert = experts[source]
-    if getattr(expert, "denoiser", None) is not None:
-        raise UsageError(f"class-map router: {source!r} must be a classifier expert (no denoiser).")
-    if settings.get("denoiser"):
-        raise UsageError("a class-map router takes no denoiser: it copies a classifier expert.")
-    config = expert.config
-    class_names = (
-        list(config.class_names)
-        or list((info or {}).get("class_names") or [])
-        or [str(c) for c in range(config.num_classes)]
-    )
-    routes = resolve_class_map(settings["class_map"], list(experts), class_names, source)
-    router = RouterModel(
-        arch=config.arch,
-        arch_args=config.arch_args,
-        expert_names=list(experts),
-        sigmas=[e.sigma for e in experts.values()],
-        fingerprints=[e.fingerprint for e in experts.values()],
-        in_chans=config.in_chans,
-        input_size=config.input_size,
-        mean=config.mean,
-        std=config.std,
-        sigma_e=settings.get("sigma_e"),
-        info={**(info or {}), "init": source},
-        class_map=routes,
-    )
-    router.classifier.load_state_dict(expert.classifier.state_dict())
-    return router
-
-
 def build_router(experts: dict, settings: dict, *, seed: int = 0, info=None) -> RouterModel:
-    """A fresh router over ``experts`` (name -> Expert, in order) from [router] settings."""
+    """A fresh router over ``experts`` (name -> Expert, in order) from [router] settings.
+
+    With ``class_map`` it is a class-map router: a whole copy of one classifier expert (its
+    architecture and normalisation; ``init``, else the expert at sigma_e) whose predicted class
+    picks the expert, so there is nothing to train.
+    """
     if not experts:
         raise UsageError("no experts are registered: add one with `router add-expert` first.")
-    if settings.get("class_map"):
-        return build_class_map_router(experts, settings, info=info)
-    init = settings.get("init")
+    class_map = settings.get("class_map")
+    init = class_map_source(experts, settings) if class_map else settings.get("init")
     if init and init not in experts:
         raise UsageError(f"router init {init!r} is not a registered expert.")
     first = experts[init] if init else next(iter(experts.values()))  # normalisation source
     config = getattr(first, "config", None)
+    if class_map:
+        if settings.get("denoiser"):
+            raise UsageError("a class-map router takes no denoiser: it copies a classifier expert.")
+        class_names = (
+            list(config.class_names)
+            or list((info or {}).get("class_names") or [])
+            or [str(c) for c in range(config.num_classes)]
+        )
+        routes = resolve_class_map(class_map, list(experts), class_names, init)
+        shape = {"arch": config.arch, "arch_args": config.arch_args, "mean": config.mean,
+                 "std": config.std, "class_map": routes}  # fmt: skip
+    else:
+        shape = {
+            "arch": settings["arch"],
+            "arch_args": settings.get("arch_args") or {},
+            "mean": settings.get("mean") or getattr(config, "mean", None),
+            "std": settings.get("std") or getattr(config, "std", None),
+        }
     unet, scheduler = _router_denoiser(settings.get("denoiser"), experts)
     router = RouterModel.create(
         seed=seed,
-        arch=settings["arch"],
-        arch_args=settings.get("arch_args") or {},
         expert_names=list(experts),
         sigmas=[e.sigma for e in experts.values()],
         fingerprints=[e.fingerprint for e in experts.values()],
         in_chans=first.input_shape[0],
         input_size=first.input_shape[1:],
-        mean=settings.get("mean") or getattr(config, "mean", None),
-        std=settings.get("std") or getattr(config, "std", None),
         sigma_e=settings.get("sigma_e"),
         unet=unet,
         scheduler=scheduler,
         info=info,
+        **shape,
     )
     if init:
-        init_from_expert(router, experts[init], init)
+        init_from_expert(router, experts[init], init, head=bool(class_map))
         router.info["init"] = init
     return router
 
