@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
+from rsrouter.composition import DualSmoothed
 from rsrouter.experts import Expert, ExpertConfig
 from rsrouter.experts.nets import build_classifier, count_parameters
 from rsrouter.io import write_json, write_text
-from rsrouter.router import DualSmoothed
 from rsrouter.router.model import RouterModel
 from rsrouter.runtime import device_name, resolve_device, timed
 from rsrouter.smoothing import certify_batch

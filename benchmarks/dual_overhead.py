@@ -28,8 +28,8 @@ import time
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
+from rsrouter.composition import DualSmoothed
 from rsrouter.experts import Expert, ExpertConfig, build_classifier, count_parameters
-from rsrouter.router import DualSmoothed
 from rsrouter.router.model import RouterModel
 from rsrouter.runtime import device_name, resolve_device, timed
 from rsrouter.smoothing import certify_batch

@@ -26,10 +26,10 @@ from pathlib import Path
 
 import torch
 
+from rsrouter.composition.certify_run import certify_run, certify_settings, run_options
+from rsrouter.composition.dual import DualSmoothed
+from rsrouter.composition.report import summarize
 from rsrouter.registry import Workspace
-from rsrouter.router.certify_run import certify_run, certify_settings, run_options
-from rsrouter.router.dual import DualSmoothed
-from rsrouter.router.report import summarize
 from rsrouter.router.tables import workspace_dataset, workspace_tables
 from rsrouter.router.train import (
     RouterTrainConfig,

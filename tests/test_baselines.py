@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from scipy.stats import beta, norm
 
+from rsrouter.composition.baselines import MULTISCALE_LABEL, ORACLE_LABEL, multiscale, oracle
 from rsrouter.errors import UsageError
-from rsrouter.router.baselines import MULTISCALE_LABEL, ORACLE_LABEL, multiscale, oracle
 from rsrouter.smoothing import ABSTAIN, Certificate
 
 

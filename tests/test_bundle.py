@@ -10,18 +10,18 @@ import torch
 from huggingface_hub import HfApi, ModelCard
 
 from helpers import small_cnn_expert, tiny_unet
-from rsrouter.errors import UsageError
-from rsrouter.experts import Expert
-from rsrouter.io import read_json
-from rsrouter.registry import Workspace
-from rsrouter.router.bundle import (
+from rsrouter.composition.bundle import (
     bundle_pins,
     bundle_workspace,
     load_router,
     make_bundle,
     push_bundle,
 )
-from rsrouter.router.dual import DualSmoothed
+from rsrouter.composition.dual import DualSmoothed
+from rsrouter.errors import UsageError
+from rsrouter.experts import Expert
+from rsrouter.io import read_json
+from rsrouter.registry import Workspace
 from rsrouter.router.model import RouterModel
 
 pytest_plugins = ["hub_server"]  # the `hub` fixture: a loopback Hub test double
@@ -229,8 +229,8 @@ def test_cli_push_then_pull(hub, published, tmp_path, capsys):
 
 
 def test_card_carries_the_last_real_report(hub, published):
-    from rsrouter.router.certify_run import certify_workspace, load_run
-    from rsrouter.router.report import write_report
+    from rsrouter.composition.certify_run import certify_workspace, load_run
+    from rsrouter.composition.report import write_report
 
     ws = published["ws"]
     run = certify_workspace(ws, progress=False, limit=3, n0=10, n=40, alpha=0.01)

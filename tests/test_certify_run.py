@@ -10,9 +10,9 @@ import torch
 
 from helpers import fashion_workspace
 from rsrouter import distributed
+from rsrouter.composition import DualSmoothed
+from rsrouter.composition.certify_run import certify_run, counts_key, latest_run, load_run
 from rsrouter.errors import UsageError
-from rsrouter.router import DualSmoothed
-from rsrouter.router.certify_run import certify_run, counts_key, latest_run, load_run
 
 N0, N, ALPHA, SEED = 20, 200, 0.01, 5
 
@@ -190,7 +190,7 @@ def test_cli_certify_report_predict(tmp_path, capsys):
 def test_every_certify_setting_but_the_split_reaches_certify_run():
     import inspect
 
-    from rsrouter.router.certify_run import CERTIFY_DEFAULTS, RUN_OPTIONS, run_options
+    from rsrouter.composition.certify_run import CERTIFY_DEFAULTS, RUN_OPTIONS, run_options
 
     assert set(RUN_OPTIONS) == set(CERTIFY_DEFAULTS) - {"split"}
     named = set(inspect.signature(certify_run).parameters)

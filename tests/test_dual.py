@@ -7,8 +7,8 @@ import pytest
 import torch
 from scipy.stats import binom
 
+from rsrouter.composition import DualCertificate, DualSmoothed, split_alpha
 from rsrouter.errors import UsageError
-from rsrouter.router import DualCertificate, DualSmoothed, split_alpha
 from rsrouter.smoothing import ABSTAIN, Certificate
 
 

@@ -215,7 +215,7 @@ def test_unreachable_hub_names_the_repo(tmp_path):
 
 
 def test_settings_over_defaults_refuses_unknown_keys(tmp_path):
-    from rsrouter.router.certify_run import certify_settings
+    from rsrouter.composition.certify_run import certify_settings
     from rsrouter.router.tables import TABLE_DEFAULTS, table_settings
 
     ws = Workspace.init(tmp_path)

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
+from rsrouter.composition.report import radius_grid, summarize, to_markdown, write_report
 from rsrouter.errors import UsageError
-from rsrouter.router.report import radius_grid, summarize, to_markdown, write_report
 
 META = {
     "run": "r",

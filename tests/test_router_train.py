@@ -359,7 +359,7 @@ def test_router_init_copies_an_experts_weights_but_its_head():
 
 
 def test_class_map_router_routes_by_the_copied_experts_class(tmp_path: Path):
-    from rsrouter.router import DualSmoothed
+    from rsrouter.composition import DualSmoothed
     from rsrouter.router.train import ROUTER_DEFAULTS, build_router, train_router
 
     experts = {"small": _small_expert(0.25, 4, 0), "large": _small_expert(1.0, 4, 1)}
@@ -446,7 +446,7 @@ def test_cli_train_class_map_builds_no_tables_and_certifies(tmp_path: Path, caps
 
 
 def test_card_of_a_class_map_router_names_its_routes():
-    from rsrouter.router.card import render_card
+    from rsrouter.composition.card import render_card
 
     config = {
         "arch": "small_cnn", "sigma_e": 1.0, "in_chans": 1, "input_size": [8, 8],

@@ -175,7 +175,7 @@ def test_cli_refuses_a_bad_option_before_saving_it(tmp_path: Path, capsys):
 def test_tables_draw_noise_no_certification_stage_draws():
     """The router learns from the tables: their draws must be independent of every draw that
     certifies or routes an input of the same index (expert, router and finetuning stages)."""
-    from rsrouter.router.dual import ROUTER_ESTIMATION, ROUTER_SELECTION
+    from rsrouter.composition.dual import ROUTER_ESTIMATION, ROUTER_SELECTION
     from rsrouter.router.finetune import ROUTE_STAGE
     from rsrouter.smoothing import ESTIMATION, SELECTION
 

@@ -7,7 +7,7 @@ __all__ = ["__version__", "load_router"]
 def __getattr__(name: str):
     """``rsrouter.load_router`` without importing torch at ``import rsrouter``."""
     if name == "load_router":
-        from rsrouter.router.bundle import load_router
+        from rsrouter.composition.bundle import load_router
 
         return load_router
     raise AttributeError(f"module 'rsrouter' has no attribute {name!r}")

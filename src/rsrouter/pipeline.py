@@ -322,15 +322,15 @@ def train_the_router(ws, config: PipelineConfig, device):
 
 def certify_test_set(ws, config: PipelineConfig, device):
     """Dual certification of the first ``certify_limit`` test inputs, with every baseline."""
-    from rsrouter.router.certify_run import certify_workspace
+    from rsrouter.composition.certify_run import certify_workspace
 
     return certify_workspace(ws, device=device, progress=config.progress)
 
 
 def write_report(ws, run, config: PipelineConfig) -> dict[str, Path]:
     """The report of a certification run, plus the pipeline settings that produced it."""
+    from rsrouter.composition.report import write_report as write
     from rsrouter.io import write_json
-    from rsrouter.router.report import write_report as write
 
     paths = write(read_json(run.meta_path), run.records, Path(ws.artifacts) / "report")
     paths["pipeline"] = Path(ws.artifacts) / "report" / "pipeline.json"

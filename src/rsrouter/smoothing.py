@@ -51,6 +51,15 @@ def check_count(name: str, value: int) -> int:
     return int(value)
 
 
+def check_seed(seed: int | None, *, allow_none: bool = True) -> int | None:
+    """A noise seed: a non-negative whole number, or None (unseeded) where ``allow_none``."""
+    if seed is None and allow_none:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise UsageError(f"seed must be a non-negative whole number, got {seed!r}.")
+    return seed
+
+
 def check_inputs(x: torch.Tensor, *, batched: bool) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         x = torch.as_tensor(np.asarray(x))

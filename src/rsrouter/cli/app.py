@@ -6,7 +6,8 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
 
 from rsrouter.errors import UsageError
 
@@ -16,9 +17,13 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,  # help texts name TOML tables ([router]) that markup would eat
 )
-console = Console()
-err_console = Console(stderr=True)
+# soft_wrap: a line is never broken by us, so a command, path, URL or hash the user may copy
+# stays whole at any terminal width (the terminal itself may fold it, which copies back whole)
+# markup off: what we print (paths, TOML tables such as [router]) is shown literally
+console = Console(soft_wrap=True, markup=False)
+err_console = Console(stderr=True, soft_wrap=True, markup=False)
 
 # options most commands take
 WORKSPACE = typer.Option(Path("."), "--workspace", "-w", help="The workspace folder.")
@@ -53,6 +58,17 @@ def run(argv: list[str] | None = None) -> int:
     return code if isinstance(code, int) else 0  # typer.Exit(code) comes back as a value
 
 
+def show_table(table: Table) -> None:
+    """Print a rich table at its natural width: it fits the terminal when it can and is
+    otherwise printed wider (the terminal scrolls or folds whole lines), never squeezed until
+    a cell folds one letter per line."""
+    natural = console.measure(table, options=console.options.update_width(10_000)).maximum
+    if natural <= console.width:
+        console.print(table)
+        return
+    wide = Console(width=natural, markup=False, force_terminal=console.is_terminal)
+    wide.print(table, crop=False)
+
+
 def _error(message: str) -> None:
-    # escaped: messages quote TOML tables ([router], [[experts]]) that rich would eat
-    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    err_console.print(Text("error:", style="bold red"), Text(message), highlight=False)

@@ -7,11 +7,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import typer
-from rich.markdown import Markdown
 from rich.table import Table
 
 from rsrouter import distributed
-from rsrouter.cli.app import DEVICE, WORKSPACE, app, console
+from rsrouter.cli.app import DEVICE, WORKSPACE, app, console, show_table
 from rsrouter.errors import UsageError
 from rsrouter.io import read_json
 from rsrouter.registry import Workspace
@@ -34,8 +33,8 @@ def certify_cmd(
     workspace: Path = WORKSPACE,
 ) -> None:
     """Dual-certify a split, with each expert alone, Multiscale and the oracle beside it."""
-    from rsrouter.router.certify_run import certify_workspace
-    from rsrouter.router.report import summarize
+    from rsrouter.composition.certify_run import certify_workspace
+    from rsrouter.composition.report import summarize
 
     ws = Workspace.open(workspace)
     result = certify_workspace(
@@ -63,7 +62,7 @@ def certify_cmd(
     for m in summary["methods"].values():
         cells = [f"{100 * v:.1f}" for v in m["certified_accuracy"]]
         table.add_row(m["label"], *cells, f"{m['acr']:.3f}")
-    console.print(table)
+    show_table(table)
     console.print(
         f"{result.computed} input(s) certified now, {len(result.records)} in the run.\n"
         f"records: {result.path}\nsettings: {result.meta_path}\n"
@@ -78,8 +77,8 @@ def report_cmd(
     workspace: Path = WORKSPACE,
 ) -> None:
     """Certified-accuracy table (md + csv), ACR, routing, abstentions and a PNG curve."""
-    from rsrouter.router.certify_run import latest_run, load_run
-    from rsrouter.router.report import write_report
+    from rsrouter.composition.certify_run import latest_run, load_run
+    from rsrouter.composition.report import write_report
 
     ws = Workspace.open(workspace)
     path = run if run is not None else latest_run(ws.artifacts)
@@ -87,7 +86,8 @@ def report_cmd(
     if not records:
         raise UsageError(f"{path} has no records yet; run `router certify` first.")
     paths = write_report(meta, records, Path(ws.artifacts) / "report", step=step)
-    console.print(Markdown(paths["markdown"].read_text(encoding="utf-8")))
+    # the markdown source itself: its pipe table reads as it is and is never re-wrapped
+    console.print(paths["markdown"].read_text(encoding="utf-8"), markup=False, highlight=False)
     for what, p in paths.items():
         console.print(f"{what}: {p}")
 
@@ -130,7 +130,7 @@ def predict_cmd(
     workspace: Path = WORKSPACE,
 ) -> None:
     """PREDICT with the router, then with the expert it picks (abstains unless both are sure)."""
-    from rsrouter.router.certify_run import workspace_dual
+    from rsrouter.composition.certify_run import workspace_dual
     from rsrouter.runtime import resolve_device
 
     ws = Workspace.open(workspace)
@@ -153,4 +153,4 @@ def predict_cmd(
         else:
             label = "abstain"
         table.add_row(str(path), routed, sigma, label)
-    console.print(table)
+    show_table(table)

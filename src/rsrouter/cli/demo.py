@@ -32,8 +32,8 @@ def demo(
         seed=seed,
         progress=not quiet,
     )
-    result = run_pipeline(config, log=lambda step: console.print(f"[bold]step:[/] {step}"))
-    console.print(result.table_markdown, markup=False, highlight=False, soft_wrap=True)
+    result = run_pipeline(config, log=lambda step: console.print(f"step: {step}"))
+    console.print(result.table_markdown, highlight=False)
     steps = ", ".join(f"{k} {v:.0f} s" for k, v in result.seconds.items())
     console.print(f"time: {steps} (total {sum(result.seconds.values()):.0f} s)")
     console.print(f"workspace: {result.workspace}")

@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from rsrouter.cli.app import WORKSPACE, app, console
+from rsrouter.cli.app import WORKSPACE, app, console, show_table
 from rsrouter.data import check_dataset_name
 from rsrouter.errors import UsageError
 from rsrouter.registry import Workspace
@@ -137,7 +137,7 @@ def experts_cmd(
             e.revision or ("local" if not e.commit else "main"),
             pin,
         )
-    console.print(table)
+    show_table(table)
     if verify and ws.experts:
         console.print(f"verified: every file of the {len(ws.experts)} experts matches its sha256")
     if not ws.experts:

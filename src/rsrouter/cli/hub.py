@@ -7,9 +7,9 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from rsrouter.cli.app import WORKSPACE, app, console
+from rsrouter.cli.app import WORKSPACE, app, console, show_table
+from rsrouter.composition.bundle import bundle_workspace, pull_router, push_bundle
 from rsrouter.registry import Workspace
-from rsrouter.router.bundle import bundle_workspace, pull_router, push_bundle
 
 ENDPOINT = typer.Option(None, "--endpoint", help="Hub URL (default: HF_ENDPOINT or the Hub).")
 TOKEN = typer.Option(
@@ -78,6 +78,6 @@ def pull_cmd(
             (pin.get("commit") or "local")[:12],
             f"{len(pin['sha256'])} sha256 ✓",
         )
-    console.print(table)
+    show_table(table)
     console.print(f"bundle in {pulled.folder}")
     console.print(f'certify with: rsrouter.load_router("{repo_id}").certify(x, ...)')

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from rsrouter.cli.app import DEVICE, WORKSPACE, app, console
+from rsrouter.cli.app import DEVICE, WORKSPACE, app, console, show_table
 from rsrouter.registry import Workspace
 
 
@@ -24,7 +24,7 @@ def _print_table(table) -> None:
             f"{row['mean_radius']:.3f}",
             f"{100 * row['best_share']:.1f}%",
         )
-    console.print(view)
+    show_table(view)
     kept = int(table.certified.sum())
     console.print(f"{kept} of {len(table.indices)} inputs are certified by some expert.")
 
@@ -180,7 +180,7 @@ def _print_history(history: list[dict]) -> None:
             f"{h['consistency']:.4f}",
             f"{100 * h['picks_best']:.1f}%",
         )
-    console.print(view)
+    show_table(view)
 
 
 @app.command("finetune-expert")

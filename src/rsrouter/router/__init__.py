@@ -1,5 +1,1 @@
-"""Radius tables, router training and the dual-smoothing composition engine."""
-
-from rsrouter.router.dual import DualCertificate, DualPrediction, DualSmoothed, split_alpha
-
-__all__ = ["DualCertificate", "DualPrediction", "DualSmoothed", "split_alpha"]
+"""Router training: radius tables, the router model, its training and expert finetuning."""

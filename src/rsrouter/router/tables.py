@@ -27,11 +27,11 @@ from safetensors.torch import save_file
 from rsrouter.errors import UsageError
 from rsrouter.io import atomic_path, sha256_json
 from rsrouter.progress import progress_bar
-from rsrouter.router.dual import check_seed
 from rsrouter.smoothing import (
     certified_radius,
     check_alpha,
     check_count,
+    check_seed,
     sample_counts,
 )
 

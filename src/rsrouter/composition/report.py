@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from rsrouter.composition.baselines import MULTISCALE_LABEL, ORACLE_LABEL
 from rsrouter.errors import UsageError
 from rsrouter.io import atomic_path, write_json, write_text
-from rsrouter.router.baselines import MULTISCALE_LABEL, ORACLE_LABEL
 
 STEP = 0.25
 MAX_GRID = 1000  # radius columns of a report: a tiny step would write (and print) megabytes

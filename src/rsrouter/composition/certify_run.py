@@ -23,12 +23,12 @@ from pathlib import Path
 import torch
 
 from rsrouter import distributed
+from rsrouter.composition.baselines import MULTISCALE_LABEL, ORACLE_LABEL, multiscale, oracle
+from rsrouter.composition.dual import DualCertificate, DualSmoothed, split_alpha
 from rsrouter.errors import UsageError
 from rsrouter.io import append_jsonl, read_json, read_jsonl, sha256_json, write_json, write_text
 from rsrouter.progress import progress_bar
-from rsrouter.router.baselines import MULTISCALE_LABEL, ORACLE_LABEL, multiscale, oracle
-from rsrouter.router.dual import DualCertificate, DualSmoothed, check_seed, split_alpha
-from rsrouter.smoothing import Certificate, check_count
+from rsrouter.smoothing import Certificate, check_count, check_seed
 
 FORMAT = "rsrouter.certify-run/1"
 

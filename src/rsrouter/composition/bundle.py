@@ -22,12 +22,12 @@ from pathlib import Path
 
 import torch
 
+from rsrouter.composition.card import render_card
+from rsrouter.composition.dual import DualSmoothed
 from rsrouter.errors import UsageError
 from rsrouter.experts.expert import DENOISER_PATTERNS, EXPERT_PATTERNS, Expert, fetch_snapshot
 from rsrouter.io import read_json, write_json
 from rsrouter.registry import ExpertEntry, Workspace
-from rsrouter.router.card import render_card
-from rsrouter.router.dual import DualSmoothed
 from rsrouter.router.model import FORMAT as ROUTER_FORMAT
 from rsrouter.router.model import RouterModel
 from rsrouter.router.train import router_folder

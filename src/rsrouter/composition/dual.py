@@ -29,21 +29,13 @@ from rsrouter.smoothing import (
     check_alpha,
     check_count,
     check_inputs,
+    check_seed,
     check_sigma,
     pad_counts,
     sample_counts,
 )
 
 ROUTER_SELECTION, ROUTER_ESTIMATION = 2, 3  # noise stages of the router (experts use 0 and 1)
-
-
-def check_seed(seed: int | None, *, allow_none: bool = True) -> int | None:
-    """A noise seed: a non-negative whole number, or None (unseeded) where ``allow_none``."""
-    if seed is None and allow_none:
-        return None
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise UsageError(f"seed must be a non-negative whole number, got {seed!r}.")
-    return seed
 
 
 def split_alpha(alpha: float, alpha_router: float | None = None) -> tuple[float, float]:
