@@ -41,6 +41,7 @@ FULL = PipelineConfig(
     router_epochs=30,
     router_batch_size=256,
     router_lr=0.01,
+    validation=1000,
     certify_limit=1000,
     n0=100,
     n=10_000,
@@ -65,6 +66,7 @@ CPU = replace(
     router_epochs=30,
     router_batch_size=128,
     router_lr=1e-3,
+    validation=500,
     certify_limit=500,
     n=2000,
     batch_size=2000,
@@ -75,6 +77,7 @@ SMOKE = replace(
     FULL,
     dataset="fashion-mnist-subset",
     train_limit=200,
+    validation=16,
     expert_arch="small_cnn",
     expert_arch_args={"width": 4},
     expert_epochs=1,
@@ -105,7 +108,22 @@ def parse(argv):
         "torchvision's FashionMNIST/raw); default: $RSROUTER_DATA",
     )
     p.add_argument("--mode", choices=(*MODES, "both"), default="both")
+    p.add_argument(
+        "--dataset",
+        choices=("fashion-mnist", "mnist+fashion-mnist"),
+        default="fashion-mnist",
+        help="fashion-mnist, or MNIST digits and Fashion-MNIST items as one 20-class set "
+        "(--data-root then holds both mnist/ and fashion-mnist/)",
+    )
+    p.add_argument(
+        "--validation",
+        type=int,
+        help="training images held out as the val split for tuning routers "
+        "(default 1000; 500 with --cpu)",
+    )
     p.add_argument("--limit", type=int, help="test images to certify (default 1000)")
+    p.add_argument("--expert-epochs", type=int, help="epochs of each expert's training")
+    p.add_argument("--table-subset", type=float, help="fraction of train rows in the tables")
     p.add_argument("--n", type=int, help="Monte-Carlo draws per certificate (default 10000)")
     p.add_argument(
         "--router-denoiser",
@@ -135,6 +153,12 @@ def config_for(args, mode: str) -> PipelineConfig:
         "seed": args.seed,
         "progress": not args.quiet,
     }
+    if not args.smoke:
+        overrides["dataset"] = args.dataset
+    for flag, field in (("validation", "validation"), ("expert_epochs", "expert_epochs"),
+                        ("table_subset", "table_subset")):  # fmt: skip
+        if getattr(args, flag) is not None:
+            overrides[field] = getattr(args, flag)
     if not (args.smoke or args.cpu):
         overrides["device"] = args.device
     if args.limit is not None:

@@ -41,6 +41,7 @@ class PipelineConfig:
     data_root: str | None = None
     sigmas: tuple[float, ...] = (0.25, 0.5, 1.0)
     train_limit: int | None = None  # train experts / the denoiser on the first K images only
+    validation: int = 0  # training images held out as the "val" split for tuning (0: none)
     # experts
     expert_kind: str = "classifier"  # "classifier": one Gaussian-trained model per sigma;
     # "denoised": one classifier through a trained DDPM denoiser at every sigma
@@ -150,7 +151,11 @@ def configure_workspace(ws, config: PipelineConfig, experts: Sequence[str]) -> N
             f"not {config.dataset!r}: use another folder."
         )
     sections = {
-        "data": {"dataset": config.dataset, "root": config.data_root},
+        "data": {
+            "dataset": config.dataset,
+            "root": config.data_root,
+            "validation": config.validation or None,
+        },
         "tables": {
             "n": config.table_n,
             "alpha": config.table_alpha,
@@ -190,9 +195,9 @@ def configure_workspace(ws, config: PipelineConfig, experts: Sequence[str]) -> N
 
 def load_split(config: PipelineConfig, split: str):
     """A split of the dataset; the training split cut to ``train_limit`` (for the experts)."""
-    from rsrouter.data import load_dataset
+    from rsrouter.data import load_split
 
-    data = load_dataset(config.dataset, split, root=config.data_root)
+    data = load_split(config.dataset, split, root=config.data_root, validation=config.validation)
     limit = config.train_limit if split == "train" else None
     if limit is not None and limit < len(data):
         data = data.subset(range(limit))

@@ -26,6 +26,7 @@ from rsrouter.errors import UsageError
 ABSTAIN = -1
 NOISE_BLOCK = 1000  # draws generated per input per step; fixed so that seeded noise is stable
 SELECTION, ESTIMATION = 0, 1  # noise stages of CERTIFY (independent draws)
+ROUTER_SELECTION, ROUTER_ESTIMATION = 2, 3  # the router's own stages (dual RS)
 
 Base = Callable[[torch.Tensor], torch.Tensor]
 

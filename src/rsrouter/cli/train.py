@@ -107,6 +107,12 @@ def train_cmd(
     head_only: bool = typer.Option(
         None, "--head-only/--all-layers", help="Train the output layer only (needs --init)."
     ),
+    kind: str = typer.Option(
+        None,
+        help="Router design: learned (the paper's, trained on the tables), class-map, or gate "
+        "(the sigma_e expert's own uncertainty picks the expert; thresholds fitted on the val "
+        "split). Default: workspace [router] kind, else learned.",
+    ),
     class_map: str = typer.Option(
         None,
         "--class-map",
@@ -117,7 +123,7 @@ def train_cmd(
     workspace: Path = WORKSPACE,
 ) -> None:
     """Train the router on the radius tables (missing columns are built first); resumes."""
-    from rsrouter.router.train import train_workspace
+    from rsrouter.router.train import router_kind, router_settings, train_workspace
 
     ws = Workspace.open(workspace)
     train_overrides = dict(
@@ -127,12 +133,16 @@ def train_cmd(
         head_only=head_only,
     )  # fmt: skip
     router_overrides = dict(
+        kind=kind,
         arch=arch,
         sigma_e=sigma_e,
         denoiser=denoiser,
         init=init,
         class_map=_parse_class_map(class_map),
     )
+    if router_kind(router_settings(ws, **router_overrides)) == "gate":
+        _train_gate(ws, device, router_overrides)
+        return
     from rsrouter import distributed
 
     result = train_workspace(
@@ -152,6 +162,26 @@ def train_cmd(
     console.print(
         f"router over {', '.join(router.expert_names)} (σ_e = {router.sigma_e:g}) saved to "
         f"{folder}\nnext: `router certify`."
+    )
+
+
+def _train_gate(ws, device: str, router_overrides: dict) -> None:
+    from rsrouter.composition.tuning import train_gate_workspace
+
+    router, tried, folder = train_gate_workspace(
+        ws, device=device, router_overrides=router_overrides
+    )
+    chosen = router.info["tuning"]["chosen"]
+    shares = ", ".join(
+        f"{name} {100 * share:.0f} %"
+        for name, share in zip(router.expert_names, chosen["routed"], strict=True)
+    )
+    console.print(
+        f"gate router: a copy of {router.info['init']}; entropy thresholds "
+        f"{', '.join(f'{t:g}' for t in router.gate['thresholds'])} chosen among {len(tried)} "
+        f"on {router.info['tuning']['inputs']} val inputs (val regret "
+        f"{chosen['regret']:.1f} points, ACR {chosen['acr']:.3f}; routed {shares}).\n"
+        f"saved to {folder} (every candidate in tuning.json)\nnext: `router certify`."
     )
 
 

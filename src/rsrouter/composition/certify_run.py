@@ -58,6 +58,12 @@ def counts_key(
     )
 
 
+def expert_counts_path(root: Path, fingerprint: str, dataset, n0, n, seed, bf16) -> Path:
+    """Where an expert's cached counts on ``dataset`` live under ``<artifacts>/certify``."""
+    key = counts_key(fingerprint, dataset.fingerprint, n0, n, seed, bf16)
+    return Path(root) / "experts" / f"{key}.jsonl"
+
+
 def _fingerprint(model, what: str) -> str:
     fp = getattr(model, "fingerprint", None)
     if not isinstance(fp, str) or not fp:
@@ -192,7 +198,7 @@ def make_record(
     }
 
 
-class _Cache:
+class CountsCache:
     """One model's counts by input index, loaded once; missing ones are sampled and appended."""
 
     def __init__(self, path: Path, ctx):
@@ -260,10 +266,7 @@ def certify_run(
         _fingerprint(e, f"expert {name!r}") for e, name in zip(dual.experts, names, strict=True)
     ]
     root = Path(artifacts) / "certify"
-    expert_paths = [
-        root / "experts" / f"{counts_key(fp, dataset.fingerprint, n0, n, seed, bf16)}.jsonl"
-        for fp in expert_fps
-    ]
+    expert_paths = [expert_counts_path(root, fp, dataset, n0, n, seed, bf16) for fp in expert_fps]
     key = counts_key(router_fp, dataset.fingerprint, n0, n, seed, bf16)
     router_key = sha256_json({"key": key, "sigma_e": dual.sigma_e})
     router_path = root / "router" / f"{router_key}.jsonl"
@@ -303,8 +306,8 @@ def certify_run(
     done = read_records(path, ctx)
     todo = [i for i in mine if i not in done]
     kw = {"n0": n0, "n": n, "seed": seed, **sampling}
-    expert_caches = [_Cache(p, ctx) for p in expert_paths]
-    router_cache = _Cache(router_path, ctx)
+    expert_caches = [CountsCache(p, ctx) for p in expert_paths]
+    router_cache = CountsCache(router_path, ctx)
     computed = 0
     with progress_bar("dual certify", len(todo), enabled=progress and bool(todo)) as advance:
         for start in range(0, len(todo), chunk):

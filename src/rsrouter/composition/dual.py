@@ -23,6 +23,8 @@ from rsrouter.errors import UsageError
 from rsrouter.smoothing import (
     ABSTAIN,
     ESTIMATION,
+    ROUTER_ESTIMATION,
+    ROUTER_SELECTION,
     SELECTION,
     Certificate,
     Prediction,
@@ -34,8 +36,6 @@ from rsrouter.smoothing import (
     pad_counts,
     sample_counts,
 )
-
-ROUTER_SELECTION, ROUTER_ESTIMATION = 2, 3  # noise stages of the router (experts use 0 and 1)
 
 
 def split_alpha(alpha: float, alpha_router: float | None = None) -> tuple[float, float]:

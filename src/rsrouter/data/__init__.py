@@ -12,7 +12,7 @@ import gzip
 import hashlib
 import os
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +24,9 @@ from rsrouter.io import atomic_path
 SUBSET = "fashion-mnist-subset"
 SUBSET_FILE = Path(__file__).with_name("fashion_mnist_subset.npz")
 SPLITS = ("train", "test")
+VALIDATION = "val"  # a fixed random part of "train", held out when a workspace asks for one
 ENV_ROOT = "RSROUTER_DATA"
+COMBINED = "mnist+fashion-mnist"  # one 20-class deployment that sees digits and clothes
 
 FASHION_MNIST_CLASSES = (
     "T-shirt/top",
@@ -150,6 +152,8 @@ def load_dataset(name_or_path: str | os.PathLike, split: str = "test", root=None
         return load_subset(split)
     if name in IDX_DATASETS:
         return load_idx(name, split, data_root(name, root))
+    if name == COMBINED:
+        return load_combined(split, data_root(name, root))
     if name == "cifar10":
         return load_cifar10(split, data_root(name, root))
     return load_image_folder(Path(name), split)
@@ -158,12 +162,49 @@ def load_dataset(name_or_path: str | os.PathLike, split: str = "test", root=None
 def check_dataset_name(name_or_path: str | os.PathLike) -> str:
     """A dataset name ``load_dataset`` knows, or an existing directory; else a UsageError."""
     name = str(name_or_path)
-    if name in (SUBSET, *IDX_DATASETS, "cifar10") or Path(name).is_dir():
+    if name in (SUBSET, *IDX_DATASETS, COMBINED, "cifar10") or Path(name).is_dir():
         return name
     raise UsageError(
-        f"unknown dataset {name!r}: use {SUBSET}, fashion-mnist, mnist, cifar10 or an "
-        "ImageFolder directory."
+        f"unknown dataset {name!r}: use {SUBSET}, fashion-mnist, mnist, {COMBINED}, cifar10 or "
+        "an ImageFolder directory."
     )
+
+
+def load_split(
+    name_or_path: str | os.PathLike,
+    split: str,
+    root=None,
+    *,
+    validation: int = 0,
+    validation_seed: int = 0,
+) -> Dataset:
+    """``train``, ``val`` or ``test``. With ``validation`` = K > 0, ``val`` is a fixed random K
+    of the training images (``validation_indices``) and ``train`` is the rest, so that nothing
+    tuned on ``val`` has seen it in training and the test split is never used for tuning."""
+    if split != VALIDATION and (split != "train" or not validation):
+        return load_dataset(name_or_path, split, root=root)
+    if not validation:
+        raise UsageError(
+            "this workspace has no validation split: set [data] validation = K in router.toml "
+            "(K training images held out for tuning)."
+        )
+    train = load_dataset(name_or_path, "train", root=root)
+    held_out = validation_indices(len(train), validation, validation_seed)
+    if split == VALIDATION:
+        return replace(train.subset(held_out), split=VALIDATION)
+    return train.subset(np.setdiff1d(np.arange(len(train)), held_out))
+
+
+def validation_indices(size: int, validation: int, seed: int = 0) -> np.ndarray:
+    """The sorted training indices held out as the validation split (deterministic in seed)."""
+    if isinstance(validation, bool) or not isinstance(validation, int) or validation < 0:
+        raise UsageError(f"[data] validation must be a whole number >= 0, got {validation!r}.")
+    if validation >= size:
+        raise UsageError(
+            f"[data] validation = {validation} leaves no training images (the split has {size})."
+        )
+    perm = np.random.default_rng([int(seed), 0x7A11D]).permutation(size)
+    return np.sort(perm[:validation]).astype(np.int64)
 
 
 def data_root(name: str, root) -> Path:
@@ -215,6 +256,26 @@ def load_idx(name: str, split: str, root: Path) -> Dataset:
     images = read_idx(find_idx(root, folders, image_stem))
     labels = read_idx(find_idx(root, folders, label_stem))
     return from_uint8(name, split, images, labels, class_names)
+
+
+def load_combined(split: str, root: Path) -> Dataset:
+    """MNIST digits (classes 0-9) and Fashion-MNIST items (classes 10-19) in one data set,
+    shuffled once with a fixed permutation so that the first K inputs of a split mix both."""
+    parts = [load_idx(name, split, root) for name in ("mnist", "fashion-mnist")]
+    images = torch.cat([p.images for p in parts])
+    labels = torch.cat([parts[0].labels, parts[1].labels + len(MNIST_CLASSES)])
+    order = torch.from_numpy(np.random.default_rng([0, 0xC0B1]).permutation(len(labels)))
+    digest = hashlib.sha256(f"{COMBINED}:{split}".encode())
+    for part in parts:
+        digest.update(part.fingerprint.encode())
+    return Dataset(
+        COMBINED,
+        split,
+        images[order],
+        labels[order],
+        (*MNIST_CLASSES, *FASHION_MNIST_CLASSES),
+        digest.hexdigest(),
+    )
 
 
 def load_subset(split: str) -> Dataset:

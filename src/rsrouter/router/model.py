@@ -9,6 +9,9 @@ sigma_e expert: the class it predicts on x + δ_e picks the expert through a fix
 (class_map[c] = expert index), so nothing is trained. Smoothed at sigma_e it is an ordinary
 router: CERTIFY counts its votes per expert and certifies the majority.
 
+A gate router (``gate`` set, ``router/gate.py``) is such a copy too: the normalised entropy of
+its softmax on x + δ_e picks the expert through fitted thresholds (ACES for K experts).
+
 A self-describing folder: ``config.json`` + ``model.safetensors`` (+ ``denoiser/unet`` and
 ``denoiser/scheduler`` in diffusers format).
 """
@@ -28,6 +31,7 @@ from rsrouter.experts.denoiser import OneStepDenoiser
 from rsrouter.experts.expert import load_denoiser
 from rsrouter.experts.nets import build_classifier, normalize
 from rsrouter.io import atomic_path, read_json, sha256_json, write_json
+from rsrouter.router.gate import check_gate, normalized_entropy, route_by_score
 from rsrouter.smoothing import check_sigma
 
 FORMAT = "rsrouter.router/1"
@@ -53,6 +57,7 @@ class RouterModel(nn.Module):
         scheduler=None,
         info: dict | None = None,
         class_map: Sequence[int] | None = None,
+        gate: dict | None = None,
     ):
         super().__init__()
         if not expert_names or not len(expert_names) == len(sigmas) == len(fingerprints):
@@ -89,7 +94,19 @@ class RouterModel(nn.Module):
                     f"0..{len(self.expert_names) - 1}."
                 )
             self.register_buffer("_routes", torch.tensor(self.class_map), persistent=False)
-        outputs = len(self.class_map) if self.class_map is not None else len(self.expert_names)
+        self.gate = None if gate is None else check_gate(gate, self.sigmas)
+        if self.gate is not None:
+            if self.class_map is not None:
+                raise UsageError("a router is a class-map router or a gate router, not both.")
+            self.register_buffer(
+                "_thresholds", torch.tensor(self.gate["thresholds"]), persistent=False
+            )
+            self.register_buffer("_order", torch.tensor(self.gate["order"]), persistent=False)
+            outputs = self.gate["classes"]
+        elif self.class_map is not None:
+            outputs = len(self.class_map)
+        else:
+            outputs = len(self.expert_names)
         self.classifier = build_classifier(arch, outputs, self.in_chans, **self.arch_args)
 
     @classmethod
@@ -112,13 +129,25 @@ class RouterModel(nn.Module):
     def input_shape(self) -> tuple[int, int, int]:
         return (self.in_chans, *self.input_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def kind(self) -> str:
+        """learned (the paper's), class-map or gate."""
+        return "gate" if self.gate else "class-map" if self.class_map is not None else "learned"
+
+    def expert_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The classifier's logits on x (after the denoiser, if any)."""
         if self.denoiser is not None:
             x = self.denoiser(x)
-        logits = self.classifier(normalize(x, self.mean, self.std))
-        if self.class_map is None:
+        return self.classifier(normalize(x, self.mean, self.std))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.expert_logits(x)
+        if self.gate is not None:
+            routes = route_by_score(normalized_entropy(logits), self._thresholds, self._order)
+        elif self.class_map is not None:
+            routes = self._routes[logits.argmax(dim=1)]  # one vote for the mapped expert
+        else:
             return logits
-        routes = self._routes[logits.argmax(dim=1)]  # one vote for the mapped expert
         return torch.nn.functional.one_hot(routes, self.num_classes).to(logits.dtype)
 
     def trainable_parameters(self):
@@ -141,6 +170,7 @@ class RouterModel(nn.Module):
             "std": list(self.std),
             "denoiser": self.denoiser is not None,
             **({"class_map": list(self.class_map)} if self.class_map is not None else {}),
+            **({"gate": dict(self.gate)} if self.gate is not None else {}),
             **self.info,
         }
 
@@ -174,7 +204,7 @@ class RouterModel(nn.Module):
             raise UsageError("this config.json does not describe an rsrouter router.")
         known = {
             "format", "arch", "arch_args", "sigma_e", "experts", "sigmas", "fingerprints",
-            "in_chans", "input_size", "mean", "std", "denoiser", "class_map",
+            "in_chans", "input_size", "mean", "std", "denoiser", "class_map", "gate",
         }  # fmt: skip
         return cls(
             arch=config["arch"],
@@ -191,6 +221,7 @@ class RouterModel(nn.Module):
             scheduler=scheduler,
             info={k: v for k, v in config.items() if k not in known},
             class_map=config.get("class_map"),
+            gate=config.get("gate"),
         )
 
     @classmethod

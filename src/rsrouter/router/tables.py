@@ -467,11 +467,19 @@ def table_settings(ws, **overrides) -> dict:
 
 
 def workspace_dataset(ws, split: str):
-    """The workspace's [data] dataset, one split."""
-    from rsrouter.data import load_dataset
+    """The workspace's [data] dataset, one split: train, val or test. With ``[data] validation
+    = K``, val is a fixed random K of the training images (``validation_seed``) and train the
+    rest, so tables, routers and experts trained here never see what tuning is judged on."""
+    from rsrouter.data import load_split
 
     data = ws.settings("data")
-    return load_dataset(data.get("dataset", "fashion-mnist-subset"), split, root=data.get("root"))
+    return load_split(
+        data.get("dataset", "fashion-mnist-subset"),
+        split,
+        root=data.get("root"),
+        validation=data.get("validation", 0),
+        validation_seed=data.get("validation_seed", 0),
+    )
 
 
 def workspace_tables(

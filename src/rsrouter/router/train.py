@@ -22,6 +22,7 @@ from rsrouter.errors import UsageError
 from rsrouter.experts.train import consistency_terms
 from rsrouter.io import atomic_path, sha256_json
 from rsrouter.progress import progress_bar
+from rsrouter.router import gate as gates
 from rsrouter.router.model import RouterModel
 from rsrouter.router.tables import TABLE_STAGE, RadiusTable
 from rsrouter.smoothing import check_count
@@ -340,7 +341,13 @@ def train_router(
 
 # ---------------------------------------------------------------- workspace level
 
+KINDS = ("learned", "class-map", "gate")
+
 ROUTER_DEFAULTS = {
+    # learned: the paper's router, trained on the radius tables; class-map: see class_map;
+    # gate: a copy of the sigma_e expert whose own uncertainty on x + δ picks the expert through
+    # thresholds fitted on the val split (router/gate.py, composition/tuning.py)
+    "kind": None,  # None = class-map when class_map is set, else learned
     "arch": "small_cnn",
     "arch_args": {},
     "sigma_e": None,  # None = the largest expert sigma
@@ -351,7 +358,20 @@ ROUTER_DEFAULTS = {
     # {class name or index: expert name}: a class-map router, a copy of the `init` expert (default:
     # the expert at sigma_e) whose predicted class picks the expert; unlisted classes go to it
     "class_map": None,
+    "gate": None,  # a fitted gate {score, thresholds, order}; written by `router train --kind gate`
 }
+
+
+def router_kind(settings: dict) -> str:
+    """The router design [router] asks for (checked)."""
+    kind = settings.get("kind") or ("class-map" if settings.get("class_map") else "learned")
+    if kind not in KINDS:
+        raise UsageError(f"[router] kind must be one of {', '.join(KINDS)}, got {kind!r}.")
+    if kind != "class-map" and settings.get("class_map"):
+        raise UsageError(f"a {kind} router takes no class_map: drop it or use kind class-map.")
+    if kind == "class-map" and not settings.get("class_map"):
+        raise UsageError("a class-map router needs class_map (`router train --class-map ...`).")
+    return kind
 
 
 def router_settings(ws, **overrides) -> dict:
@@ -410,8 +430,8 @@ def class_map_source(experts: dict, settings: dict) -> str:
     matches = [name for name, e in experts.items() if float(e.sigma) == float(sigma_e)]
     if len(matches) != 1:
         raise UsageError(
-            f"a class-map router copies one expert: set [router] init (no single expert has "
-            f"sigma_e = {sigma_e:g})."
+            "a class-map or gate router copies one expert: set [router] init (no single expert "
+            f"has sigma_e = {sigma_e:g})."
         )
     return matches[0]
 
@@ -450,15 +470,25 @@ def build_router(experts: dict, settings: dict, *, seed: int = 0, info=None) -> 
     """
     if not experts:
         raise UsageError("no experts are registered: add one with `router add-expert` first.")
+    kind = router_kind(settings)
     class_map = settings.get("class_map")
-    init = class_map_source(experts, settings) if class_map else settings.get("init")
+    copy = kind in ("class-map", "gate")  # a whole copy of one classifier expert
+    init = class_map_source(experts, settings) if copy else settings.get("init")
     if init and init not in experts:
         raise UsageError(f"router init {init!r} is not a registered expert.")
     first = experts[init] if init else next(iter(experts.values()))  # normalisation source
     config = getattr(first, "config", None)
-    if class_map:
-        if settings.get("denoiser"):
-            raise UsageError("a class-map router takes no denoiser: it copies a classifier expert.")
+    if copy and settings.get("denoiser"):
+        raise UsageError(f"a {kind} router takes no denoiser: it copies a classifier expert.")
+    if kind == "gate":
+        sigmas = [e.sigma for e in experts.values()]
+        gate = settings.get("gate") or {
+            "thresholds": [1.0] * (len(experts) - 1),  # unfitted: all to the largest sigma
+            "order": gates.default_order(sigmas),
+        }
+        shape = {"arch": config.arch, "arch_args": config.arch_args, "mean": config.mean,
+                 "std": config.std, "gate": {**gate, "classes": config.num_classes}}  # fmt: skip
+    elif class_map:
         class_names = (
             list(config.class_names)
             or list((info or {}).get("class_names") or [])
@@ -489,7 +519,7 @@ def build_router(experts: dict, settings: dict, *, seed: int = 0, info=None) -> 
         **shape,
     )
     if init:
-        init_from_expert(router, experts[init], init, head=bool(class_map))
+        init_from_expert(router, experts[init], init, head=copy)
         router.info["init"] = init
     return router
 
@@ -519,6 +549,11 @@ def train_workspace(
     device = ctx.device(device) if ctx is not None else resolve_device(device)
     config = RouterTrainConfig.from_settings(ws.settings("train"), **(train_overrides or {}))
     settings = router_settings(ws, **(router_overrides or {}))
+    if router_kind(settings) == "gate":
+        raise UsageError(
+            "a gate router is fitted on the val split: use `router train --kind gate` "
+            "(rsrouter.composition.tuning.train_gate_workspace)."
+        )
     experts = ws.load_experts(device=device)
     folder = router_folder(ws)
     if settings.get("class_map"):  # fixed routes: no radius tables, nothing to train

@@ -1,0 +1,118 @@
+"""Gate routers (experts that gate themselves) and their fitting on the val split."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import small_cnn_expert
+from rsrouter.router import gate as gates
+from rsrouter.router.model import RouterModel
+from rsrouter.smoothing import ROUTER_ESTIMATION, sample_counts
+
+
+def gate_router(thresholds, order=(1, 0), seed=0) -> RouterModel:
+    expert = small_cnn_expert(0.5, num_classes=3, seed=seed)
+    router = RouterModel(
+        arch="small_cnn", arch_args={"width": 2}, expert_names=["a", "b"], sigmas=[0.25, 0.5],
+        fingerprints=["x", "y"], in_chans=1, input_size=[8, 8], mean=[0.0], std=[1.0],
+        gate={"thresholds": list(thresholds), "order": list(order), "classes": 3},
+    )  # fmt: skip
+    router.classifier.load_state_dict(expert.classifier.state_dict())
+    return router.eval()
+
+
+def test_gate_routes_confident_draws_to_the_largest_sigma():
+    logits = torch.tensor([[9.0, 0.0, 0.0], [0.0, 0.0, 0.0], [2.0, 1.5, 0.0]])
+    h = gates.normalized_entropy(logits)
+    assert h[0] < 0.05 and h[1] == pytest.approx(1.0) and 0.3 < h[2] < 1
+    thresholds, order = torch.tensor([0.2, 0.9]), torch.tensor([2, 1, 0])
+    assert gates.route_by_score(h, thresholds, order).tolist() == [2, 0, 1]
+    assert gates.default_order([0.25, 1.0, 0.5]) == [1, 2, 0]
+
+
+def test_gate_counts_from_score_bins_equal_the_gate_routers_own_counts():
+    """The fitting pass is exact: for thresholds on the bin edges, summing the bins gives the
+    very counts the gate router draws under the same noise."""
+    torch.manual_seed(1)
+    xs = torch.rand(6, 1, 8, 8)
+    edges = gates.bin_edges(10)
+    kw = {"seed": 3, "indices": list(range(6)), "stage": ROUTER_ESTIMATION}
+    bins = sample_counts(gates.ScoreBins(gate_router([1.0]), edges), xs, 0.5, 64,
+                         num_classes=10, **kw).numpy()  # fmt: skip
+    assert bins.sum(axis=1).tolist() == [64] * 6
+    for cut in range(11):
+        thresholds = gates.cut_thresholds([cut], edges)
+        own = sample_counts(gate_router(thresholds), xs, 0.5, 64, num_classes=2, **kw).numpy()
+        assert np.array_equal(gates.counts_for(bins, [cut], [1, 0]), own), cut
+
+
+def test_gate_spec_is_checked():
+    from rsrouter.errors import UsageError
+
+    with pytest.raises(UsageError, match="must not decrease"):
+        gates.check_gate({"thresholds": [0.5, 0.2], "order": [0, 1, 2], "classes": 3}, [1, 2, 3])
+    with pytest.raises(UsageError, match="each of the 2 experts once"):
+        gates.check_gate({"thresholds": [0.5], "order": [0, 0], "classes": 3}, [1, 2])
+    router = gate_router([0.4])
+    again = RouterModel.from_config(json.loads(json.dumps(router.config())))
+    assert again.gate == router.gate and again.kind == "gate"
+
+
+def test_fit_gate_picks_the_thresholds_with_least_val_regret():
+    """Two experts; expert 0 (small sigma) is right where the score is high, expert 1 where it
+    is low: the fitted cut must split the inputs there."""
+    from rsrouter.composition.tuning import ValidationCounts, fit_gate
+
+    n, bins = 400, 4
+    labels = np.zeros(8, dtype=np.int64)
+    hi_score = np.array([[0, 0, 0, n]] * 4 + [[n, 0, 0, 0]] * 4)  # inputs 0-3 uncertain
+    right, wrong = [n, 0], [0, n]
+    sel = [np.array([right] * 4 + [wrong] * 4), np.array([wrong] * 4 + [right] * 4)]
+    vc = ValidationCounts(labels, [s // 4 for s in sel], sel, [0.25, 1.0])
+    gate, tried = fit_gate(hi_score // 4, hi_score, vc, sigma_e=1.0, alpha=0.01)
+    assert len(tried) == bins + 1
+    assert gate["order"] == [1, 0] and 0 < gate["thresholds"][0] < 0.75
+    chosen = next(t for t in tried if t["thresholds"] == gate["thresholds"])
+    assert chosen["routed"] == [0.5, 0.5] and chosen["abstained"] == 0
+    others = [t for t in tried if t["routed"] != chosen["routed"]]  # cuts 0 and 4
+    assert len(others) == 2 and all(
+        t["regret"] >= chosen["regret"] and t["acr"] < chosen["acr"] for t in others
+    )
+
+
+def test_router_train_kind_gate_end_to_end(tmp_path, monkeypatch, capsys):
+    """`router train --kind gate` fits on the val split only, then certify routes with it."""
+    from rsrouter.cli.main import run
+    from rsrouter.data import FASHION_MNIST_CLASSES
+    from rsrouter.registry import Workspace
+
+    ws = Workspace.init(tmp_path / "ws")
+    for sigma in (0.25, 0.5):
+        e = small_cnn_expert(sigma, num_classes=10, input_size=[28, 28], seed=int(sigma * 8),
+                             class_names=list(FASHION_MNIST_CLASSES))  # fmt: skip
+        e.save_pretrained(tmp_path / f"e{sigma}")
+        ws.add_expert(tmp_path / f"e{sigma}", sigma, name=f"g{sigma}")
+    ws.update_settings("data", validation=30)
+    ws.update_settings("certify", n0=8, n=32, batch_size=256, limit=6)
+    ws.update_settings("tune", limit=12, bins=4)
+    read = []
+    import rsrouter.data as data
+
+    original = data.load_dataset
+    monkeypatch.setattr(
+        data, "load_dataset", lambda *a, **k: read.append(a[1]) or original(*a, **k)
+    )
+    w = ["-w", str(ws.root), "--device", "cpu"]
+    assert run(["train", "--kind", "gate", *w]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "gate router: a copy of g0.5" in out and "among 5 on 12 val inputs" in out, out
+    assert read == ["train"]  # the val split is carved from train; test is never read
+    router = RouterModel.from_pretrained(ws.artifacts / "router")
+    assert router.kind == "gate" and router.info["tuning"]["split"] == "val"
+    tried = json.loads((ws.artifacts / "router" / "tuning.json").read_text())["tried"]
+    assert len(tried) == 5  # one cut among the 5 bin boundaries
+    assert run(["certify", *w]) == 0, capsys.readouterr().err
