@@ -60,7 +60,7 @@ def _strip(records):
         r = json.loads(json.dumps(r))
         r.pop("seconds")
         r["baselines"]["multiscale"].pop("seconds")
-        for e in r["baselines"]["experts"]:
+        for e in [*r["baselines"]["experts"], *r["rules"].values()]:
             e.pop("seconds")
         out.append(r)
     return out
