@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from scipy.stats import norm
+from scipy.special import ndtri
 
 from rsrouter.errors import UsageError
 from rsrouter.smoothing import ABSTAIN, lower_confidence_bound
@@ -53,7 +53,7 @@ def check_biases(biases, size: int) -> np.ndarray:
 
 def _scores(q, biases) -> np.ndarray:
     """Phi^-1(q) + b, with q = 0 -> -inf and q = 1 -> +inf."""
-    return norm.ppf(np.clip(np.asarray(q, dtype=np.float64), 0.0, 1.0)) + biases
+    return ndtri(np.clip(np.asarray(q, dtype=np.float64), 0.0, 1.0)) + biases
 
 
 def leader(selection_counts, biases=None) -> int:
