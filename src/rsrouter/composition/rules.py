@@ -8,7 +8,7 @@ r < gap_k = sigma_e / 2 * [(Phi^-1(q_lo_j*) + b_j*) - (Phi^-1(q_hi_k) + b_k)].
 
 - ``min``: the paper's Theorem 4.2 (plain argmax, a lower bound on q_j* alone), kept in dual.py.
 - ``pairwise``: the route stays j* on B(x, min_k gap_k); the radius is min(that, R_c).
-- ``agreement``: every expert k with gap_k <= r may route inside B(x, r) (the set S(r)); the
+- ``agreement``: every expert k with gap_k < r may route inside B(x, r) (the set S(r)); the
   composition is constant on B(x, r) when every expert of S(r) certifies the same class there.
 
 The router's E bounds are Bonferroni at alpha_router / E each. The agreement rule reads every
