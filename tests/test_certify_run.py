@@ -60,7 +60,7 @@ def _strip(records):
         r = json.loads(json.dumps(r))
         r.pop("seconds")
         r["baselines"]["multiscale"].pop("seconds")
-        for e in r["baselines"]["experts"]:
+        for e in [*r["baselines"]["experts"], *r["rules"].values()]:
             e.pop("seconds")
         out.append(r)
     return out
@@ -85,6 +85,48 @@ def test_records_match_the_api_and_hold_every_baseline(tmp_path):
     assert _strip(records) == _strip(result.records)
     assert latest_run(tmp_path) == result.path
     assert counts_key("m", "d", 1, 2, 3) != counts_key("m", "d", 1, 2, 3, bf16=True)
+
+
+def test_every_rule_from_the_same_counts_and_the_headline(tmp_path):
+    from rsrouter.composition.report import summarize
+    from rsrouter.composition.rules import RULES
+
+    dual = _dual()
+    first = _run(dual, tmp_path)
+    ds = _dataset()
+    for rule in RULES:  # each rule's record equals the API's certificate under that rule
+        api = DualSmoothed(dual.router, 0.5, dual.experts, rule=rule)
+        direct = api.certify_batch(ds.images, n0=N0, n=N, alpha=ALPHA, seed=SEED)
+        for r, c in zip(first.records, direct, strict=True):
+            got = r["rules"][rule]
+            assert (got["prediction"], got["expert"]) == (c.prediction, c.expert)
+            assert got["radius"] == pytest.approx(c.radius)
+            want = (N0 + N) * (1 + (2 if rule == "agreement" else int(c.expert >= 0)))
+            assert got["forwards"] == want
+    assert all(r["rules"]["min"]["radius"] == r["radius"] for r in first.records)
+    calls = dual.router.calls + sum(e.calls for e in dual.experts)
+    headline = _run(dual, tmp_path, rule="agreement")  # another headline: no model runs
+    assert dual.router.calls + sum(e.calls for e in dual.experts) == calls
+    meta, records = load_run(headline.path)
+    assert meta["rule"] == "agreement" and meta["rules"] == list(RULES)
+    s = summarize(meta, records)
+    assert set(s["methods"]) >= {"dual", "dual:min", "dual:pairwise", "expert:a", "multiscale"}
+    assert "agreement" in s["methods"]["dual"]["label"]
+    assert s["methods"]["dual"]["forwards_per_input"] == 3 * (N0 + N)
+    assert s["methods"]["expert:a"]["forwards_per_input"] == N0 + N
+    assert s["rule"] == "agreement" and set(s["routing_by_method"]) == {
+        "dual", "dual:min", "dual:pairwise"
+    }  # fmt: skip
+    old = summarize(*load_run(first.path))
+    assert old["methods"]["dual:agreement"]["acr"] == pytest.approx(s["methods"]["dual"]["acr"])
+    with pytest.raises(UsageError, match="unknown composition rule 'best'"):
+        _run(dual, tmp_path, rule="best")
+    biased = DualSmoothed(dual.router, 0.5, dual.experts, rule="pairwise", biases=[0.0, 2.0])
+    tilted = _run(biased, tmp_path)  # a bias of 2 toward b: pairwise routes there more often
+    routes = [r["rules"]["pairwise"]["expert"] for r in tilted.records]
+    plain = [r["rules"]["pairwise"]["expert"] for r in first.records]
+    assert routes.count(1) > plain.count(1)
+    assert load_run(tilted.path)[0]["biases"] == [0.0, 2.0]
 
 
 def test_cached_expert_counts_make_dual_cost_only_the_router(tmp_path):
@@ -185,6 +227,30 @@ def test_cli_certify_report_predict(tmp_path, capsys):
     assert run(["predict", str(tmp_path / "small.png"), "--device", "cpu", *w]) == 1
     assert "28x20 pixels" in capsys.readouterr().err
     assert run(["certify", "--alpha-router", "0.5", *w]) == 1
+    assert "alpha_router" in capsys.readouterr().err
+
+    # the router's biases come from its config.json; --rule picks the headline row
+    config = json.loads((ws.artifacts / "router" / "config.json").read_text())
+    (ws.artifacts / "router" / "config.json").write_text(json.dumps({**config, "biases": [1]}))
+    assert run(["certify", *args, *w]) == 1
+    assert 'config.json: "biases" must hold one finite number per expert (2)' in (
+        capsys.readouterr().err
+    )
+    config["biases"] = [0.0, 0.5]
+    (ws.artifacts / "router" / "config.json").write_text(json.dumps(config))
+    assert run(["certify", *args, "--rule", "agreement", *w]) == 0
+    assert "regret" in capsys.readouterr().out
+    assert run(["report", *w]) == 0
+    out = capsys.readouterr().out
+    assert "agreement-aware" in out and "pairwise router radius" in out and "regret" in out
+    summary = json.loads((report / "summary.json").read_text())
+    assert summary["rule"] == "agreement" and summary["biases"] == [0.0, 0.5]
+    assert "regret" in summary["methods"]["dual:min"]
+    assert run(["certify", "--rule", "best", *w]) == 1
+    assert "unknown composition rule 'best'" in capsys.readouterr().err
+    assert run(["predict", str(tmp_path / "ok.png"), "--n", "50", "--rule", "agreement",
+                "--device", "cpu", *w]) == 0  # fmt: skip
+    assert "rule agreement" in capsys.readouterr().out
 
 
 def test_every_certify_setting_but_the_split_reaches_certify_run():

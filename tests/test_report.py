@@ -81,12 +81,44 @@ def test_numbers_by_hand():
     assert "re-implementation" in m["multiscale"]["label"]
 
 
+def test_regret_and_cost_by_hand():
+    s = summarize(META, RECORDS)
+    m = s["methods"]
+    # envelope: best of a [2, 1, 0, 0, 0] / 6 and b [2, 2, 2, 1, 1] / 6 up to b's radius 1.1
+    assert s["envelope"]["grid"] == [0, 0.25, 0.5, 0.75, 1.0]
+    assert s["envelope"]["certified_accuracy"] == pytest.approx([2 / 6, 2 / 6, 2 / 6, 1 / 6, 1 / 6])
+    assert m["expert:a"]["regret"] == pytest.approx(100 * 2 / 6)  # at r = 0.5
+    assert m["expert:b"]["regret"] == pytest.approx(0.0)
+    assert m["dual"]["regret"] == pytest.approx(0.0)  # level with b from r = 0.25 on
+    assert m["dual"]["regret_at"] == pytest.approx(
+        {"0": -100 / 6, "0.5": 0.0, "1": 0.0, "1.5": 0.0}
+    )
+    assert m["expert:a"]["regret_at"] == pytest.approx(
+        {"0": 0.0, "0.5": 100 * 2 / 6, "1": 100 / 6, "1.5": 0.0}
+    )
+    assert m["oracle"]["regret"] == pytest.approx(0.0)
+    # forward passes: n0 + n = 110 per model; the router routed 5 of 6 inputs to an expert
+    assert m["dual"]["forwards_per_input"] == pytest.approx(110 * (1 + 5 / 6))
+    assert m["expert:a"]["forwards_per_input"] == 110
+    assert m["multiscale"]["forwards_per_input"] is None  # these records do not say
+    # a finer step looks between the grid points: expert a trails b by 2/6 on (0.3, 0.6]
+    fine = summarize(META, RECORDS, step=0.1)
+    assert fine["envelope"]["grid"][-1] == pytest.approx(1.1)
+    assert fine["methods"]["expert:a"]["regret"] == pytest.approx(100 * 2 / 6)
+    md = to_markdown(s)
+    assert "| 0.317 | 0.0 | -16.7 / +0.0 / +0.0 / +0.0 | 202 | 2 |" in md
+
+
 def test_files_markdown_csv_json_png(tmp_path):
     paths = write_report(META, RECORDS, tmp_path / "report", grid=[0.0, 0.5])
     rows = list(csv.reader(paths["csv"].open()))
-    assert rows[0] == ["method", "label", "r=0", "r=0.5", "acr"]
+    assert rows[0] == [
+        "method", "label", "r=0", "r=0.5", "acr", "regret",
+        "regret r=0", "regret r=0.5", "regret r=1", "regret r=1.5", "forwards_per_input",
+    ]  # fmt: skip
     dual = next(r for r in rows if r[0] == "dual")
     assert float(dual[2]) == pytest.approx(0.5) and float(dual[3]) == pytest.approx(2 / 6)
+    assert float(next(r for r in rows if r[0] == "expert:a")[5]) == pytest.approx(33.3333)
     md = paths["markdown"].read_text()
     assert "| 50.0 | 33.3 |" in md and "oracle — not a certificate" in md
     assert json.loads(paths["summary"].read_text())["inputs"] == 6

@@ -19,7 +19,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-from scipy.stats import beta, binomtest, norm
+from scipy.special import betaincinv, ndtri
+from scipy.stats import binomtest
 
 from rsrouter.errors import UsageError
 
@@ -78,10 +79,14 @@ def check_inputs(x: torch.Tensor, *, batched: bool) -> torch.Tensor:
 
 
 def lower_confidence_bound(count, n, alpha: float):
-    """One-sided Clopper-Pearson lower bound on a binomial proportion at level alpha."""
+    """One-sided Clopper-Pearson lower bound on a binomial proportion at level alpha.
+
+    The Beta(count, n - count + 1) quantile, as scipy.special.betaincinv: the same numbers as
+    scipy.stats.beta.ppf without its per-call overhead (the rules read many bounds per input).
+    """
     count, n = np.asarray(count, dtype=np.float64), np.asarray(n, dtype=np.float64)
     with np.errstate(invalid="ignore"):
-        bound = beta.ppf(alpha, count, n - count + 1)
+        bound = betaincinv(count, n - count + 1, alpha)
     bound = np.where(count > 0, bound, 0.0)
     return float(bound) if bound.ndim == 0 else bound
 
@@ -93,7 +98,7 @@ def certified_radius(count, n, sigma: float, alpha: float):
     if np.any(np.asarray(count) < 0) or np.any(np.asarray(count) > np.asarray(n)):
         raise UsageError(f"count must lie in [0, n], got count={count!r}, n={n!r}.")
     p = np.asarray(lower_confidence_bound(count, n, alpha))
-    radius = np.where(p > 0.5, sigma * norm.ppf(np.clip(p, 0.5, 1.0)), 0.0)
+    radius = np.where(p > 0.5, sigma * ndtri(np.clip(p, 0.5, 1.0)), 0.0)  # = norm.ppf, faster
     return float(radius) if radius.ndim == 0 else radius
 
 

@@ -29,10 +29,14 @@ def certify_cmd(
     seed: int = typer.Option(None, help="Noise seed (default 0)."),
     p_skip: float = typer.Option(None, "--p-skip", help="Multiscale baseline threshold (0.5)."),
     batch_size: int = typer.Option(None, "--batch-size", help="Forward batch size (1000)."),
+    rule: str = typer.Option(
+        None, help="Headline composition rule: min (default), pairwise or agreement."
+    ),
     device: str = DEVICE,
     workspace: Path = WORKSPACE,
 ) -> None:
-    """Dual-certify a split, with each expert alone, Multiscale and the oracle beside it."""
+    """Dual-certify a split, with every composition rule, each expert alone, Multiscale and the
+    oracle beside it."""
     from rsrouter.composition.certify_run import certify_workspace
     from rsrouter.composition.report import summarize
 
@@ -49,6 +53,7 @@ def certify_cmd(
         seed=seed,
         p_skip=p_skip,
         batch_size=batch_size,
+        rule=rule,
     )
     if not distributed.context().is_main:
         return
@@ -59,9 +64,10 @@ def certify_cmd(
     for r in summary["grid"]:
         table.add_column(f"r={r:g}", justify="right")
     table.add_column("ACR", justify="right")
+    table.add_column("regret", justify="right")
     for m in summary["methods"].values():
         cells = [f"{100 * v:.1f}" for v in m["certified_accuracy"]]
-        table.add_row(m["label"], *cells, f"{m['acr']:.3f}")
+        table.add_row(m["label"], *cells, f"{m['acr']:.3f}", f"{m['regret']:.1f}")
     show_table(table)
     console.print(
         f"{result.computed} input(s) certified now, {len(result.records)} in the run.\n"
@@ -126,28 +132,36 @@ def predict_cmd(
     alpha: float = typer.Option(0.001, help="Total failure probability."),
     alpha_router: float = typer.Option(None, "--alpha-router", help="Router share (alpha / 2)."),
     seed: int = typer.Option(0, help="Noise seed."),
+    rule: str = typer.Option(None, help="Composition rule (default: [certify] rule, or min)."),
     device: str = DEVICE,
     workspace: Path = WORKSPACE,
 ) -> None:
     """PREDICT with the router, then with the expert it picks (abstains unless both are sure)."""
-    from rsrouter.composition.certify_run import workspace_dual
+    from rsrouter.composition.certify_run import certify_settings, workspace_dual
+    from rsrouter.composition.rules import check_rule
     from rsrouter.runtime import resolve_device
 
     ws = Workspace.open(workspace)
     dev = resolve_device(device)
-    dual, names = workspace_dual(ws, device=dev)
+    rule = check_rule(certify_settings(ws, rule=rule)["rule"])
+    dual, names = workspace_dual(ws, device=dev, rule=rule)
     xs = load_images(list(images), tuple(dual.router.input_shape))
     preds = dual.predict_batch(
         xs, n=n, alpha=alpha, alpha_router=alpha_router, seed=seed, device=dev
     )
     classes = list(getattr(dual.experts[0], "class_names", None) or [])
-    table = Table(title=f"dual PREDICT (n={n}, alpha={alpha:g})")
+    table = Table(title=f"dual PREDICT (n={n}, alpha={alpha:g}, rule {rule})")
     table.add_column("image", overflow="fold")
     for col in ("routed expert", "sigma", "prediction"):
         table.add_column(col)
     for path, p in zip(images, preds, strict=True):
-        routed = names[p.expert] if p.expert >= 0 else "abstain (router unsure)"
-        sigma = f"{dual.sigmas[p.expert]:g}" if p.expert >= 0 else "—"
+        if p.expert >= 0:
+            routed, sigma = names[p.expert], f"{dual.sigmas[p.expert]:g}"
+        elif len(p.consulted) > 1:  # agreement: the router is unsure, these experts were asked
+            routed = "unsure: " + " or ".join(names[i] for i in p.consulted)
+            sigma = "/".join(f"{dual.sigmas[i]:g}" for i in p.consulted)
+        else:
+            routed, sigma = "abstain (router unsure)", "—"
         if p.prediction >= 0:
             label = classes[p.prediction] if p.prediction < len(classes) else str(p.prediction)
         else:

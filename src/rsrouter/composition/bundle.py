@@ -376,7 +376,8 @@ def pull_router(
     experts = load_pinned_experts(pins, root=folder, device=device, **hub)
     router = RouterModel.from_pretrained(folder, device=device)
     router.check_experts([p["name"] for p in pins], [e.fingerprint for e in experts])
-    return PulledRouter(folder, commit, pins, DualSmoothed(router, router.sigma_e, experts))
+    dual = DualSmoothed(router, router.sigma_e, experts, biases=router.info.get("biases"))
+    return PulledRouter(folder, commit, pins, dual)
 
 
 def load_router(

@@ -20,11 +20,19 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from rsrouter import distributed
 from rsrouter.composition.baselines import MULTISCALE_LABEL, ORACLE_LABEL, multiscale, oracle
-from rsrouter.composition.dual import DualCertificate, DualSmoothed, split_alpha
+from rsrouter.composition.dual import (
+    DualCertificate,
+    DualSmoothed,
+    decide,
+    experts_needed,
+    split_alpha,
+)
+from rsrouter.composition.rules import DEFAULT_RULE, RULES, check_biases, check_rule
 from rsrouter.errors import UsageError
 from rsrouter.io import append_jsonl, read_json, read_jsonl, sha256_json, write_json, write_text
 from rsrouter.progress import progress_bar
@@ -129,6 +137,54 @@ def _certs(counts: dict, sigma: float, alpha: float) -> Certificate:
     return Certificate.from_counts(counts["selection_counts"], counts["counts"], sigma, alpha)
 
 
+def _pair(counts: dict) -> tuple[list[int], list[int]]:
+    return counts["selection_counts"], counts["counts"]
+
+
+def _forwards(counts: dict) -> int:
+    """Model forward passes behind one input's counts (selection + estimation draws)."""
+    return int(sum(counts["selection_counts"]) + sum(counts["counts"]))
+
+
+def rule_records(
+    label: int,
+    router_counts: dict,
+    expert_counts: Sequence[dict],
+    *,
+    sigma_e: float,
+    sigmas: Sequence[float],
+    alpha_router: float,
+    alpha_expert: float,
+    biases=None,
+) -> dict[str, dict]:
+    """Every composition rule decided from the same stored counts, with what each one costs
+    (the experts it reads, their forward passes and seconds, router included)."""
+    out = {}
+    router = _pair(router_counts)
+    experts = [_pair(c) for c in expert_counts]
+    for rule in RULES:
+        cert = decide(
+            rule, router, experts, sigma_e=sigma_e, sigmas=sigmas,
+            alpha_router=alpha_router, alpha_expert=alpha_expert, biases=biases,
+        )  # fmt: skip
+        read = experts_needed(rule, router, len(sigmas), alpha_router, biases)
+        chosen = cert.expert_certificate
+        out[rule] = {
+            "prediction": cert.prediction,
+            "radius": cert.radius,
+            "correct": bool(cert.prediction == label),
+            "expert": cert.expert,
+            "radius_router": cert.radius_router if np.isfinite(cert.radius_router) else None,
+            "expert_abstained": bool(cert.expert >= 0 and chosen is not None and chosen.abstained),
+            "experts_read": read,
+            "forwards": _forwards(router_counts) + sum(_forwards(expert_counts[i]) for i in read),
+            "seconds": float(
+                router_counts["seconds"] + sum(expert_counts[i]["seconds"] for i in read)
+            ),
+        }
+    return out
+
+
 def make_record(
     index: int,
     label: int,
@@ -140,8 +196,13 @@ def make_record(
     alpha: float,
     alpha_router: float,
     p_skip: float,
+    biases=None,
 ) -> dict:
-    """One input's record, decided from stored counts (pure: no model is run)."""
+    """One input's record, decided from stored counts (pure: no model is run).
+
+    The top-level fields are the paper's certificate (the "min" rule); ``rules`` holds every
+    rule's outcome from the same counts.
+    """
     a_router, a_expert = split_alpha(alpha, alpha_router)
     router = _certs(router_counts, sigma_e, a_router)
     full = [_certs(c, s, alpha) for c, s in zip(expert_counts, sigmas, strict=True)]
@@ -182,6 +243,7 @@ def make_record(
                     "prediction": c.prediction,
                     "radius": c.radius,
                     "correct": bool(c.prediction == label),
+                    "forwards": _forwards(e),
                     "seconds": float(e["seconds"]),
                 }
                 for c, e in zip(full, expert_counts, strict=True)
@@ -191,10 +253,22 @@ def make_record(
                 "radius": ms.radius,
                 "correct": bool(ms.prediction == label),
                 "stage": ms.stage,
+                "evaluated": list(ms.evaluated),
+                "forwards": sum(_forwards(expert_counts[i]) for i in ms.evaluated),
                 "seconds": float(sum(expert_counts[i]["seconds"] for i in ms.evaluated)),
             },
             "oracle": {"expert": best, "radius": best_radius, "correct": best >= 0},
         },
+        "rules": rule_records(
+            label,
+            router_counts,
+            expert_counts,
+            sigma_e=sigma_e,
+            sigmas=sigmas,
+            alpha_router=a_router,
+            alpha_expert=a_expert,
+            biases=biases,
+        ),  # fmt: skip
     }
 
 
@@ -236,6 +310,7 @@ def certify_run(
     seed: int = 0,
     limit: int | None = None,
     p_skip: float = 0.5,
+    rule: str | None = None,
     expert_names: Sequence[str] | None = None,
     chunk: int = 32,
     progress: bool = True,
@@ -243,8 +318,11 @@ def certify_run(
 ) -> RunResult:
     """Certify ``dataset`` (the first ``limit`` inputs) with dual RS and every baseline.
 
-    ``sampling`` goes to ``rsrouter.smoothing.sample_counts`` (batch_size, device, bf16, ...).
+    Every composition rule is decided from the same counts; ``rule`` (default: ``dual.rule``)
+    is the report's headline "dual" row. ``sampling`` goes to
+    ``rsrouter.smoothing.sample_counts`` (batch_size, device, bf16, ...).
     """
+    rule = check_rule(dual.rule if rule is None else rule)
     n0, n, chunk = check_count("n0", n0), check_count("n", n), check_count("chunk", chunk)
     a_router, a_expert = split_alpha(alpha, alpha_router)
     check_seed(seed, allow_none=False)  # records resume by input index: noise is seeded
@@ -289,6 +367,9 @@ def certify_run(
         "alpha_expert": a_expert,
         "seed": int(seed),
         "p_skip": float(p_skip),
+        "rule": rule,
+        "rules": list(RULES),
+        "biases": [float(b) for b in dual.biases],
         **({"bf16": True} if bf16 else {}),
     }
     run_key = sha256_json(settings)
@@ -328,6 +409,7 @@ def certify_run(
                     alpha=alpha,
                     alpha_router=a_router,
                     p_skip=p_skip,
+                    biases=dual.biases,
                 )
                 for i in part
             ]
@@ -381,6 +463,7 @@ CERTIFY_DEFAULTS = {
     "alpha_router": None,  # alpha / 2
     "seed": 0,
     "p_skip": 0.5,
+    "rule": DEFAULT_RULE,
     "batch_size": 1000,
     "limit": None,
     "chunk": 32,
@@ -392,7 +475,9 @@ def certify_settings(ws, **overrides) -> dict:
     return ws.settings_over("certify", CERTIFY_DEFAULTS, overrides)
 
 
-RUN_OPTIONS = ("n0", "n", "alpha", "alpha_router", "seed", "limit", "p_skip", "chunk", "batch_size")
+RUN_OPTIONS = (
+    "n0", "n", "alpha", "alpha_router", "seed", "limit", "p_skip", "rule", "chunk", "batch_size",
+)  # fmt: skip
 
 
 def run_options(settings: dict) -> dict:
@@ -400,8 +485,9 @@ def run_options(settings: dict) -> dict:
     return {k: settings[k] for k in RUN_OPTIONS}
 
 
-def workspace_dual(ws, *, device=None) -> tuple[DualSmoothed, list[str]]:
-    """The workspace's trained router over its experts (refused if they changed since)."""
+def workspace_dual(ws, *, device=None, rule: str = DEFAULT_RULE) -> tuple[DualSmoothed, list[str]]:
+    """The workspace's trained router over its experts (refused if they changed since), with
+    the router's biases from its config.json field "biases" when it has one."""
     from rsrouter.router.model import RouterModel
 
     folder = Path(ws.artifacts) / "router"
@@ -411,7 +497,16 @@ def workspace_dual(ws, *, device=None) -> tuple[DualSmoothed, list[str]]:
     names = list(experts)
     router = RouterModel.from_pretrained(folder, device=device or "cpu")
     router.check_experts(names, [e.fingerprint for e in experts.values()])
-    return DualSmoothed(router, router.sigma_e, list(experts.values())), names
+    biases = router.info.get("biases")
+    try:
+        biases = check_biases(biases, len(names))
+    except UsageError as exc:
+        raise UsageError(
+            f'{folder / "config.json"}: "biases" must hold one finite number per expert '
+            f"({len(names)}), got {biases!r}."
+        ) from exc
+    dual = DualSmoothed(router, router.sigma_e, list(experts.values()), rule=rule, biases=biases)
+    return dual, names
 
 
 def certify_workspace(ws, *, device=None, progress: bool = True, **overrides) -> RunResult:
@@ -421,7 +516,7 @@ def certify_workspace(ws, *, device=None, progress: bool = True, **overrides) ->
     s = certify_settings(ws, **overrides)
     ctx = distributed.context()
     device = ctx.device(device)
-    dual, names = workspace_dual(ws, device=device)
+    dual, names = workspace_dual(ws, device=device, rule=check_rule(s["rule"]))
     dataset = workspace_dataset(ws, s["split"])
     return certify_run(
         dual,

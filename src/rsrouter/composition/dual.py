@@ -9,6 +9,11 @@ A router is any base model returning (B, E) logits over the experts (or (B,) exp
 expert is any base model with a ``.sigma``. Every count, bound and radius comes from
 ``rsrouter.smoothing``; the router draws its noise in its own stages so it never shares a
 stream with the experts'.
+
+``rule`` picks how the router's and the experts' certificates combine (rules.py): "min" is the
+theorem above; "pairwise" bounds every router output at once (and honours fixed router
+biases); "agreement" certifies wherever every expert the router may pick agrees. ``decide``
+turns stored counts into the certificate of any rule without running a model.
 """
 
 from __future__ import annotations
@@ -19,6 +24,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from rsrouter.composition.rules import (
+    DEFAULT_RULE,
+    agreement_radius,
+    check_biases,
+    check_rule,
+    pairwise_radius,
+    predict_route_set,
+    router_bounds,
+    score_gaps,
+)
 from rsrouter.errors import UsageError
 from rsrouter.smoothing import (
     ABSTAIN,
@@ -52,18 +67,20 @@ def split_alpha(alpha: float, alpha_router: float | None = None) -> tuple[float,
 
 @dataclass(frozen=True)
 class DualCertificate:
-    """The composed certificate: which expert, both radii, their minimum, and the alpha split."""
+    """The composed certificate: which expert, both radii, the composed radius, the alpha split."""
 
-    prediction: int  # class, or -1 (abstain) when either stage abstains
-    radius: float  # min(radius_router, radius_expert); 0.0 on abstention
-    expert: int  # index of the routed expert, -1 when the router abstains
-    radius_router: float  # R_sigma
-    radius_expert: float  # R_c (0.0 when no expert was consulted)
-    router: Certificate
+    prediction: int  # class, or -1 (abstain)
+    radius: float  # min(radius_router, radius_expert) for min/pairwise; 0.0 on abstention
+    expert: int  # index of the routed expert, -1 when the route is not certified at x
+    radius_router: float  # R_sigma of the rule (inf: a single expert, the route never changes)
+    radius_expert: float  # R_c of the routed (or leading) expert, 0.0 when none was consulted
+    router: Certificate  # the router's counts (its radius is the min rule's R_sigma)
     expert_certificate: Certificate | None
     alpha: float
     alpha_router: float
-    alpha_expert: float
+    alpha_expert: float  # the experts' share in all (agreement: alpha_expert / E each)
+    rule: str = DEFAULT_RULE
+    expert_certificates: tuple[Certificate | None, ...] = ()  # agreement: every expert's
 
     @property
     def abstained(self) -> bool:
@@ -106,7 +123,85 @@ class DualCertificate:
             "alpha": self.alpha,
             "alpha_router": self.alpha_router,
             "alpha_expert": self.alpha_expert,
+            "rule": self.rule,
+            "expert_certificates": [
+                None if c is None else c.to_dict() for c in self.expert_certificates
+            ],
         }
+
+
+def decide(
+    rule: str,
+    router_counts: tuple,
+    expert_counts: Sequence[tuple | None],
+    *,
+    sigma_e: float,
+    sigmas: Sequence[float],
+    alpha_router: float,
+    alpha_expert: float,
+    biases=None,
+) -> DualCertificate:
+    """The certificate of ``rule`` from stored counts: (selection, estimation) of the router and
+    of each expert (None for an expert the rule does not read, see ``experts_needed``).
+
+    "min" routes by the plain argmax and ignores ``biases``.
+    """
+    width = len(sigmas)
+    sel, est = (np.pad(np.asarray(c), (0, width - len(c))) for c in router_counts)
+    router = Certificate.from_counts(sel, est, sigma_e, alpha_router)
+
+    def cert(i: int, level: float) -> Certificate:
+        if expert_counts[i] is None:
+            raise UsageError(f"the {rule} rule needs the counts of expert {i}.")
+        return Certificate.from_counts(*expert_counts[i], sigmas[i], level)
+
+    if check_rule(rule) == "min":
+        chosen = None if router.abstained else cert(router.prediction, alpha_expert)
+        return DualCertificate.compose(router, chosen)
+    j, lo, hi = router_bounds(sel, est, alpha_router, biases)
+    r_router = pairwise_radius(score_gaps(j, lo, hi, sigma_e, biases))
+    common = {
+        "expert": j if r_router > 0 else ABSTAIN,
+        "radius_router": r_router,
+        "router": router,
+        "alpha": alpha_router + alpha_expert,
+        "alpha_router": alpha_router,
+        "alpha_expert": alpha_expert,
+        "rule": rule,
+    }
+    if rule == "pairwise":
+        chosen = cert(j, alpha_expert) if r_router > 0 else None
+        ok = chosen is not None and not chosen.abstained
+        return DualCertificate(
+            prediction=chosen.prediction if ok else ABSTAIN,
+            radius=min(r_router, chosen.radius) if ok else 0.0,
+            radius_expert=chosen.radius if chosen is not None else 0.0,
+            expert_certificate=chosen,
+            **common,
+        )
+    certs = [cert(i, alpha_expert / width) for i in range(width)]
+    gaps = score_gaps(j, lo, hi, sigma_e, biases)
+    c, radius = agreement_radius(j, gaps, [x.prediction for x in certs], [x.radius for x in certs])
+    return DualCertificate(
+        prediction=c,
+        radius=radius,
+        radius_expert=certs[j].radius,
+        expert_certificate=certs[j],
+        expert_certificates=tuple(certs),
+        **common,
+    )
+
+
+def experts_needed(rule: str, router_counts: tuple, width: int, alpha_router: float, biases=None):
+    """The experts whose counts ``decide`` reads for this input (the rule's sampling cost)."""
+    sel, est = (np.pad(np.asarray(c), (0, width - len(c))) for c in router_counts)
+    if check_rule(rule) == "agreement":
+        return list(range(width))
+    if rule == "min":
+        router = Certificate.from_counts(sel, est, 1.0, alpha_router)
+        return [] if router.abstained else [router.prediction]
+    j, lo, hi = router_bounds(sel, est, alpha_router, biases)
+    return [j] if pairwise_radius(score_gaps(j, lo, hi, 1.0, biases)) > 0 else []
 
 
 @dataclass(frozen=True)
@@ -114,11 +209,13 @@ class DualPrediction:
     """PREDICT at both stages: the router's choice, then the chosen expert's class."""
 
     prediction: int
-    expert: int
-    router: Prediction
+    expert: int  # the route, -1 when the router cannot tell one
+    router: Prediction  # the router's counts (its prediction is the min rule's)
     expert_prediction: Prediction | None
     alpha_router: float
     alpha_expert: float
+    rule: str = DEFAULT_RULE
+    consulted: tuple[int, ...] = ()  # experts asked (agreement: each that may be the route)
 
     @property
     def abstained(self) -> bool:
@@ -134,6 +231,8 @@ class DualPrediction:
             ),
             "alpha_router": self.alpha_router,
             "alpha_expert": self.alpha_expert,
+            "rule": self.rule,
+            "consulted": list(self.consulted),
         }
 
 
@@ -154,7 +253,9 @@ class DualSmoothed:
     """A router smoothed at ``sigma_e`` over ``experts`` (each smoothed at its own ``.sigma``).
 
     ``router`` maps noisy [0, 1] inputs to (B, len(experts)) logits; router output i is
-    ``experts[i]``. Usable on its own, without a workspace.
+    ``experts[i]``. ``rule`` is one of rules.RULES; ``biases`` (one per expert, fixed before
+    the test data) shift the router's scores for the "pairwise" and "agreement" rules, and the
+    paper's "min" rule ignores them. Usable on its own, without a workspace.
     """
 
     def __init__(
@@ -162,12 +263,17 @@ class DualSmoothed:
         router: Callable[[torch.Tensor], torch.Tensor],
         sigma_e: float,
         experts: Sequence[Callable[[torch.Tensor], torch.Tensor]],
+        *,
+        rule: str = DEFAULT_RULE,
+        biases: Sequence[float] | None = None,
     ):
         self.router = router
         self.sigma_e = check_sigma(sigma_e)
         self.experts = list(experts)
+        self.rule = check_rule(rule)
         if not self.experts:
             raise UsageError("dual smoothing needs at least one expert.")
+        self.biases = check_biases(biases, len(self.experts))
         for i, expert in enumerate(self.experts):
             if not hasattr(expert, "sigma"):
                 raise UsageError(f"expert {i} has no .sigma: bind each expert to its noise level.")
@@ -234,27 +340,40 @@ class DualSmoothed:
         indices: Sequence[int] | None = None,
         **sampling,
     ) -> list[DualCertificate]:
-        """CERTIFY the router, then CERTIFY only the routed expert, for every input of ``xs``."""
+        """CERTIFY the router, then the experts the rule reads (min, pairwise: the routed one)."""
         xs = check_inputs(xs, batched=True)
         n0, n = check_count("n0", n0), check_count("n", n)
         a_router, a_expert = split_alpha(alpha, alpha_router)
         seed, idx = check_seed(seed), _indices(indices, len(xs))
         sel, est = self.router_counts(xs, n0=n0, n=n, indices=idx, seed=seed, **sampling)
-        routers = [
-            Certificate.from_counts(s, e, self.sigma_e, a_router)
+        width = len(self.experts)
+        needs = [
+            experts_needed(self.rule, (s, e), width, a_router, self.biases)
             for s, e in zip(sel, est, strict=True)
         ]
-        experts: list[Certificate | None] = [None] * len(xs)
-        for i in range(len(self.experts)):
-            rows = [k for k, c in enumerate(routers) if c.prediction == i]
+        counts: list[list[tuple | None]] = [[None] * width for _ in range(len(xs))]
+        for i in range(width):
+            rows = [k for k, need in enumerate(needs) if i in need]
             if not rows:
                 continue
             e_sel, e_est = self.expert_counts(
                 i, xs[rows], n0=n0, n=n, indices=[idx[k] for k in rows], seed=seed, **sampling
             )
             for k, s, e in zip(rows, e_sel, e_est, strict=True):
-                experts[k] = Certificate.from_counts(s, e, self.sigmas[i], a_expert)
-        return [DualCertificate.compose(r, e) for r, e in zip(routers, experts, strict=True)]
+                counts[k][i] = (s, e)
+        return [
+            decide(
+                self.rule,
+                (s, e),
+                c,
+                sigma_e=self.sigma_e,
+                sigmas=self.sigmas,
+                alpha_router=a_router,
+                alpha_expert=a_expert,
+                biases=self.biases,
+            )
+            for s, e, c in zip(sel, est, counts, strict=True)
+        ]
 
     def certify(self, x: torch.Tensor, *, index: int = 0, **kwargs) -> DualCertificate:
         """Dual CERTIFY for one input; ``index`` picks its seeded noise stream."""
@@ -274,28 +393,37 @@ class DualSmoothed:
         indices: Sequence[int] | None = None,
         **sampling,
     ) -> list[DualPrediction]:
-        """PREDICT the router at alpha_router, then PREDICT the chosen expert at the rest."""
+        """PREDICT the router at alpha_router, then the expert(s) it may pick at the rest.
+
+        min: the router's binomial test, then the routed expert. pairwise: simultaneous bounds
+        on every router output must single out the route. agreement: every expert that may be
+        the route (each at alpha_expert / E) must PREDICT the same class.
+        """
         xs = check_inputs(xs, batched=True)
         n = check_count("n", n)
         a_router, a_expert = split_alpha(alpha, alpha_router)
         seed, idx = check_seed(seed), _indices(indices, len(xs))
         self._eval()
+        width = len(self.experts)
         counts = sample_counts(
             self.router,
             xs,
             self.sigma_e,
             n,
             stage=ROUTER_ESTIMATION,
-            num_classes=len(self.experts),
+            num_classes=width,
             seed=seed,
             indices=idx,
             **sampling,
         )
         self._routes(counts)
-        routers = [Prediction.from_counts(c, a_router) for c in counts.numpy()]
-        experts: list[Prediction | None] = [None] * len(xs)
+        counts = pad_counts(counts, torch.zeros(1, width, dtype=counts.dtype))[0].numpy()
+        routers = [Prediction.from_counts(c, a_router) for c in counts]
+        plans = [self._predict_plan(c, p, a_router) for c, p in zip(counts, routers, strict=True)]
+        level = a_expert / width if self.rule == "agreement" else a_expert
+        answers: list[dict[int, Prediction]] = [{} for _ in range(len(xs))]
         for i, expert in enumerate(self.experts):
-            rows = [k for k, p in enumerate(routers) if p.prediction == i]
+            rows = [k for k, (_, ask) in enumerate(plans) if i in ask]
             if not rows:
                 continue
             c = sample_counts(
@@ -310,18 +438,31 @@ class DualSmoothed:
                 **sampling,
             )
             for k, row in zip(rows, c.numpy(), strict=True):
-                experts[k] = Prediction.from_counts(row, a_expert)
-        return [
-            DualPrediction(
-                prediction=e.prediction if e is not None else ABSTAIN,
-                expert=r.prediction,
-                router=r,
-                expert_prediction=e,
-                alpha_router=a_router,
-                alpha_expert=a_expert,
+                answers[k][i] = Prediction.from_counts(row, level)
+        out = []
+        for r, (route, ask), got in zip(routers, plans, answers, strict=True):
+            classes = {got[i].prediction for i in ask}
+            agreed = len(classes) == 1 and ABSTAIN not in classes
+            out.append(
+                DualPrediction(
+                    prediction=classes.pop() if agreed else ABSTAIN,
+                    expert=route,
+                    router=r,
+                    expert_prediction=got[ask[0]] if ask else None,
+                    alpha_router=a_router,
+                    alpha_expert=a_expert,
+                    rule=self.rule,
+                    consulted=tuple(ask),
+                )
             )
-            for r, e in zip(routers, experts, strict=True)
-        ]
+        return out
+
+    def _predict_plan(self, counts, router: Prediction, a_router: float):
+        """(route or -1, experts to ask) for one input's router counts."""
+        if self.rule == "min":
+            return router.prediction, ([] if router.abstained else [router.prediction])
+        route, may = predict_route_set(counts, a_router, self.biases)
+        return route, (may if self.rule == "agreement" else ([route] if route >= 0 else []))
 
     def predict(self, x: torch.Tensor, *, index: int = 0, **kwargs) -> DualPrediction:
         x = check_inputs(x, batched=False)

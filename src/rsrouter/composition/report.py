@@ -1,8 +1,14 @@
-"""Reports from a certification run's records: tables, ACR, routing, abstentions, a plot.
+"""Reports from a certification run's records: tables, ACR, regret, cost, routing, a plot.
 
 Pure functions on the records (``summarize``, ``certified_accuracy``, ``to_markdown``, ...)
 and one writer (``write_report``) for ``<artifacts>/report/``. Certified accuracy at r is the
 fraction of ALL inputs that are correct (not abstained) with radius >= r; ACR = mean(correct * R).
+
+Regret: the envelope at r is the best single expert's certified accuracy at r (each expert at
+the full alpha); a method's regret is its largest shortfall from the envelope, in points, over
+the grid 0, step, ... up to the largest radius any expert certifies (<= 0: at or above the
+envelope everywhere). Cost: model forward passes per input (router + the experts a method
+reads), and the sampling seconds the records hold.
 """
 
 from __future__ import annotations
@@ -19,6 +25,12 @@ from rsrouter.errors import UsageError
 from rsrouter.io import atomic_path, write_json, write_text
 
 STEP = 0.25
+REGRET_AT = (0.0, 0.5, 1.0, 1.5)  # radii whose regret every report shows on its own
+RULE_LABELS = {
+    "min": "min(R_sigma, R_c), the paper's Theorem 4.2",
+    "pairwise": "pairwise router radius",
+    "agreement": "agreement-aware",
+}
 MAX_GRID = 1000  # radius columns of a report: a tiny step would write (and print) megabytes
 
 
@@ -49,76 +61,148 @@ def acr(correct, radius) -> float:
     return float(np.mean(correct * radius)) if len(correct) else 0.0
 
 
+def _dual_rows(meta: dict, records: list[dict], col) -> dict[str, dict]:
+    """The dual rows: the headline rule as "dual", every other rule as "dual:<rule>".
+
+    Runs written before the rules existed hold only the paper's rule (the top-level fields).
+    """
+    sigma_e = f"router sigma_e={meta['sigma_e']:g}"
+    if not all("rules" in r for r in records):
+        per_model = meta["n0"] + meta["n"]
+        return {
+            "dual": {
+                "label": f"Dual RS ({sigma_e})",
+                "correct": col(lambda r: r["correct"]),
+                "radius": col(lambda r: r["radius"]),
+                "seconds": col(lambda r: r["seconds"]),
+                "forwards": col(lambda r: per_model * (1 + (r["expert"] >= 0))),
+                "expert": col(lambda r: r["expert"]),
+                "expert_abstained": col(
+                    lambda r: r["expert"] >= 0 and r["expert_counts"]["prediction"] < 0
+                ),
+            }
+        }
+    headline = meta.get("rule", "min")
+    names = [headline] + [k for k in records[0]["rules"] if k != headline]
+    out = {}
+    for name in names:
+        key = "dual" if name == headline else f"dual:{name}"
+        what = RULE_LABELS.get(name, name)
+        out[key] = {
+            "label": f"Dual RS, {what} ({sigma_e}{', headline' if key == 'dual' else ''})",
+            **{
+                field: col(lambda r, f=field, k=name: r["rules"][k][f])
+                for field in ("correct", "radius", "seconds", "forwards", "expert")
+            },
+            "expert_abstained": col(lambda r, k=name: r["rules"][k]["expert_abstained"]),
+        }
+    return out
+
+
 def methods(meta: dict, records: list[dict]) -> dict[str, dict]:
-    """Per method: label, correct, radius, seconds (arrays over the records, in order)."""
+    """Per method: label, correct, radius, seconds, forwards (arrays over the records, or None
+    where the records do not say); the dual rows also hold each input's route."""
 
     def col(get):
         return np.array([get(r) for r in records])
 
-    out = {
-        "dual": {
-            "label": f"Dual RS (router sigma_e={meta['sigma_e']:g})",
-            "correct": col(lambda r: r["correct"]),
-            "radius": col(lambda r: r["radius"]),
-            "seconds": col(lambda r: r["seconds"]),
-        }
-    }
+    def col_or_none(get):
+        values = [get(r) for r in records]
+        return None if any(v is None for v in values) else np.array(values)
+
+    out = _dual_rows(meta, records, col)
+    per_model = meta["n0"] + meta["n"]
     for i, (name, sigma) in enumerate(zip(meta["experts"], meta["sigmas"], strict=True)):
         out[f"expert:{name}"] = {
             "label": f"{name} alone (sigma={sigma:g})",
             "correct": col(lambda r, i=i: r["baselines"]["experts"][i]["correct"]),
             "radius": col(lambda r, i=i: r["baselines"]["experts"][i]["radius"]),
             "seconds": col(lambda r, i=i: r["baselines"]["experts"][i]["seconds"]),
+            "forwards": col(lambda r, i=i: r["baselines"]["experts"][i].get("forwards", per_model)),
         }
     out["multiscale"] = {
         "label": MULTISCALE_LABEL,
         "correct": col(lambda r: r["baselines"]["multiscale"]["correct"]),
         "radius": col(lambda r: r["baselines"]["multiscale"]["radius"]),
         "seconds": col(lambda r: r["baselines"]["multiscale"]["seconds"]),
+        "forwards": col_or_none(lambda r: r["baselines"]["multiscale"].get("forwards")),
     }
     out["oracle"] = {
         "label": ORACLE_LABEL,
         "correct": col(lambda r: r["baselines"]["oracle"]["correct"]),
         "radius": col(lambda r: r["baselines"]["oracle"]["radius"]),
         "seconds": None,
+        "forwards": None,
     }
     return out
+
+
+def envelope(table: dict[str, dict], grid) -> np.ndarray:
+    """The best single expert's certified accuracy at each r of ``grid``."""
+    singles = [m for k, m in table.items() if k.startswith("expert:")]
+    return np.max([certified_accuracy(m["correct"], m["radius"], grid) for m in singles], axis=0)
+
+
+def regret(correct, radius, env_grid, env_acc) -> float:
+    """Largest shortfall (points) from the envelope over its grid; <= 0: never below it."""
+    return float(100 * np.max(env_acc - certified_accuracy(correct, radius, env_grid)))
+
+
+def _routing(m: dict, names: list[str]) -> dict:
+    routed = m["expert"]
+    abstained = int(np.sum(m["expert_abstained"]))
+    return {
+        "routing": {name: float(np.mean(routed == i)) for i, name in enumerate(names)},
+        "abstention": {
+            "router": float(np.mean(routed < 0)),
+            "expert": abstained / len(routed),
+            "expert_among_routed": abstained / max(1, int(np.sum(routed >= 0))),
+        },
+    }
 
 
 def summarize(
     meta: dict, records: list[dict], grid: list[float] | None = None, step: float = STEP
 ) -> dict:
-    """Every number of the report, JSON-ready (grid: 0, step, ... up to the largest radius)."""
+    """Every number of the report, JSON-ready (grid: 0, step, ... up to the largest radius).
+
+    The regret grid runs from 0 by ``step`` to the largest radius any expert certifies.
+    """
     if not records:
         raise UsageError("the run has no records yet; run `router certify` first.")
     table = methods(meta, records)
     if grid is None:
         grid = radius_grid(max(float(m["radius"].max()) for m in table.values()), step)
-    summary_methods = {
-        key: {
+    singles = [k for k in table if k.startswith("expert:")]
+    regret_grid = radius_grid(max(float(table[k]["radius"].max()) for k in singles), step)
+    env_grid = envelope(table, regret_grid)
+    env_at = envelope(table, REGRET_AT)
+
+    def one(m: dict) -> dict:
+        at = env_at - certified_accuracy(m["correct"], m["radius"], REGRET_AT)
+        return {
             "label": m["label"],
             "certified_accuracy": certified_accuracy(m["correct"], m["radius"], grid).tolist(),
             "acr": acr(m["correct"], m["radius"]),
+            "regret": regret(m["correct"], m["radius"], regret_grid, env_grid),
+            "regret_at": {f"{r:g}": float(100 * v) for r, v in zip(REGRET_AT, at, strict=True)},
             "seconds_per_input": None if m["seconds"] is None else float(np.mean(m["seconds"])),
+            "forwards_per_input": None if m["forwards"] is None else float(np.mean(m["forwards"])),
         }
-        for key, m in table.items()
-    }
-    singles = [k for k in table if k.startswith("expert:")]
+
+    summary_methods = {key: one(m) for key, m in table.items()}
     best = [
         max(singles, key=lambda k, j=j: summary_methods[k]["certified_accuracy"][j])
         for j in range(len(grid))
     ]
     dual_acc = summary_methods["dual"]["certified_accuracy"]
     gap = [dual_acc[j] - summary_methods[k]["certified_accuracy"][j] for j, k in enumerate(best)]
-    size = len(records)
-    routed = np.array([r["expert"] for r in records])
-    expert_abstain = sum(
-        1 for r in records if r["expert"] >= 0 and r["expert_counts"]["prediction"] < 0
-    )
+    names = list(meta["experts"])
+    duals = {k: _routing(m, names) for k, m in table.items() if k.startswith("dual")}
     return {
         "run": meta.get("run"),
         "dataset": meta.get("dataset"),
-        "inputs": size,
+        "inputs": len(records),
         "n0": meta["n0"],
         "n": meta["n"],
         "alpha": meta["alpha"],
@@ -126,16 +210,15 @@ def summarize(
         "alpha_expert": meta["alpha_expert"],
         "sigma_e": meta["sigma_e"],
         "p_skip": meta.get("p_skip"),
+        "rule": meta.get("rule", "min"),
+        "biases": meta.get("biases"),
         "grid": list(grid),
         "methods": summary_methods,
+        "envelope": {"grid": list(regret_grid), "certified_accuracy": env_grid.tolist()},
         "best_single": best,
         "gap_to_best_single": gap,
-        "routing": {name: float(np.mean(routed == i)) for i, name in enumerate(meta["experts"])},
-        "abstention": {
-            "router": float(np.mean(routed < 0)),
-            "expert": expert_abstain / size,
-            "expert_among_routed": expert_abstain / max(1, int(np.sum(routed >= 0))),
-        },
+        **duals["dual"],
+        "routing_by_method": duals,
     }
 
 
@@ -143,56 +226,96 @@ def _pct(v: float) -> str:
     return f"{100 * v:.1f}"
 
 
+def _cost(m: dict) -> str:
+    fw, secs = m["forwards_per_input"], m["seconds_per_input"]
+    return f"{'—' if fw is None else f'{fw:.0f}'} | {'—' if secs is None else f'{secs:.3g}'}"
+
+
 def to_markdown(summary: dict) -> str:
     grid = summary["grid"]
-    head = "| method | " + " | ".join(f"r={r:g}" for r in grid) + " | ACR | s/input |"
+    at = " / ".join(f"{r:g}" for r in REGRET_AT)
+    head = (
+        "| method | "
+        + " | ".join(f"r={r:g}" for r in grid)
+        + f" | ACR | regret | regret at r={at} | forwards/input | s/input |"
+    )
+    top = summary["envelope"]["grid"][-1]
     lines = [
         f"# Certified accuracy (%) on {summary['inputs']} inputs",
         "",
         f"n0={summary['n0']}, n={summary['n']}, alpha={summary['alpha']:g} (dual: router "
         f"{summary['alpha_router']:g} + expert {summary['alpha_expert']:g}), "
-        f"sigma_e={summary['sigma_e']:g}. Abstentions count as wrong.",
+        f"sigma_e={summary['sigma_e']:g}, headline rule {summary['rule']}. "
+        "Abstentions count as wrong.",
         "",
         head,
-        "|" + "---|" * (len(grid) + 3),
+        "|" + "---|" * (len(grid) + 6),
     ]
     for m in summary["methods"].values():
-        secs = m["seconds_per_input"]
         cells = [_pct(v) for v in m["certified_accuracy"]]
+        regret_at = " / ".join(f"{v:+.1f}" for v in m["regret_at"].values())
         lines.append(
             f"| {m['label']} | "
             + " | ".join(cells)
-            + f" | {m['acr']:.3f} | {'—' if secs is None else f'{secs:.3g}'} |"
+            + f" | {m['acr']:.3f} | {m['regret']:.1f} | {regret_at} | {_cost(m)} |"
         )
     gap = " | ".join(f"{100 * g:+.1f}" for g in summary["gap_to_best_single"])
-    lines.append(f"| dual − best single expert (points) | {gap} | | |")
-    lines += ["", "## Routing", "", "| expert | share of inputs |", "|---|---|"]
-    lines += [f"| {k} | {_pct(v)} % |" for k, v in summary["routing"].items()]
+    lines.append(f"| dual − best single expert (points) | {gap} | | | | | |")
+    lines += [
+        "",
+        f"Regret: the largest shortfall (points) from the best single expert at each radius "
+        f"(each expert at the full alpha), over r = 0 to {top:g} by {_step(summary)}, the "
+        "largest radius any expert certifies; at or below 0, the method never trails it. "
+        "Regret at r = ...: the shortfall at those radii (negative: above the envelope).",
+        "",
+        "## Routing",
+        "",
+        "| method | " + " | ".join(summary["routing"]) + " | router abstained |",
+        "|" + "---|" * (len(summary["routing"]) + 2),
+    ]
+    for key, r in summary["routing_by_method"].items():
+        shares = " | ".join(f"{_pct(v)} %" for v in r["routing"].values())
+        label = summary["methods"][key]["label"]
+        lines.append(f"| {label} | {shares} | {_pct(r['abstention']['router'])} % |")
     ab = summary["abstention"]
     lines += [
-        f"| router abstained | {_pct(ab['router'])} % |",
         "",
-        f"Abstentions: router {_pct(ab['router'])} % of inputs; routed expert "
-        f"{_pct(ab['expert'])} % of inputs ({_pct(ab['expert_among_routed'])} % of routed ones).",
+        f"Abstentions (headline): router {_pct(ab['router'])} % of inputs; routed expert "
+        f"{_pct(ab['expert'])} % of inputs ({_pct(ab['expert_among_routed'])} % of routed ones). "
+        "The agreement rule can certify where its router abstains, when the experts agree.",
         "",
-        "s/input is the sampling time per input (dual: router + routed expert; Multiscale: the "
-        "stages it evaluated). The oracle reads the label: it is not a certificate.",
+        "forwards/input counts the model forward passes behind each input's counts (router + "
+        "the experts a method reads: one for min and pairwise, every one for agreement; "
+        "Multiscale: the stages it evaluated); s/input is the sampling time behind them. "
+        "The oracle reads the label: it is not a certificate.",
         "",
     ]
     return "\n".join(lines)
 
 
+def _step(summary: dict) -> str:
+    g = summary["envelope"]["grid"]
+    return f"{g[1] - g[0]:g}" if len(g) > 1 else "its step"
+
+
 def to_csv(summary: dict) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["method", "label", *[f"r={r:g}" for r in summary["grid"]], "acr"])
+    regret_at = [f"regret r={r:g}" for r in REGRET_AT]
+    writer.writerow(
+        ["method", "label", *[f"r={r:g}" for r in summary["grid"]], "acr", "regret", *regret_at,
+         "forwards_per_input"]
+    )  # fmt: skip
     for key, m in summary["methods"].items():
+        fw = m["forwards_per_input"]
         writer.writerow(
-            [key, m["label"], *[f"{v:.6f}" for v in m["certified_accuracy"]], f"{m['acr']:.6f}"]
-        )
+            [key, m["label"], *[f"{v:.6f}" for v in m["certified_accuracy"]], f"{m['acr']:.6f}",
+             f"{m['regret']:.4f}", *[f"{v:.4f}" for v in m["regret_at"].values()],
+             "" if fw is None else f"{fw:.1f}"]
+        )  # fmt: skip
     writer.writerow(
         ["gap", "dual − best single expert", *[f"{g:.6f}" for g in summary["gap_to_best_single"]],
-         ""]
+         "", "", *[""] * len(REGRET_AT), ""]
     )  # fmt: skip
     return buf.getvalue()
 

@@ -1,0 +1,163 @@
+"""Sound composition rules, as pure functions of counts (docs/composition-rules.md has proofs).
+
+The smoothed router routes to argmax_j Phi^-1(q_j(x)) + b_j, with q_j(x) = P[router(x + d) = j]
+(d ~ N(0, sigma_e^2 I)) and fixed biases b (0: the plain argmax). Each Phi^-1(q_j) is
+1/sigma_e-Lipschitz in x (Salman et al. 2019), so with simultaneous bounds q_lo on the leader j*
+and q_hi on every other output k, output k cannot be the argmax anywhere in B(x, r) while
+r < gap_k = sigma_e / 2 * [(Phi^-1(q_lo_j*) + b_j*) - (Phi^-1(q_hi_k) + b_k)].
+
+- ``min``: the paper's Theorem 4.2 (plain argmax, a lower bound on q_j* alone), kept in dual.py.
+- ``pairwise``: the route stays j* on B(x, min_k gap_k); the radius is min(that, R_c).
+- ``agreement``: every expert k with gap_k < r may route inside B(x, r) (the set S(r)); the
+  composition is constant on B(x, r) when every expert of S(r) certifies the same class there.
+
+The router's E bounds are Bonferroni at alpha_router / E each. The agreement rule reads every
+expert's certificate, each at alpha_expert / E: which experts enter S depends on the draws,
+so the union bound runs over every expert that may enter it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from scipy.special import ndtri
+
+from rsrouter.errors import UsageError
+from rsrouter.smoothing import ABSTAIN, lower_confidence_bound
+
+RULES = ("min", "pairwise", "agreement")
+DEFAULT_RULE = "min"
+
+
+def check_rule(rule: str) -> str:
+    if rule not in RULES:
+        raise UsageError(f"unknown composition rule {rule!r}: use one of {', '.join(RULES)}.")
+    return rule
+
+
+def check_biases(biases, size: int) -> np.ndarray:
+    """``size`` finite router biases as a float array (zeros when None)."""
+    if biases is None:
+        return np.zeros(size)
+    try:
+        b = np.asarray(biases, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"router biases must be numbers, got {biases!r}.") from exc
+    if b.shape != (size,) or not np.all(np.isfinite(b)):
+        raise UsageError(
+            f"router biases need {size} finite numbers (one per expert), got {biases!r}."
+        )
+    return b
+
+
+def _scores(q, biases) -> np.ndarray:
+    """Phi^-1(q) + b, with q = 0 -> -inf and q = 1 -> +inf."""
+    return ndtri(np.clip(np.asarray(q, dtype=np.float64), 0.0, 1.0)) + biases
+
+
+def leader(selection_counts, biases=None) -> int:
+    """The candidate route j*: the biased argmax of the selection draws' vote shares."""
+    sel = np.asarray(selection_counts, dtype=np.float64)
+    shares = sel / max(sel.sum(), 1.0)
+    return int(np.argmax(_scores(shares, check_biases(biases, len(sel)))))
+
+
+def router_bounds(
+    selection_counts, counts, alpha_router: float, biases=None
+) -> tuple[int, float, np.ndarray]:
+    """(j*, q_lo of j*, q_hi of every output): E one-sided bounds at alpha_router / E each.
+
+    j* comes from the selection draws only. q_hi_k is also capped by 1 - q_lo (the q's sum to
+    1). The entry of q_hi at j* is 1.0 and unused.
+    """
+    est = np.asarray(counts, dtype=np.int64)
+    width, n = len(est), int(est.sum())
+    level = alpha_router / width
+    j = leader(selection_counts, biases)
+    lo = float(lower_confidence_bound(int(est[j]), n, level))
+    hi = 1.0 - np.atleast_1d(lower_confidence_bound(n - est, n, level))
+    hi = np.minimum(hi, 1.0 - lo)
+    hi[j] = 1.0
+    return j, lo, hi
+
+
+def score_gaps(j: int, q_lo: float, q_hi, sigma_e: float, biases=None) -> np.ndarray:
+    """gap_k = sigma_e / 2 * (score_lo(j*) - score_hi(k)) for each output k (+inf at j*).
+
+    Output k is not the router's argmax anywhere in B(x, r) while r < gap_k. An undefined gap
+    (inf - inf) counts as -inf: nothing is excluded on it.
+    """
+    q_hi = np.asarray(q_hi, dtype=np.float64)
+    b = check_biases(biases, len(q_hi))
+    with np.errstate(invalid="ignore"):
+        gaps = sigma_e / 2 * (_scores(q_lo, b[j]) - _scores(q_hi, b))
+    gaps = np.where(np.isnan(gaps), -np.inf, gaps)
+    gaps[j] = np.inf
+    return gaps
+
+
+def pairwise_radius(gaps) -> float:
+    """The radius on which the route stays j*: min_k gap_k (0.0 if not positive; inf if E = 1)."""
+    r = float(np.min(gaps))
+    return r if r > 0 else 0.0
+
+
+def agreement_radius(j: int, gaps, predictions: Sequence[int], radii: Sequence[float]):
+    """(class, radius) of the agreement rule from each expert's certified class and radius.
+
+    The composition is constant on B(x, R) if the leader j* certifies c to R and, for every
+    other k, either k cannot route inside B(x, R) (R <= gap_k) or k certifies c to R (R <= R_k).
+    Every constraint is an interval [0, bound], so R is the minimum of the bounds: the largest r
+    at which every expert of S(r) = {j*} + {k: gap_k <= r} certifies c with radius >= r.
+    """
+    c = int(predictions[j])
+    if c == ABSTAIN:
+        return ABSTAIN, 0.0
+    radius = float(radii[j])
+    for k, (p, rk) in enumerate(zip(predictions, radii, strict=True)):
+        if k != j:
+            radius = min(radius, max(float(gaps[k]), float(rk) if int(p) == c else 0.0))
+    return (c, radius) if radius > 0 else (ABSTAIN, 0.0)
+
+
+def agreement_sweep(j: int, gaps, predictions, radii) -> tuple[int, float]:
+    """The agreement radius by its definition, a finite search over the breakpoints.
+
+    The largest r among the gaps and the experts' radii such that every expert that may route
+    inside the open ball B(x, r) (j*, and each k with gap_k < r) certifies j*'s class with
+    radius >= r. A check on ``agreement_radius``.
+    """
+    c = int(predictions[j])
+    if c == ABSTAIN:
+        return ABSTAIN, 0.0
+    points = {float(v) for v in (*gaps, *radii) if 0 < v < np.inf}
+    best = 0.0
+    for r in points:
+        inside = [k for k in range(len(gaps)) if k == j or gaps[k] < r]
+        if all(int(predictions[k]) == c and radii[k] >= r for k in inside):
+            best = max(best, r)
+    return (c, best) if best > 0 else (ABSTAIN, 0.0)
+
+
+def simultaneous_bounds(counts, alpha: float) -> tuple[np.ndarray, np.ndarray]:
+    """Lower and upper bounds on every q_j at once (2E one-sided bounds at alpha / (2E) each)."""
+    est = np.asarray(counts, dtype=np.int64)
+    n, level = int(est.sum()), alpha / (2 * len(est))
+    lo = np.atleast_1d(lower_confidence_bound(est, n, level)).astype(np.float64)
+    hi = 1.0 - np.atleast_1d(lower_confidence_bound(n - est, n, level))
+    return lo, hi
+
+
+def predict_route_set(counts, alpha_router: float, biases=None) -> tuple[int, list[int]]:
+    """PREDICT for the biased router: (route or -1, experts that may be the argmax at x).
+
+    With all 2E bounds holding at once the leader may be picked from the same draws: k is ruled
+    out when its highest score is below the leader's lowest.
+    """
+    lo, hi = simultaneous_bounds(counts, alpha_router)
+    b = check_biases(biases, len(lo))
+    low, high = _scores(lo, b), _scores(hi, b)
+    j = int(np.argmax(low))
+    may = [j] + [k for k in range(len(lo)) if k != j and not high[k] < low[j]]
+    return (j if may == [j] else ABSTAIN), may
