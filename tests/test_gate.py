@@ -116,3 +116,22 @@ def test_router_train_kind_gate_end_to_end(tmp_path, monkeypatch, capsys):
     tried = json.loads((ws.artifacts / "router" / "tuning.json").read_text())["tried"]
     assert len(tried) == 5  # one cut among the 5 bin boundaries
     assert run(["certify", *w]) == 0, capsys.readouterr().err
+
+
+def test_fit_biases_moves_the_route_where_val_says_it_pays():
+    """The router leans to expert 1 on the inputs only expert 0 gets right: a negative bias on
+    expert 1 (fitted on val) sends them back, while its confident votes stay with expert 1."""
+    from rsrouter.composition.tuning import ValidationCounts, fit_biases
+
+    n = 1000
+    labels = np.zeros(8, dtype=np.int64)
+    right, wrong = [n, 0], [0, n]
+    est = [np.array([right] * 4 + [wrong] * 4), np.array([wrong] * 4 + [[900, 100]] * 4)]
+    vc = ValidationCounts(labels, [e // 10 for e in est], est, [0.25, 1.0])
+    r_est = np.array([[450, 550]] * 4 + [[5, 995]] * 4)
+    biases, tried = fit_biases(r_est // 10, r_est, vc, sigma_e=1.0, alpha=0.01, rule="pairwise")
+    assert biases[0] == 0.0 and biases[1] < 0 and len(tried) == 13
+    chosen = next(t for t in tried if t["biases"] == biases)
+    plain = next(t for t in tried if t["biases"] == [0.0, 0.0])
+    assert chosen["routed"] == [0.5, 0.5] and plain["routed"][0] == 0.0
+    assert chosen["regret"] <= plain["regret"] and chosen["acr"] > plain["acr"]

@@ -72,6 +72,12 @@ def expert_counts_path(root: Path, fingerprint: str, dataset, n0, n, seed, bf16)
     return Path(root) / "experts" / f"{key}.jsonl"
 
 
+def router_counts_path(root: Path, fingerprint: str, sigma_e, dataset, n0, n, seed, bf16) -> Path:
+    """Where a router's cached counts (at ``sigma_e``) on ``dataset`` live."""
+    key = counts_key(fingerprint, dataset.fingerprint, n0, n, seed, bf16)
+    return Path(root) / "router" / f"{sha256_json({'key': key, 'sigma_e': sigma_e})}.jsonl"
+
+
 def _fingerprint(model, what: str) -> str:
     fp = getattr(model, "fingerprint", None)
     if not isinstance(fp, str) or not fp:
@@ -345,9 +351,7 @@ def certify_run(
     ]
     root = Path(artifacts) / "certify"
     expert_paths = [expert_counts_path(root, fp, dataset, n0, n, seed, bf16) for fp in expert_fps]
-    key = counts_key(router_fp, dataset.fingerprint, n0, n, seed, bf16)
-    router_key = sha256_json({"key": key, "sigma_e": dual.sigma_e})
-    router_path = root / "router" / f"{router_key}.jsonl"
+    router_path = router_counts_path(root, router_fp, dual.sigma_e, dataset, n0, n, seed, bf16)
     settings = {
         "format": FORMAT,
         "router": router_fp,

@@ -9,6 +9,7 @@ for the record.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,16 +18,17 @@ import numpy as np
 
 from rsrouter import distributed
 from rsrouter.composition.certify_run import CountsCache, counts_key, expert_counts_path
-from rsrouter.composition.dual import DualSmoothed, split_alpha
-from rsrouter.composition.report import acr, certified_accuracy, radius_grid
+from rsrouter.composition.dual import DualSmoothed, decide, split_alpha
+from rsrouter.composition.report import acr, certified_accuracy, radius_grid, regret
+from rsrouter.composition.rules import check_rule
 from rsrouter.errors import UsageError
 from rsrouter.progress import progress_bar
 from rsrouter.router import gate as gates
+from rsrouter.runtime import resolve_device
 from rsrouter.smoothing import (
     ROUTER_ESTIMATION,
     ROUTER_SELECTION,
     Certificate,
-    certified_radius,
     sample_counts,
 )
 
@@ -52,52 +54,45 @@ def expert_certificates(vc: ValidationCounts, alpha: float) -> tuple[np.ndarray,
     return pred, rad
 
 
-def dual_min_rule(
-    router_sel: np.ndarray,
-    router_est: np.ndarray,
-    sigma_e: float,
-    alpha_router: float,
-    expert_pred: np.ndarray,
-    expert_rad: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Theorem 4.2 decided for N inputs at once: (prediction, radius, routed expert or -1)."""
-    rows = np.arange(len(router_sel))
-    chosen = np.argmax(router_sel, axis=1)
-    r_sigma = certified_radius(router_est[rows, chosen], router_est.sum(axis=1), sigma_e,
-                               alpha_router)  # fmt: skip
-    routed = np.where(r_sigma > 0, chosen, -1)
-    pred = np.where(routed >= 0, expert_pred[chosen, rows], -1)
-    radius = np.where(pred >= 0, np.minimum(r_sigma, expert_rad[chosen, rows]), 0.0)
-    return pred, radius, routed
-
-
-def regret(accuracy: np.ndarray, envelope: np.ndarray) -> float:
-    """The largest shortfall from the envelope over the grid, in points (>= 0)."""
-    return float(max(0.0, 100 * np.max(envelope - accuracy)))
-
-
-@dataclass(frozen=True)
-class Scored:
-    """A candidate's score on the val split."""
-
-    regret: float
-    acr: float
-    accuracy: list[float]
-
-
-def score(pred, radius, labels, grid, envelope) -> Scored:
-    correct = pred == labels
-    accuracy = certified_accuracy(correct, radius, grid)
-    return Scored(regret(accuracy, envelope), acr(correct, radius), accuracy.tolist())
-
-
 def envelope_of(vc: ValidationCounts, alpha: float, step: float = 0.25):
-    """(grid, envelope): the best single expert at full alpha on each radius of the grid."""
+    """(grid, envelope): the best single expert at full alpha at each radius of the grid, from 0
+    up to the largest radius any expert certifies (the report's regret grid)."""
     pred, rad = expert_certificates(vc, alpha)
-    correct = pred == vc.labels[None]
-    grid = radius_grid(float((rad * correct).max()), step)
-    curves = np.stack([certified_accuracy(c, r, grid) for c, r in zip(correct, rad, strict=True)])
-    return grid, curves.max(axis=0)
+    grid = radius_grid(float(rad.max()), step)
+    curves = [certified_accuracy(p == vc.labels, r, grid) for p, r in zip(pred, rad, strict=True)]
+    return grid, np.max(curves, axis=0)
+
+
+def decide_all(rule, router_sel, router_est, vc: ValidationCounts, *, sigma_e, alpha_router,
+               alpha_expert, biases=None):  # fmt: skip
+    """``rule`` decided for every val input from counts, exactly as a certify run decides it:
+    (prediction, radius, routed expert or -1) arrays."""
+    out = []
+    for i in range(len(vc.labels)):
+        cert = decide(
+            rule, (router_sel[i], router_est[i]),
+            [(s[i], e[i]) for s, e in zip(vc.selection, vc.estimation, strict=True)],
+            sigma_e=sigma_e, sigmas=vc.sigmas, alpha_router=alpha_router,
+            alpha_expert=alpha_expert, biases=biases,
+        )  # fmt: skip
+        out.append((cert.prediction, cert.radius, cert.expert))
+    pred, radius, routed = (np.array(v) for v in zip(*out, strict=True))
+    return pred, radius.astype(float), routed
+
+
+def _candidate(pred, radius, routed, vc: ValidationCounts, grid, env) -> dict:
+    correct = pred == vc.labels
+    return {
+        "regret": regret(correct, radius, grid, env),
+        "acr": acr(correct, radius),
+        "routed": [float(np.mean(routed == j)) for j in range(len(vc.sigmas))],
+        "abstained": float(np.mean(routed < 0)),
+    }
+
+
+def _best(tried: list[dict]) -> dict:
+    """The least val regret, ties (to 0.01 point) to the larger ACR."""
+    return min(tried, key=lambda t: (round(t["regret"], 2), -t["acr"]))
 
 
 # ---------------------------------------------------------------- counts of the val split
@@ -184,27 +179,56 @@ def fit_gate(
     sigma_e: float,
     alpha: float,
     alpha_router: float | None = None,
+    rule: str = "min",
     order: Sequence[int] | None = None,
     step: float = 0.25,
 ) -> tuple[dict, list[dict]]:
-    """The gate thresholds (on the bin edges) with the least val regret, ties to the larger ACR:
-    (gate spec without "classes", every candidate's scores)."""
+    """The gate thresholds (on the bin edges) with the least val regret under ``rule``, ties to
+    the larger ACR: (gate spec without "classes", every candidate's scores)."""
     a_router, a_expert = split_alpha(alpha, alpha_router)
     order = list(order if order is not None else gates.default_order(vc.sigmas))
-    grid, envelope = envelope_of(vc, alpha, step)
-    pred_e, rad_e = expert_certificates(vc, a_expert)
+    grid, env = envelope_of(vc, alpha, step)
     edges = gates.bin_edges(sel_bins.shape[1])
     tried = []
     for cuts in gates.threshold_grid(sel_bins.shape[1], len(order)):
         rs, re = gates.counts_for(sel_bins, cuts, order), gates.counts_for(est_bins, cuts, order)
-        pred, radius, routed = dual_min_rule(rs, re, sigma_e, a_router, pred_e, rad_e)
-        s = score(pred, radius, vc.labels, grid, envelope)
-        shares = [float(np.mean(routed == j)) for j in range(len(order))]
-        tried.append({"thresholds": gates.cut_thresholds(cuts, edges), "regret": s.regret,
-                      "acr": s.acr, "routed": shares,
-                      "abstained": float(np.mean(routed < 0))})  # fmt: skip
-    best = min(tried, key=lambda t: (round(t["regret"], 6), -t["acr"]))
+        decided = decide_all(rule, rs, re, vc, sigma_e=sigma_e, alpha_router=a_router,
+                             alpha_expert=a_expert)  # fmt: skip
+        tried.append({"thresholds": gates.cut_thresholds(cuts, edges),
+                      **_candidate(*decided, vc, grid, env)})  # fmt: skip
+    best = _best(tried)
     return {"score": "entropy", "thresholds": best["thresholds"], "order": order}, tried
+
+
+BIAS_GRID = tuple(np.round(np.arange(-1.5, 1.51, 0.25), 2))
+
+
+def fit_biases(
+    router_sel: np.ndarray,
+    router_est: np.ndarray,
+    vc: ValidationCounts,
+    *,
+    sigma_e: float,
+    alpha: float,
+    alpha_router: float | None = None,
+    rule: str = "agreement",
+    grid_values: Sequence[float] = BIAS_GRID,
+    step: float = 0.25,
+) -> tuple[list[float], list[dict]]:
+    """Per-expert biases b on Phi^-1(q) (expert 0's fixed at 0) with the least val regret under
+    ``rule`` (pairwise or agreement: "min" ignores biases), ties to the larger ACR."""
+    if rule == "min":
+        raise UsageError("biases need the pairwise or agreement rule: min ignores them.")
+    a_router, a_expert = split_alpha(alpha, alpha_router)
+    grid, env = envelope_of(vc, alpha, step)
+    tried = []
+    for rest in itertools.product(grid_values, repeat=len(vc.sigmas) - 1):
+        biases = [0.0, *map(float, rest)]
+        alphas = {"alpha_router": a_router, "alpha_expert": a_expert}
+        decided = decide_all(rule, router_sel, router_est, vc, sigma_e=sigma_e, biases=biases,
+                             **alphas)  # fmt: skip
+        tried.append({"biases": biases, **_candidate(*decided, vc, grid, env)})
+    return _best(tried)["biases"], tried
 
 
 # ---------------------------------------------------------------- workspace level
@@ -212,42 +236,79 @@ def fit_gate(
 TUNE_DEFAULTS = {"limit": 500, "bins": gates.BINS, "step": 0.25}
 
 
-def train_gate_workspace(ws, *, device=None, progress: bool = True, router_overrides=None):
-    """`router train --kind gate`: copy the sigma_e expert, fit its thresholds on the val split
-    ([tune] limit inputs, [certify] n0 / n / alpha / seed), save the router and ``tuning.json``
-    (every candidate tried). Returns (router, tried, folder)."""
+def _val_setup(ws, device):
+    """([tune] settings, [certify] settings, the val split, the sampling keywords)."""
     from rsrouter.composition.certify_run import certify_settings
-    from rsrouter.io import write_json
     from rsrouter.router.tables import workspace_dataset
+
+    tune = ws.settings_over("tune", TUNE_DEFAULTS, {})
+    c = certify_settings(ws)
+    common = {"n0": c["n0"], "n": c["n"], "seed": c["seed"], "batch_size": c["batch_size"],
+              "device": device}  # fmt: skip
+    return tune, c, workspace_dataset(ws, "val"), common
+
+
+def router_val_counts(ws, router, experts: dict, *, device=None, progress: bool = True):
+    """(val counts of every expert, router selection counts, router estimation counts) on the
+    first [tune] limit val inputs, through the certify caches."""
+    from rsrouter.composition.certify_run import router_counts_path
+
+    tune, _, val, common = _val_setup(ws, resolve_device(device))
+    dual = DualSmoothed(router, router.sigma_e, list(experts.values()))
+    vc = validation_counts(dual, val, ws.artifacts, limit=tune["limit"], progress=progress,
+                           **common)  # fmt: skip
+    path = router_counts_path(Path(ws.artifacts) / "certify", router.fingerprint, router.sigma_e,
+                              val, common["n0"], common["n"], common["seed"], False)  # fmt: skip
+    idx = list(range(len(vc.labels)))
+    have = CountsCache(path, distributed.context()).fill(dual.router_counts, val.images, idx,
+                                                         **common)  # fmt: skip
+    sel = np.array([have[i]["selection_counts"] for i in idx])
+    est = np.array([have[i]["counts"] for i in idx])
+    return vc, sel, est
+
+
+def train_gate_workspace(
+    ws,
+    *,
+    device=None,
+    progress: bool = True,
+    router_overrides=None,
+    folder: str | Path | None = None,
+    rule: str | None = None,
+):
+    """`router train --kind gate`: copy the sigma_e expert, fit its thresholds on the val split
+    ([tune] limit inputs; [certify] n0 / n / alpha / seed; ``rule``, default [certify] rule),
+    save the router (default: the workspace's router folder) and ``tuning.json`` (every
+    candidate tried). Returns (router, tried, folder)."""
+    from rsrouter.io import write_json
     from rsrouter.router.train import build_router, router_folder, router_settings
-    from rsrouter.runtime import resolve_device
 
     device = resolve_device(device)
     settings = {**router_settings(ws, **(router_overrides or {})), "kind": "gate", "gate": None}
-    tune = ws.settings_over("tune", TUNE_DEFAULTS, {})
-    c = certify_settings(ws)
+    tune, c, val, common = _val_setup(ws, device)
+    rule = check_rule(rule or c.get("rule") or "min")
     experts = ws.load_experts(device=device)
-    val = workspace_dataset(ws, "val")
     info = {"dataset": val.name, "class_names": list(val.class_names)}
     router = build_router(experts, settings, info=info).to(device).eval()
     dual = DualSmoothed(router, router.sigma_e, list(experts.values()))
-    sampling = {"batch_size": c["batch_size"], "device": device}
-    common = {"n0": c["n0"], "n": c["n"], "seed": c["seed"], **sampling}
     vc = validation_counts(dual, val, ws.artifacts, limit=tune["limit"], progress=progress,
                            **common)  # fmt: skip
     sel, est = bin_counts(router, val, ws.artifacts, size=len(vc.labels), bins=tune["bins"],
                           **common)  # fmt: skip
-    gate, tried = fit_gate(sel, est, vc, sigma_e=router.sigma_e, alpha=c["alpha"],
-                           alpha_router=c["alpha_router"], step=tune["step"])  # fmt: skip
+    alphas = {"alpha": c["alpha"], "alpha_router": c["alpha_router"]}
+    gate, tried = fit_gate(sel, est, vc, sigma_e=router.sigma_e, rule=rule, step=tune["step"],
+                           **alphas)  # fmt: skip
     info["tuning"] = {
         "split": "val",
         "inputs": len(vc.labels),
         "dataset": val.fingerprint,
+        "rule": rule,
         "objective": "least worst-case regret to the single-expert envelope, then ACR",
         "chosen": next(t for t in tried if t["thresholds"] == gate["thresholds"]),
     }
     router = build_router(experts, {**settings, "gate": gate}, info=info).eval()
-    folder = router_folder(ws)
+    folder = Path(folder) if folder is not None else router_folder(ws)
     router.save_pretrained(folder)
-    write_json(folder / "tuning.json", {"objective": info["tuning"]["objective"], "tried": tried})
+    write_json(folder / "tuning.json", {"objective": info["tuning"]["objective"], "rule": rule,
+                                        "tried": tried})  # fmt: skip
     return router, tried, folder

@@ -1,0 +1,151 @@
+"""Routing designs on a workspace with a val split: tune on val, certify the test split once.
+
+For a workspace made by `examples/fashion_mnist/run.py` (experts, tables, the paper's learned
+router and its test run), every design below is tuned on the workspace's val split only, then
+certified once on the [certify] test inputs; every composition rule is decided from the same
+cached counts, so each design gives one row per rule. Nothing tuned ever reads the test split.
+
+Designs (names for --only):
+  learned        the paper's router as the workspace trained it (no tuning)
+  learned-bias   the same router with per-expert biases on Phi^-1(q) fitted on val (design b)
+  gate           experts that gate themselves: the sigma_e expert's entropy, thresholds fitted
+                 on val (design a, `router train --kind gate`)
+
+    python benchmarks/routing_study.py runs/fm/gaussian --out docs/results/routing-fm.json
+
+Printed last: a markdown table with, per design and rule, the worst-case regret to the
+single-expert envelope, the regret at r = 0 / 0.5 / 1 / 1.5, ACR, routing shares, router
+abstentions and the cost per input; the single experts and Multiscale for reference. Every
+figure is measured in this run on this machine; the JSON keeps the val fits (every candidate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from rsrouter.composition.certify_run import certify_run, certify_settings, run_options
+from rsrouter.composition.dual import DualSmoothed
+from rsrouter.composition.report import summarize
+from rsrouter.composition.rules import RULES
+from rsrouter.composition.tuning import fit_biases, router_val_counts, train_gate_workspace
+from rsrouter.registry import Workspace
+from rsrouter.router.model import RouterModel
+from rsrouter.router.tables import workspace_dataset
+from rsrouter.runtime import resolve_device
+
+DESIGNS = ("learned", "learned-bias", "gate")
+RADII = ("0", "0.5", "1", "1.5")
+
+
+def certify_test(ws, dual, names, device, progress):
+    s = certify_settings(ws)
+    test = workspace_dataset(ws, s["split"])
+    run = certify_run(dual, test, ws.artifacts, expert_names=names, device=device,
+                      progress=progress, **run_options(s))  # fmt: skip
+    return summarize(json.loads(run.meta_path.read_text()), run.records)
+
+
+def rows_of(design: str, summary: dict, seconds: float, fit: dict | None) -> list[dict]:
+    out = []
+    for key, m in summary["methods"].items():
+        if not key.startswith("dual"):
+            continue
+        rule = summary["rule"] if key == "dual" else key.split(":", 1)[1]
+        routing = summary["routing_by_method"][key]
+        out.append({"design": design, "rule": rule, **m, **routing, "fit": fit,
+                    "study_seconds": seconds})  # fmt: skip
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("workspace", type=Path)
+    p.add_argument("--only", action="append", choices=DESIGNS, help="designs to run (all)")
+    p.add_argument("--rule", choices=RULES, default="agreement", help="rule the fits optimise")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", type=Path, help="write every figure as JSON here")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    ws = Workspace.open(args.workspace)
+    device = resolve_device(args.device)
+    progress = not args.quiet
+    experts = ws.load_experts(device=device)
+    names = list(experts)
+    learned = RouterModel.from_pretrained(Path(ws.artifacts) / "router", device=device)
+    rows, reference = [], None
+    for design in args.only or DESIGNS:
+        start = time.perf_counter()
+        fit = None
+        if design == "learned":
+            dual = DualSmoothed(learned, learned.sigma_e, list(experts.values()), rule=args.rule)
+        elif design == "learned-bias":
+            vc, sel, est = router_val_counts(ws, learned, experts, device=device,
+                                             progress=progress)  # fmt: skip
+            biases, tried = fit_biases(sel, est, vc, sigma_e=learned.sigma_e, rule=args.rule,
+                                       **_alphas(ws))  # fmt: skip
+            fit = {"biases": biases, "tried": tried}
+            dual = DualSmoothed(learned, learned.sigma_e, list(experts.values()),
+                                rule=args.rule, biases=biases)  # fmt: skip
+        else:
+            folder = Path(ws.artifacts) / "study" / f"gate-{args.rule}"
+            gate, tried, _ = train_gate_workspace(ws, device=device, progress=progress,
+                                                  folder=folder, rule=args.rule)  # fmt: skip
+            fit = {"gate": gate.gate, "tried": tried}
+            dual = DualSmoothed(gate.to(device), gate.sigma_e, list(experts.values()),
+                                rule=args.rule)  # fmt: skip
+        summary = certify_test(ws, dual, names, device, progress)
+        reference = reference or summary
+        rows += rows_of(design, summary, time.perf_counter() - start, fit)
+    report = {
+        "workspace": str(args.workspace),
+        "machine": f"{platform.node()} {platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}, device {device}",
+        "fit_rule": args.rule,
+        "designs": rows,
+        "reference": {k: m for k, m in reference["methods"].items() if not k.startswith("dual")},
+        "envelope": reference["envelope"],
+        "inputs": reference["inputs"],
+        "n": reference["n"],
+    }
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
+    print(markdown(report, names))
+    return 0
+
+
+def _alphas(ws) -> dict:
+    s = certify_settings(ws)
+    return {"alpha": s["alpha"], "alpha_router": s["alpha_router"]}
+
+
+def _fmt(m: dict, names) -> list[str]:
+    at = " / ".join(f"{-m['regret_at'][r]:.1f}" for r in RADII)
+    routed = " / ".join(f"{100 * m['routing'][n]:.0f}" for n in names) if "routing" in m else "—"
+    abst = f"{100 * m['abstention']['router']:.1f}" if "abstention" in m else "—"
+    fw = m.get("forwards_per_input")
+    cost = f"{fw:,.0f} fwd, {m['seconds_per_input']:.2f} s" if fw else "—"
+    acc = " / ".join(f"{100 * a:.1f}" for a in m["certified_accuracy_at"])
+    return [f"{max(m['regret'], 0):.1f}", at, acc, f"{m['acr']:.3f}", routed, abst, cost]
+
+
+def markdown(report: dict, names) -> str:
+    head = ("| design | rule | worst-case regret | gap at r=0 / 0.5 / 1 / 1.5 | certified at "
+            "r=0 / 0.5 / 1 / 1.5 | ACR | routed " + " / ".join(names) + " (%) | router abst. (%)"
+            " | cost per input |")  # fmt: skip
+    lines = [head, "|" + "---|" * 9]
+    for r in report["designs"]:
+        lines.append("| " + " | ".join([r["design"], r["rule"], *_fmt(r, names)]) + " |")
+    for m in report["reference"].values():
+        lines.append("| " + " | ".join([m["label"], "—", *_fmt(m, names)]) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
