@@ -41,6 +41,7 @@ from rsrouter.runtime import resolve_device
 
 DESIGNS = ("learned", "learned-bias", "gate")
 RADII = ("0", "0.5", "1", "1.5")
+GRID = [0.0, 0.5, 1.0, 1.5]
 
 
 def certify_test(ws, dual, names, device, progress):
@@ -48,7 +49,7 @@ def certify_test(ws, dual, names, device, progress):
     test = workspace_dataset(ws, s["split"])
     run = certify_run(dual, test, ws.artifacts, expert_names=names, device=device,
                       progress=progress, **run_options(s))  # fmt: skip
-    return summarize(json.loads(run.meta_path.read_text()), run.records)
+    return summarize(json.loads(run.meta_path.read_text()), run.records, grid=GRID)
 
 
 def rows_of(design: str, summary: dict, seconds: float, fit: dict | None) -> list[dict]:
@@ -131,7 +132,7 @@ def _fmt(m: dict, names) -> list[str]:
     abst = f"{100 * m['abstention']['router']:.1f}" if "abstention" in m else "—"
     fw = m.get("forwards_per_input")
     cost = f"{fw:,.0f} fwd, {m['seconds_per_input']:.2f} s" if fw else "—"
-    acc = " / ".join(f"{100 * a:.1f}" for a in m["certified_accuracy_at"])
+    acc = " / ".join(f"{100 * a:.1f}" for a in m["certified_accuracy"])
     return [f"{max(m['regret'], 0):.1f}", at, acc, f"{m['acr']:.3f}", routed, abst, cost]
 
 

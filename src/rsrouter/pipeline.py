@@ -58,6 +58,7 @@ class PipelineConfig:
     table_alpha: float = 0.001
     table_subset: float = 1.0
     # router
+    router_kind: str = "learned"  # learned (the paper's), or gate (fitted on the val split)
     router_arch: str = "small_cnn"
     router_arch_args: dict = field(default_factory=lambda: {"width": 8})
     router_denoiser: bool = False  # put the trained DDPM in front of the router (denoised kind)
@@ -71,6 +72,7 @@ class PipelineConfig:
     n: int = 1000
     alpha: float = 0.001
     alpha_router: float | None = None
+    rule: str = "min"  # the composition rule of the headline dual row (every rule is reported)
     batch_size: int = 1000
     seed: int = 0
     device: str = "auto"
@@ -92,6 +94,10 @@ class PipelineConfig:
                 check_count(name, getattr(self, name))
         if self.classifier_noise < 0:
             raise UsageError("classifier_noise must be non-negative (0 = clean training).")
+        if self.router_kind not in ("learned", "gate"):
+            raise UsageError(f"router_kind must be learned or gate, got {self.router_kind!r}.")
+        if self.router_kind == "gate" and not self.validation:
+            raise UsageError("a gate router is fitted on a val split: set validation > 0.")
         if self.router_denoiser and self.expert_kind != "denoised":
             raise UsageError("router_denoiser needs expert_kind='denoised' (the trained DDPM).")
 
@@ -164,6 +170,7 @@ def configure_workspace(ws, config: PipelineConfig, experts: Sequence[str]) -> N
             "batch_size": config.batch_size,
         },
         "router": {
+            "kind": config.router_kind if config.router_kind != "learned" else None,
             "arch": config.router_arch,
             "arch_args": config.router_arch_args,
             "denoiser": experts[0] if config.router_denoiser else None,
@@ -180,6 +187,7 @@ def configure_workspace(ws, config: PipelineConfig, experts: Sequence[str]) -> N
             "n": config.n,
             "alpha": config.alpha,
             "alpha_router": config.alpha_router,
+            "rule": config.rule if config.rule != "min" else None,
             "seed": config.seed,
             "limit": config.certify_limit,
             "batch_size": config.batch_size,
@@ -318,7 +326,12 @@ def build_radius_tables(ws, config: PipelineConfig, device):
 
 
 def train_the_router(ws, config: PipelineConfig, device):
-    """Train the router on the tables (resumes from its last epoch checkpoint)."""
+    """Train the router on the tables (resumes from its last epoch checkpoint), or fit a gate
+    router on the val split."""
+    if config.router_kind == "gate":
+        from rsrouter.composition.tuning import train_gate_workspace
+
+        return train_gate_workspace(ws, device=device, progress=config.progress)[0]
     from rsrouter.router.train import train_workspace
 
     router, history, folder = train_workspace(ws, device=device, progress=config.progress)
@@ -365,7 +378,8 @@ def run_pipeline(
     if [n for n in ws.names if n in names] != list(names):
         raise UsageError(f"the expert step registered {ws.names}, not {list(names)}.")
     configure_workspace(ws, config, names)
-    timer.step("radius tables", build_radius_tables, ws, config, device)
+    if config.router_kind == "learned":  # a gate router needs no radius tables
+        timer.step("radius tables", build_radius_tables, ws, config, device)
     timer.step("router", train_the_router, ws, config, device)
     run = timer.step("certify", certify_test_set, ws, config, device)
     paths = timer.step("report", write_report, ws, run, config)

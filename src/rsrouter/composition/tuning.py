@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from rsrouter import distributed
-from rsrouter.composition.certify_run import CountsCache, counts_key, expert_counts_path
-from rsrouter.composition.dual import DualSmoothed, decide, split_alpha
+from rsrouter.composition.certify_run import CountsCache, counts_key
+from rsrouter.composition.dual import decide, split_alpha
 from rsrouter.composition.report import acr, certified_accuracy, radius_grid, regret
 from rsrouter.composition.rules import check_rule
 from rsrouter.errors import UsageError
@@ -26,8 +26,10 @@ from rsrouter.progress import progress_bar
 from rsrouter.router import gate as gates
 from rsrouter.runtime import resolve_device
 from rsrouter.smoothing import (
+    ESTIMATION,
     ROUTER_ESTIMATION,
     ROUTER_SELECTION,
+    SELECTION,
     Certificate,
     sample_counts,
 )
@@ -97,9 +99,41 @@ def _best(tried: list[dict]) -> dict:
 
 # ---------------------------------------------------------------- counts of the val split
 
+# Tuning draws its noise in stages of its own (10 + the certification stage: 10/11 for the
+# experts, 12/13 for the router). Noise is seeded by (seed, stage, input index), and val input i
+# and test input i share an index: with the certification stages the fitted thresholds would
+# depend on the very draws that later certify test input i.
+TUNING_STAGE = 10
+
+
+def tuning_counts(model, dataset, path: Path, *, sigma, width, size, n0, n, seed, stages,
+                  **sampling) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """(selection, estimation) counts (size, width) of ``model`` at ``sigma`` on the first
+    ``size`` inputs, drawn in the tuning ``stages`` and cached (flushed JSONL) at ``path``."""
+
+    def counts(xs, *, indices, n0, n, seed, **kw):
+        common = {"num_classes": width, "indices": indices, "seed": seed, **kw}
+        sel = sample_counts(model, xs, sigma, n0, stage=stages[0], **common)
+        est = sample_counts(model, xs, sigma, n, stage=stages[1], **common)
+        return (np.pad(c.numpy(), ((0, 0), (0, width - c.shape[1]))) for c in (sel, est))
+
+    idx = list(range(size))
+    cache = CountsCache(path, distributed.context())
+    have = cache.fill(counts, dataset.images, idx, n0=n0, n=n, seed=seed, **sampling)
+    return (
+        np.array([have[i]["selection_counts"] for i in idx]),
+        np.array([have[i]["counts"] for i in idx]),
+    )
+
+
+def _tuning_path(artifacts, what: str, fingerprint: str, dataset, n0, n, seed, sampling) -> Path:
+    key = counts_key(f"{fingerprint}:tuning", dataset.fingerprint, n0, n, seed,
+                     bool(sampling.get("bf16")))  # fmt: skip
+    return Path(artifacts) / "tune" / what / f"{key}.jsonl"
+
 
 def validation_counts(
-    dual: DualSmoothed,
+    experts: Sequence,
     dataset,
     artifacts: str | Path,
     *,
@@ -110,62 +144,39 @@ def validation_counts(
     progress: bool = True,
     **sampling,
 ) -> ValidationCounts:
-    """Every expert's counts on the first ``limit`` val inputs, through the certify cache (a
-    later `router certify --split val` reuses them, and they reuse an earlier one's)."""
+    """Every expert's counts on the first ``limit`` val inputs (tuning stages, cached under
+    ``<artifacts>/tune/experts``)."""
     if dataset.split != "val":
         raise UsageError(f"tuning reads the val split only, not {dataset.split!r}.")
     size = len(dataset) if limit is None else min(limit, len(dataset))
-    idx = list(range(size))
-    root = Path(artifacts) / "certify"
-    bf16 = bool(sampling.get("bf16"))
     sel, est = [], []
-    with progress_bar("val counts", len(dual.experts), enabled=progress) as advance:
-        for j, expert in enumerate(dual.experts):
-            path = expert_counts_path(root, expert.fingerprint, dataset, n0, n, seed, bf16)
-            have = CountsCache(path, distributed.context()).fill(
-                lambda xs, j=j, **kw: dual.expert_counts(j, xs, **kw),
-                dataset.images, idx, n0=n0, n=n, seed=seed, **sampling,
-            )  # fmt: skip
-            sel.append(np.array([have[i]["selection_counts"] for i in idx]))
-            est.append(np.array([have[i]["counts"] for i in idx]))
+    stages = (TUNING_STAGE + SELECTION, TUNING_STAGE + ESTIMATION)
+    with progress_bar("val counts", len(experts), enabled=progress) as advance:
+        for expert in experts:
+            expert.eval()
+            path = _tuning_path(artifacts, "experts", expert.fingerprint, dataset, n0, n, seed,
+                                sampling)  # fmt: skip
+            s, e = tuning_counts(expert, dataset, path, sigma=expert.sigma, stages=stages,
+                                 width=expert.num_classes, size=size, n0=n0, n=n, seed=seed,
+                                 **sampling)  # fmt: skip
+            sel.append(s)
+            est.append(e)
             advance(1)
     labels = dataset.labels[:size].numpy()
-    return ValidationCounts(labels, sel, est, [float(s) for s in dual.sigmas])
+    return ValidationCounts(labels, sel, est, [float(e.sigma) for e in experts])
 
 
-def bin_counts(
-    router,
-    dataset,
-    artifacts: str | Path,
-    *,
-    n0: int,
-    n: int,
-    seed: int,
-    size: int,
-    bins: int = gates.BINS,
-    **sampling,
-) -> tuple[np.ndarray, np.ndarray]:
-    """(selection, estimation) counts (N, bins) of the gate router's score bins under the
-    router's own noise stages: the gate's counts for thresholds on the bin edges are their sums.
-    Cached under ``<artifacts>/certify/gate-bins``."""
+ROUTER_TUNING_STAGES = (TUNING_STAGE + ROUTER_SELECTION, TUNING_STAGE + ROUTER_ESTIMATION)
+
+
+def bin_counts(router, dataset, artifacts, *, size: int, bins: int = gates.BINS, **counting):
+    """(selection, estimation) counts (N, bins) of the gate router's score bins in the router's
+    tuning stages: the gate's counts for thresholds on the bin edges are their sums."""
     model = gates.ScoreBins(router, gates.bin_edges(bins)).eval()
-    key = counts_key(router.fingerprint + f":bins{bins}", dataset.fingerprint, n0, n, seed,
-                     bool(sampling.get("bf16")))  # fmt: skip
-    path = Path(artifacts) / "certify" / "gate-bins" / f"{key}.jsonl"
-
-    def counts(xs, *, indices, n0, n, seed, **kw):
-        common = {"num_classes": bins, "indices": indices, "seed": seed, **kw}
-        sel = sample_counts(model, xs, router.sigma_e, n0, stage=ROUTER_SELECTION, **common)
-        est = sample_counts(model, xs, router.sigma_e, n, stage=ROUTER_ESTIMATION, **common)
-        return sel.numpy(), est.numpy()
-
-    idx = list(range(size))
-    cache = CountsCache(path, distributed.context())
-    have = cache.fill(counts, dataset.images, idx, n0=n0, n=n, seed=seed, **sampling)
-    return (
-        np.array([have[i]["selection_counts"] for i in idx]),
-        np.array([have[i]["counts"] for i in idx]),
-    )
+    path = _tuning_path(artifacts, f"gate-bins{bins}", router.fingerprint, dataset,
+                        counting["n0"], counting["n"], counting["seed"], counting)  # fmt: skip
+    return tuning_counts(model, dataset, path, sigma=router.sigma_e, width=bins, size=size,
+                         stages=ROUTER_TUNING_STAGES, **counting)  # fmt: skip
 
 
 # ---------------------------------------------------------------- fitting
@@ -250,20 +261,15 @@ def _val_setup(ws, device):
 
 def router_val_counts(ws, router, experts: dict, *, device=None, progress: bool = True):
     """(val counts of every expert, router selection counts, router estimation counts) on the
-    first [tune] limit val inputs, through the certify caches."""
-    from rsrouter.composition.certify_run import router_counts_path
-
+    first [tune] limit val inputs, in the tuning stages."""
     tune, _, val, common = _val_setup(ws, resolve_device(device))
-    dual = DualSmoothed(router, router.sigma_e, list(experts.values()))
-    vc = validation_counts(dual, val, ws.artifacts, limit=tune["limit"], progress=progress,
-                           **common)  # fmt: skip
-    path = router_counts_path(Path(ws.artifacts) / "certify", router.fingerprint, router.sigma_e,
-                              val, common["n0"], common["n"], common["seed"], False)  # fmt: skip
-    idx = list(range(len(vc.labels)))
-    have = CountsCache(path, distributed.context()).fill(dual.router_counts, val.images, idx,
-                                                         **common)  # fmt: skip
-    sel = np.array([have[i]["selection_counts"] for i in idx])
-    est = np.array([have[i]["counts"] for i in idx])
+    vc = validation_counts(list(experts.values()), val, ws.artifacts, limit=tune["limit"],
+                           progress=progress, **common)  # fmt: skip
+    path = _tuning_path(ws.artifacts, "router", router.fingerprint, val, common["n0"],
+                        common["n"], common["seed"], common)  # fmt: skip
+    sel, est = tuning_counts(router.eval(), val, path, sigma=router.sigma_e,
+                             width=len(experts), size=len(vc.labels),
+                             stages=ROUTER_TUNING_STAGES, **common)  # fmt: skip
     return vc, sel, est
 
 
@@ -290,9 +296,8 @@ def train_gate_workspace(
     experts = ws.load_experts(device=device)
     info = {"dataset": val.name, "class_names": list(val.class_names)}
     router = build_router(experts, settings, info=info).to(device).eval()
-    dual = DualSmoothed(router, router.sigma_e, list(experts.values()))
-    vc = validation_counts(dual, val, ws.artifacts, limit=tune["limit"], progress=progress,
-                           **common)  # fmt: skip
+    vc = validation_counts(list(experts.values()), val, ws.artifacts, limit=tune["limit"],
+                           progress=progress, **common)  # fmt: skip
     sel, est = bin_counts(router, val, ws.artifacts, size=len(vc.labels), bins=tune["bins"],
                           **common)  # fmt: skip
     alphas = {"alpha": c["alpha"], "alpha_router": c["alpha_router"]}
