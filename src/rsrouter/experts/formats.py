@@ -233,13 +233,14 @@ def hf_vit_to_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def is_timm_config(config: dict) -> bool:
-    return "architecture" in config and "pretrained_cfg" in config and "kind" not in config
+    cfg = "pretrained_cfg" in config or "default_cfg" in config  # default_cfg: timm < 0.6
+    return "architecture" in config and cfg and "kind" not in config
 
 
 def timm_fields(config: dict, where) -> dict:
     """Expert config fields of a timm Hub folder: the architecture with its model_args, input
     size, mean and std from pretrained_cfg (timm's own loader applies the same)."""
-    pre = config.get("pretrained_cfg") or {}
+    pre = config.get("pretrained_cfg") or config.get("default_cfg") or {}
     missing = [k for k in ("input_size", "mean", "std") if k not in pre]
     if missing:
         raise UsageError(f"{where} has no {', '.join(missing)} in its pretrained_cfg.")
