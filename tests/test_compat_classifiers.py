@@ -234,3 +234,13 @@ def test_timm_hub_folder_is_used_directly(tmp_path, capsys, monkeypatch):
     x512 = x.repeat_interleave(4, dim=2).repeat_interleave(4, dim=3)
     with torch.no_grad():
         assert_close(expert(x512), ref["logits_512"], fid)
+    # the same folder as a Hub repo (only the files an expert needs are fetched), offline
+    import huggingface_hub
+
+    from helpers import fill_hub_cache
+    from rsrouter.experts import Expert
+
+    fill_hub_cache(tmp_path / "cache", "timm/beit-stand-in", COMPAT / fid)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    from_hub = Expert.from_pretrained("timm/beit-stand-in", cache_dir=tmp_path / "cache")
+    assert from_hub.fingerprint == Expert.from_pretrained(COMPAT / fid).fingerprint

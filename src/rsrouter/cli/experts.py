@@ -266,7 +266,8 @@ def convert_checkpoint_cmd(
     key: str = typer.Option(None, help="Where the state dict sits in the checkpoint (a.b)."),
     strip_prefix: str = typer.Option(None, help="Remove this prefix from every weight name."),
 ) -> None:
-    """Opt-in: read a pickle checkpoint with torch.load(weights_only=True), write safetensors."""
+    """Opt-in: read a pickle checkpoint with torch.load(weights_only=True) (or a Cohen et al.
+    checkpoint with --format cohen, or a transformers ViT folder), write safetensors."""
     from rsrouter.experts.convert import convert_checkpoint
 
     folder = convert_checkpoint(
