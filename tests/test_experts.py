@@ -147,6 +147,9 @@ def test_convert_checkpoint_and_export(tmp_path):
     ckpt = tmp_path / "ckpt.pth"
     torch.save({"epoch": 3, "state_dict": wrapped}, ckpt)
     common = dict(arch="small_cnn", arch_args={"width": 2}, sigma=0.25, **SHAPE)
+    with pytest.raises(UsageError, match="does not record its input normalisation"):
+        convert_checkpoint(ckpt, tmp_path / "converted", **common)  # never defaulted to 0/1
+    common.update(mean=[0.0], std=[1.0])
     folder = convert_checkpoint(ckpt, tmp_path / "converted", **common)
     assert torch.equal(Expert.from_pretrained(folder)(x), expert(x))
     # a pickle with Python objects beyond tensors is refused, never unpickled
@@ -215,13 +218,14 @@ def test_bad_command_line_input_is_one_sentence(tmp_path, capsys):
     save_file(tiny_expert().classifier.state_dict(), tmp_path / "w.safetensors")
     (tmp_path / "junk.pt").write_bytes(b"junk")
     options = ["--arch", "small_cnn", "--sigma", "0.25", "--num-classes", "3", "--in-chans", "1",
-               "--input-size", "8", "--arch-arg", "width=2"]  # fmt: skip
+               "--input-size", "8", "--arch-arg", "width=2", "--mean", "0",
+               "--std", "1"]  # fmt: skip
     cases = {
         ("export-expert", "w.safetensors", "out", "--arch-arg", "width=abc"): "cannot be built",
         ("convert-checkpoint", "junk.pt", "out"): "junk.pt is not a PyTorch checkpoint",
         ("export-expert", "w.safetensors", "junk.pt"): "junk.pt is a file",
         ("export-expert", "w.safetensors", "junk.pt/sub"): "cannot create the folder",
-        ("convert-checkpoint", ".", "out"): "is a folder, not a file",
+        ("convert-checkpoint", ".", "out"): "is a folder without config.json",
     }
     for (cmd, src, out, *extra), message in cases.items():
         argv = [cmd, str(tmp_path / src), str(tmp_path / out), *options, *extra]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import shlex
 from pathlib import Path
 
 import typer
@@ -153,46 +154,63 @@ def remove_expert_cmd(name: str, workspace: Path = WORKSPACE) -> None:
 
 
 # The options every expert folder needs, shared by export-expert and convert-checkpoint.
+# None = not given: the API fills it from a known source format or asks for it.
 EXPERT_OPTIONS = {
     "arch": (
         str,
-        typer.Option(..., help="build_classifier name: small_cnn, cifar_resnet20/56/110, or timm."),
+        typer.Option(
+            None, help="build_classifier name: small_cnn, cifar_resnet20/56/110, or timm."
+        ),
     ),
-    "sigma": (float, typer.Option(..., help="The sigma the weights were trained at.")),
-    "num_classes": (int, typer.Option(..., help="Number of classes.")),
-    "in_chans": (int, typer.Option(..., help="Input channels (1 grey, 3 colour).")),
-    "input_size": (str, typer.Option(..., help="Input size H or H,W.")),
+    "sigma": (
+        float,
+        typer.Option(
+            None, help="The sigma the weights were trained at (omit: trained on clean images)."
+        ),
+    ),
+    "num_classes": (int, typer.Option(None, help="Number of classes.")),
+    "in_chans": (int, typer.Option(None, help="Input channels (1 grey, 3 colour).")),
+    "input_size": (str, typer.Option(None, help="Input size H or H,W.")),
     "arch_arg": (
         list[str],
         typer.Option(None, help="Architecture argument key=value (repeatable)."),
     ),
-    "mean": (str, typer.Option(None, help="Per-channel mean, comma-separated (default 0).")),
-    "std": (str, typer.Option(None, help="Per-channel std, comma-separated (default 1).")),
+    "mean": (
+        str,
+        typer.Option(
+            None,
+            help="Per-channel mean the weights expect, comma-separated (required unless "
+            "the source records it).",
+        ),
+    ),
+    "std": (str, typer.Option(None, help="Per-channel std, comma-separated (as --mean).")),
     "class_names": (str, typer.Option(None, help="Comma-separated class names.")),
-    "dataset": (str, typer.Option("", help="Training dataset, for the model card.")),
-    "license": (str, typer.Option("unknown", help="Licence of the weights (SPDX id).")),
+    "dataset": (
+        str,
+        typer.Option(None, help="Training dataset (model card; cifar10/imagenet: see --format)."),
+    ),
+    "license": (str, typer.Option(None, help="Licence of the weights (SPDX id).")),
 }
 
 
 def _expert_fields(v: dict) -> dict:
-    """The EXPERT_OPTIONS values as the config fields export_expert/convert_checkpoint take."""
-    fields = {
+    """The EXPERT_OPTIONS values as the config fields export_expert/convert_checkpoint take
+    (None where not given)."""
+    return {
         "arch": v["arch"],
         "sigma": v["sigma"],
         "num_classes": v["num_classes"],
         "in_chans": v["in_chans"],
-        "input_size": parse_size(v["input_size"]),
-        "arch_args": parse_arch_args(v["arch_arg"] or []),
+        "input_size": parse_size(v["input_size"]) if v["input_size"] else None,
+        "arch_args": parse_arch_args(v["arch_arg"]) if v["arch_arg"] else None,
         "dataset": v["dataset"],
         "license": v["license"],
+        "mean": parse_floats(v["mean"], "--mean") if v["mean"] else None,
+        "std": parse_floats(v["std"], "--std") if v["std"] else None,
+        "class_names": [c.strip() for c in v["class_names"].split(",")]
+        if v["class_names"]
+        else None,
     }
-    if v["mean"]:
-        fields["mean"] = parse_floats(v["mean"], "--mean")
-    if v["std"]:
-        fields["std"] = parse_floats(v["std"], "--std")
-    if v["class_names"]:
-        fields["class_names"] = [c.strip() for c in v["class_names"].split(",")]
-    return fields
 
 
 def with_expert_options(command):
@@ -229,26 +247,40 @@ def export_expert_cmd(
     from rsrouter.experts.convert import export_expert
 
     folder = export_expert(weights, out, strip_prefix=strip_prefix, **fields)
-    _print_written(folder, fields["sigma"])
+    _print_written(folder)
 
 
 @app.command("convert-checkpoint")
 @with_expert_options
 def convert_checkpoint_cmd(
-    checkpoint: Path = typer.Argument(..., help="A .pt/.pth/.bin/.ckpt pickle checkpoint."),
+    checkpoint: Path = typer.Argument(
+        ..., help="A .pt/.pth/.pth.tar/.bin/.ckpt pickle checkpoint, or a transformers ViT folder."
+    ),
     out: Path = typer.Argument(..., help="The expert folder to write."),
     fields: dict = None,
+    format: str = typer.Option(
+        None,
+        help="cohen: a checkpoint.pth.tar of Cohen et al. / Salman et al. / Jeong & Shin "
+        "(architecture from the file, mean/std from --dataset cifar10 or imagenet).",
+    ),
     key: str = typer.Option(None, help="Where the state dict sits in the checkpoint (a.b)."),
     strip_prefix: str = typer.Option(None, help="Remove this prefix from every weight name."),
 ) -> None:
-    """Opt-in: read a pickle checkpoint with torch.load(weights_only=True), write safetensors."""
+    """Opt-in: read a pickle checkpoint with torch.load(weights_only=True) (or a Cohen et al.
+    checkpoint with --format cohen, or a transformers ViT folder), write safetensors."""
     from rsrouter.experts.convert import convert_checkpoint
 
-    folder = convert_checkpoint(checkpoint, out, key=key, strip_prefix=strip_prefix, **fields)
-    _print_written(folder, fields["sigma"])
-
-
-def _print_written(folder: Path, sigma: float) -> None:
-    console.print(
-        f"wrote expert folder {folder}/ (add it: router add-expert {folder} --sigma {sigma})"
+    folder = convert_checkpoint(
+        checkpoint, out, key=key, format=format, strip_prefix=strip_prefix, **fields
     )
+    _print_written(folder)
+
+
+def _print_written(folder: Path) -> None:
+    """Where the folder went, and the add-expert command for it (pasteable as printed)."""
+    from rsrouter.experts.expert import read_config
+
+    sigma = read_config(folder).sigma
+    command = f"router add-expert {shlex.quote(str(folder))} --sigma {sigma or 0.25:g}"
+    what = "" if sigma else "a classifier trained on clean images; "
+    console.print(f"wrote expert folder {folder}/ ({what}add it: {command})")

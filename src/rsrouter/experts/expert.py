@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -29,6 +30,7 @@ from torch.nn import functional as F
 
 from rsrouter.errors import UsageError
 from rsrouter.experts.denoiser import OneStepDenoiser
+from rsrouter.experts.formats import is_timm_config, is_transformers_vit, timm_fields
 from rsrouter.experts.nets import build_classifier, count_parameters, normalize
 from rsrouter.io import atomic_path, sha256_file, sha256_json, write_json, write_text
 from rsrouter.smoothing import check_sigma
@@ -367,14 +369,46 @@ def fingerprint_of(config: ExpertConfig, file_hashes: dict[str, str]) -> str:
 
 
 def check_state_dict(reference: nn.Module, state: dict, arch: str) -> None:
+    """Refuse weights that do not fit, showing the expected and found names side by side and
+    the option that renames them when one does."""
     want = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in state.items()}
-    if want != got:
-        diff = sorted(set(want) ^ set(got)) or [k for k in want if want[k] != got[k]]
+    if want == got:
+        return
+    missing = [k for k in want if k not in got]
+    extra = [k for k in got if k not in want]
+    if not missing and not extra:
+        diff = [f"{k} {list(want[k])} but {list(got[k])}" for k in want if want[k] != got[k]]
         raise UsageError(
-            f"the weights do not fit architecture {arch!r} with these arguments "
-            f"(first differences: {diff[:3]})."
+            f"the weights do not fit architecture {arch!r} with these arguments: expected "
+            f"shapes differ ({'; '.join(diff[:3])}); check --arch and --arch-arg."
         )
+    raise UsageError(
+        f"the weights do not fit architecture {arch!r} with these arguments: expected names "
+        f"{_first(missing)} but found {_first(extra)} ({len(missing)} missing, {len(extra)} "
+        f"unexpected); {rename_hint(missing, extra)}."
+    )
+
+
+def _first(names: list[str], n: int = 4) -> str:
+    return ", ".join(names[:n]) + (f", … ({len(names)} in all)" if len(names) > n else "")
+
+
+def rename_hint(missing: list[str], extra: list[str]) -> str:
+    """The option that turns the found names into the expected ones, when one does."""
+    for name in extra:
+        for want in missing:
+            if name.endswith("." + want):
+                prefix = name[: len(name) - len(want)]
+                stripped = {k[len(prefix) :] for k in extra if k.startswith(prefix)}
+                if set(missing) <= stripped:  # every expected name is there under the prefix
+                    return f"remove their prefix with `--strip-prefix {prefix}`"
+    if any(k.rsplit(".", 1)[0].endswith(("layer1.0.conv1", "module.conv1")) for k in extra):
+        return (
+            "for a checkpoint of Cohen et al., Salman et al. or Jeong & Shin use `--format cohen "
+            "--dataset cifar10` (or imagenet), which reads the architecture from the file"
+        )
+    return "check --arch and --arch-arg, or remove a wrapper prefix with --strip-prefix"
 
 
 def weight_files(folder: Path, config: ExpertConfig) -> list[str]:
@@ -418,6 +452,14 @@ def read_config(folder: Path) -> ExpertConfig:
         raise UsageError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}).") from exc
     if not isinstance(data, dict):
         raise UsageError(f"{path} is not an rsrouter expert config.")
+    if is_timm_config(data):  # a timm Hub folder is used as it is
+        return ExpertConfig.from_dict(timm_fields(data, path), where=str(path))
+    if is_transformers_vit(data):
+        out = shlex.quote(str(folder.with_name(folder.name + "-rsrouter")))
+        raise UsageError(
+            f"{folder} is a transformers ViT folder: convert it to an expert folder first with "
+            f"`router convert-checkpoint {shlex.quote(str(folder))} {out}`."
+        )
     return ExpertConfig.from_dict(data, where=str(path))
 
 

@@ -9,6 +9,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from rsrouter.errors import UsageError
+from rsrouter.experts.formats import hf_vit
 
 
 class BasicBlock(nn.Module):
@@ -77,6 +78,7 @@ BUILTIN = {
     "cifar_resnet56": lambda **kw: CifarResNet(depth=56, **kw),
     "cifar_resnet110": lambda **kw: CifarResNet(depth=110, **kw),
     "small_cnn": SmallCNN,
+    "hf_vit": hf_vit,  # a transformers ViTForImageClassification, built as timm's ViT
 }
 
 
