@@ -509,29 +509,32 @@ def denoiser_paths(folder: Path) -> list[Path]:
 
 
 def check_denoiser_folder(
-    folder: Path, hub_repo: str | None = None, revision: str | None = None
+    folder: Path, hub_repo: str | None = None, revision: str | None = None, endpoint=None
 ) -> list[Path]:
     """``denoiser_paths(folder)``, refusing a missing file in one sentence; a UNet published
-    as a pickle gets the `router convert-denoiser` command that converts it (``hub_repo`` and
-    ``revision``: where a Hub snapshot came from)."""
+    as a pickle gets the `router convert-denoiser` command that converts it (``hub_repo``,
+    ``revision``, ``endpoint``: where a Hub snapshot came from)."""
     unet_config, unet_weights, scheduler_config = paths = denoiser_paths(folder)
     if not unet_config.is_file():
         raise UsageError(f"{hub_repo or folder} has no diffusers UNet (config.json).")
     if not unet_weights.is_file():
-        raise UsageError(missing_unet_weights(unet_weights.parent, folder, hub_repo, revision))
+        hub = (hub_repo, revision, endpoint)
+        raise UsageError(missing_unet_weights(unet_weights.parent, folder, *hub))
     if not scheduler_config.is_file():
         raise UsageError(f"{folder} has no {SCHEDULER_CONFIG} (a diffusers DDPM scheduler).")
     return paths
 
 
-def missing_unet_weights(unet_dir: Path, folder: Path, hub_repo, revision) -> str:
+def missing_unet_weights(unet_dir: Path, folder: Path, hub_repo, revision, endpoint=None) -> str:
     """Why a denoiser has no safetensors UNet, and the command that makes one."""
     import shlex
 
     source = hub_repo or str(folder)
     name = (hub_repo.rsplit("/", 1)[-1] if hub_repo else Path(folder).resolve().name) or "unet"
     command = f"router convert-denoiser {shlex.quote(source)} {shlex.quote(name + '-safetensors')}"
-    command += " --format diffusers" + (f" --revision {shlex.quote(revision)}" if revision else "")
+    command += " --format diffusers"
+    for flag, value in (("--revision", revision), ("--endpoint", endpoint if hub_repo else None)):
+        command += f" {flag} {shlex.quote(value)}" if value else ""
     advice = f"convert it with `{command}` and pass that folder as --denoiser"
     if hub_repo:
         at = f" at revision {revision}" if revision else ""

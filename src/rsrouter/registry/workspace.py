@@ -256,7 +256,7 @@ class Workspace:
                 "resize_mode": check_resize_mode(resize_mode or DEFAULT_RESIZE),
             }
             hub_repo = den_source if den_commit else None
-            for rel in denoiser_files(den_folder, hub_repo, denoiser_revision):
+            for rel in denoiser_files(den_folder, hub_repo, denoiser_revision, endpoint):
                 hashes[DENOISER_PREFIX + rel] = sha256_file(den_folder / rel)
         kind = "denoised" if denoiser is not None else config.kind
         if len(sigmas) > 1 and kind != "denoised":
@@ -416,9 +416,9 @@ class Workspace:
             return expert.to(device).eval()
 
 
-def denoiser_files(folder: Path, hub_repo: str | None = None, revision=None) -> list[str]:
+def denoiser_files(folder: Path, hub_repo=None, revision=None, endpoint=None) -> list[str]:
     """The diffusers files a denoised expert loads from a denoiser folder (relative paths)."""
-    paths = check_denoiser_folder(folder, hub_repo, revision)
+    paths = check_denoiser_folder(folder, hub_repo, revision, endpoint)
     return [p.relative_to(folder).as_posix() for p in paths]
 
 
