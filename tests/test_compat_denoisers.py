@@ -240,3 +240,46 @@ def test_published_ddpm_cifar10_layout_renames_onto_unet2dmodel():
     state = cd.rename_old_attention(meta_state(fix["model"]["published_state_dict_keys"]))
     want = {k: tuple(v.shape) for k, v in unet.state_dict().items()}
     assert {k: tuple(v.shape) for k, v in state.items()} == want
+
+
+def test_guided_diffusion_expert_reproduces_carlinis_logits(tmp_path):
+    """End to end: the denoised expert with Carlini et al.'s ImageNet classifier (the timm BEiT
+    stand-in, wrapped as an rsrouter classifier) gives DiffusionRobustModel.forward's logits:
+    the t* rule, the denoiser, the bicubic-antialias resize (the default) and mean/std 0.5."""
+    from safetensors.torch import load_file
+
+    from rsrouter.experts.nets import build_classifier
+
+    beit = json.loads((COMPAT / "carlini-imagenet-beit-timm" / "config.json").read_text())
+    args = {k: v for k, v in beit["model_args"].items() if k not in ("num_classes", "in_chans")}
+    net = build_classifier(beit["architecture"], 1000, 3, **args)
+    net.load_state_dict(load_file(COMPAT / "carlini-imagenet-beit-timm" / "model.safetensors"))
+    clean = Expert.from_module(
+        net, sigma=0, arch=beit["architecture"], arch_args=args, num_classes=1000, in_chans=3,
+        input_size=512, mean=[0.5] * 3, std=[0.5] * 3,
+    )  # fmt: skip
+    clean.save_pretrained(tmp_path / "beit")
+    fix = fixture("carlini-imagenet-guided-diffusion")
+    ref = reference(fix)
+    checkpoint = COMPAT / fix["files"][0]["path"]
+    out = tmp_path / "denoiser"
+    args = ["--format", "guided-diffusion", "--head-channels", "16", "--sample-size", "64"]
+    assert run(["convert-denoiser", str(checkpoint), str(out), *args]) == 0
+    ws = tmp_path / "ws"
+    assert run(["init", str(ws)]) == 0
+    argv = ["add-expert", "--denoiser", str(out), "--classifier", str(tmp_path / "beit")]
+    assert run([*argv, "--sigma", "0.5", "--name", "dds", "-w", str(ws)]) == 0
+    expert = Workspace.open(ws).load_expert("dds-sigma0.5")
+    assert expert.config.resize_mode == "bicubic-antialias"
+    x_noisy = ref["x_u8"].float() / 255 + ref["sigma0.5/delta"]
+    with torch.no_grad():
+        logits = expert(x_noisy)
+        bilinear = expert.classifier(
+            (torch.nn.functional.interpolate(expert.denoiser(x_noisy), size=(512, 512),
+                                             mode="bilinear") - 0.5) / 0.5
+        )  # fmt: skip
+    want = ref["sigma0.5/logits"]
+    err = max_err(logits, want)
+    print(f"guided-diffusion + BEiT logits: max |error| {err:.2e}")
+    assert torch.allclose(logits, want, **fix["tolerance"]["logits"]), err
+    assert max_err(bilinear, want) > 10 * fix["tolerance"]["logits"]["atol"]  # the old resize
