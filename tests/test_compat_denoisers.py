@@ -283,3 +283,29 @@ def test_guided_diffusion_expert_reproduces_carlinis_logits(tmp_path):
     print(f"guided-diffusion + BEiT logits: max |error| {err:.2e}")
     assert torch.allclose(logits, want, **fix["tolerance"]["logits"]), err
     assert max_err(bilinear, want) > 10 * fix["tolerance"]["logits"]["atol"]  # the old resize
+
+
+def test_new_attention_order_is_the_same_model_with_qkv_regrouped(tmp_path):
+    """guided-diffusion's use_new_attention_order keeps [q of all heads | k | v]: the legacy
+    fixture with its qkv rows regrouped that way converts to the same diffusers weights."""
+    from safetensors.torch import load_file
+
+    path = COMPAT / fixture("carlini-cifar10-improved-diffusion")["files"][0]["path"]
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    heads = 4  # every attention layer of the fixture is 64 wide: 16 channels per head
+    regrouped = {
+        k: v.reshape(heads, 3, 16, *v.shape[1:]).transpose(0, 1).reshape(v.shape)
+        if ".qkv." in k
+        else v
+        for k, v in state.items()
+    }
+    torch.save(regrouped, tmp_path / "new.pt")
+    base = ["--format", "improved-diffusion"]
+    assert run(["convert-denoiser", str(path), str(tmp_path / "legacy"), *base]) == 0
+    new = ["convert-denoiser", str(tmp_path / "new.pt"), str(tmp_path / "n"), *base]
+    assert run([*new, "--attention-order", "new"]) == 0
+    assert run([*new[:2], str(tmp_path / "wrong"), *base]) == 0  # read as legacy: other weights
+    weights = "diffusion_pytorch_model.safetensors"
+    a, b, c = (load_file(tmp_path / d / weights) for d in ("legacy", "n", "wrong"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)

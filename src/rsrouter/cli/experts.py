@@ -294,6 +294,11 @@ def convert_denoiser_cmd(
         help="openai formats: the image size the UNet is for (default: 32 improved, 256 "
         "guided); a denoised expert takes inputs of this size.",
     ),
+    attention_order: str = typer.Option(
+        None,
+        help="openai formats: legacy (QKVAttentionLegacy, the published models; default) or "
+        "new (guided-diffusion's use_new_attention_order).",
+    ),
     key: str = typer.Option(None, help="openai formats: where the state dict sits (a.b)."),
     revision: str = typer.Option(None, help="--format diffusers, a Hub repo: branch/tag/commit."),
     endpoint: str = typer.Option(None, help="Hub endpoint (a mirror, or a private Hub)."),
@@ -313,6 +318,7 @@ def convert_denoiser_cmd(
         "--num-heads": num_heads,
         "--head-channels": head_channels,
         "--sample-size": sample_size,
+        "--attention-order": attention_order,
         "--key": key,
     }
     if format == "diffusers":
@@ -339,6 +345,7 @@ def convert_denoiser_cmd(
             num_heads=num_heads,
             head_channels=head_channels,
             sample_size=sample_size,
+            attention_order=attention_order or "legacy",
             key=key,
         )
     console.print(

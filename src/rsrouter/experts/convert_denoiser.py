@@ -223,9 +223,9 @@ RESNET = {
 
 
 def module_pairs(layout: OpenAILayout) -> list[tuple[str, str, str]]:
-    """(openai prefix, diffusers prefix, kind) for every module, kind resnet/attention/conv."""
+    """(openai prefix, diffusers prefix, kind): kind same (names only), resnet or attn."""
     nrb, levels = layout.num_res_blocks, len(layout.channels)
-    pairs = [("input_blocks.0.0", "conv_in", "conv")]
+    pairs = [("input_blocks.0.0", "conv_in", "same")]
     k = 1
     for level in range(levels):
         for j in range(nrb):
@@ -238,7 +238,7 @@ def module_pairs(layout: OpenAILayout) -> list[tuple[str, str, str]]:
             if layout.updown:
                 pairs.append((f"input_blocks.{k}.0", down, "resnet"))
             else:
-                pairs.append((f"input_blocks.{k}.0.op", f"{down}.conv", "conv"))
+                pairs.append((f"input_blocks.{k}.0.op", f"{down}.conv", "same"))
             k += 1
     pairs += [
         ("middle_block.0", "mid_block.resnets.0", "resnet"),
@@ -258,18 +258,36 @@ def module_pairs(layout: OpenAILayout) -> list[tuple[str, str, str]]:
                 if layout.updown:
                     pairs.append((src, up, "resnet"))
                 else:
-                    pairs.append((f"{src}.conv", f"{up}.conv", "conv"))
+                    pairs.append((f"{src}.conv", f"{up}.conv", "same"))
             k += 1
     pairs += [
-        ("time_embed.0", "time_embedding.linear_1", "conv"),
-        ("time_embed.2", "time_embedding.linear_2", "conv"),
-        ("out.0", "conv_norm_out", "conv"),
-        ("out.2", "conv_out", "conv"),
+        ("time_embed.0", "time_embedding.linear_1", "same"),
+        ("time_embed.2", "time_embedding.linear_2", "same"),
+        ("out.0", "conv_norm_out", "same"),
+        ("out.2", "conv_out", "same"),
     ]
     return pairs
 
 
-def map_state_dict(state: dict, layout: OpenAILayout, head: int) -> dict[str, torch.Tensor]:
+ATTENTION_ORDERS = ("legacy", "new")
+
+
+def split_qkv(t: torch.Tensor, head: int, order: str) -> list[torch.Tensor]:
+    """q, k, v rows of an openai qkv conv1d weight or bias (3C, ...), each (C, ...).
+
+    legacy (QKVAttentionLegacy, the published models): per head, [q | k | v] of ``head``
+    channels; new (QKVAttention, use_new_attention_order): [q of all heads | k | v].
+    """
+    width = t.shape[0] // 3
+    if order == "new":
+        return list(t.reshape(3, width, *t.shape[1:]).unbind(0))
+    parts = t.reshape(width // head, 3, head, *t.shape[1:])
+    return [parts[:, i].reshape(width, *t.shape[1:]) for i in range(3)]
+
+
+def map_state_dict(
+    state: dict, layout: OpenAILayout, head: int, order: str = "legacy"
+) -> dict[str, torch.Tensor]:
     """The openai state dict under diffusers' names and shapes (qkv split per head)."""
     out: dict[str, torch.Tensor] = {}
     used: set[str] = set()
@@ -282,7 +300,7 @@ def map_state_dict(state: dict, layout: OpenAILayout, head: int) -> dict[str, to
 
     for src, dst, kind in module_pairs(layout):
         for p in ("weight", "bias"):
-            if kind == "conv":
+            if kind == "same":
                 if (t := take(f"{src}.{p}")) is not None:
                     out[f"{dst}.{p}"] = t
             elif kind == "resnet":
@@ -292,15 +310,12 @@ def map_state_dict(state: dict, layout: OpenAILayout, head: int) -> dict[str, to
             else:
                 if (t := take(f"{src}.norm.{p}")) is not None:
                     out[f"{dst}.group_norm.{p}"] = t
-                if (t := take(f"{src}.proj_out.{p}")) is not None:
-                    out[f"{dst}.to_out.0.{p}"] = t.reshape(t.shape[0], -1).squeeze(-1)
+                if (t := take(f"{src}.proj_out.{p}")) is not None:  # conv1d (C, C, 1) → linear
+                    out[f"{dst}.to_out.0.{p}"] = t.reshape(t.shape[0], -1) if t.ndim > 1 else t
                 if (t := take(f"{src}.qkv.{p}")) is not None:
-                    # legacy order: per head, [q | k | v] of `head` channels each
-                    width = t.shape[0] // 3
-                    parts = t.reshape(width // head, 3, head, *t.shape[1:])
-                    for i, name in enumerate(("to_q", "to_k", "to_v")):
-                        w = parts[:, i].reshape(width, *t.shape[1:])
-                        out[f"{dst}.{name}.{p}"] = w.reshape(width, -1) if p == "weight" else w
+                    q_k_v = split_qkv(t, head, order)
+                    for name, w in zip(("to_q", "to_k", "to_v"), q_k_v, strict=True):
+                        out[f"{dst}.{name}.{p}"] = w.reshape(w.shape[0], -1) if w.ndim > 1 else w
     left = sorted(set(state) - used)
     if left:
         raise UsageError(
@@ -348,20 +363,21 @@ def convert_openai_unet(
     num_heads: int | None = None,
     head_channels: int | None = None,
     sample_size: int | None = None,
+    attention_order: str = "legacy",
     key: str | None = None,
 ) -> Path:
     """An improved/guided-diffusion ``.pt`` UNet state dict → a diffusers denoiser folder."""
     from diffusers import UNet2DModel
 
     d = DEFAULTS[format]
-    if num_heads is not None and head_channels is None:
-        head_channels = None  # --num-heads given: it wins over the format's head size
-    elif head_channels is None:
-        head_channels, num_heads = d.head_channels, d.num_heads
+    if num_heads is None and head_channels is None:
+        num_heads, head_channels = d.num_heads, d.head_channels
     if (num_heads is not None and num_heads < 1) or (
         head_channels is not None and head_channels < 1
     ):
         raise UsageError("--num-heads and --head-channels must be positive.")
+    if attention_order not in ATTENTION_ORDERS:
+        raise UsageError(f"--attention-order must be legacy or new, got {attention_order!r}.")
     schedule = schedule or d.schedule
     steps = steps or d.steps
     rescale = d.rescale_timesteps if rescale_timesteps is None else rescale_timesteps
@@ -375,7 +391,7 @@ def convert_openai_unet(
         rescale=rescale,
         sample_size=sample_size or d.sample_size,
     )
-    mapped = map_state_dict(state, layout, head)
+    mapped = map_state_dict(state, layout, head, attention_order)
     unet = UNet2DModel(**config)
     if rescale:
         mapped["time_proj.weight"] = timestep_table(steps, layout.model_channels)
