@@ -141,7 +141,7 @@ def test_resize_mode_is_in_the_config_and_old_configs_keep_bilinear(tmp_path):
         assert torch.allclose(loaded(x), loaded.classifier(up), atol=1e-6)
     config["resize_mode"] = "lanczos"
     (old_folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(UsageError, match="resize mode must be one of bicubic-antialias"):
+    with pytest.raises(UsageError, match="resize_mode must be one of bicubic-antialias"):
         Expert.from_pretrained(old_folder)
 
 
@@ -172,7 +172,7 @@ def test_add_expert_records_the_resize_mode(tmp_path, capsys):
     assert "--resize-mode goes with --denoiser" in capsys.readouterr().err
     argv += ["--denoiser", str(tmp_path / "d"), "--resize-mode", "cubic"]
     assert run(argv) == 1
-    assert "resize mode must be one of" in capsys.readouterr().err
+    assert "--resize-mode must be one of" in capsys.readouterr().err
 
 
 def test_convert_denoiser_refusals_are_one_sentence(tmp_path, capsys):

@@ -25,8 +25,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +39,7 @@ from rsrouter.experts.expert import (
     denoiser_dirs,
     fetch_snapshot,
 )
-from rsrouter.io import read_json
+from rsrouter.io import atomic_dir, read_json
 
 FORMATS = ("diffusers", "improved-diffusion", "guided-diffusion")
 SCHEDULES = ("linear", "cosine")
@@ -103,11 +101,14 @@ def read_layout(state: dict, where) -> OpenAILayout:
     if nrb < 1 or levels * (nrb + 1) != n_out or n_in != 1 + levels * nrb + (levels - 1):
         raise UsageError(f"{where} has an openai UNet layout this importer does not know.")
     channels, attention = [], []
-    for level in range(levels):
-        first = f"input_blocks.{1 + level * (nrb + 1)}"
-        channels.append(int(state[f"{first}.0.out_layers.3.weight"].shape[0]))
-        attention.append(f"{first}.1.qkv.weight" in state)
-    emb = state["input_blocks.1.0.emb_layers.1.weight"].shape[0]
+    try:
+        for level in range(levels):
+            first = f"input_blocks.{1 + level * (nrb + 1)}"
+            channels.append(int(state[f"{first}.0.out_layers.3.weight"].shape[0]))
+            attention.append(f"{first}.1.qkv.weight" in state)
+        emb = state["input_blocks.1.0.emb_layers.1.weight"].shape[0]
+    except KeyError as exc:
+        raise UsageError(f"{where} lacks {exc}, which an openai UNet's ResBlock has.") from exc
     weight = state["input_blocks.0.0.weight"]
     return OpenAILayout(
         in_channels=int(weight.shape[1]),
@@ -477,18 +478,8 @@ def _load_strict(unet, state: dict, where) -> None:
 
 
 def write_denoiser(unet, scheduler, out: str | os.PathLike) -> Path:
-    """Save UNet (safetensors) + scheduler config to ``out``; all or nothing."""
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UsageError(f"{out} already exists and is not an empty folder; choose another OUT.")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    """Save UNet (safetensors) + scheduler config to the new folder ``out``; all or nothing."""
+    with atomic_dir(out) as tmp:
         unet.eval().save_pretrained(tmp, safe_serialization=True)
         scheduler.save_pretrained(tmp)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return Path(out)

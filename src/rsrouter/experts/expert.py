@@ -156,9 +156,9 @@ class ExpertConfig:
         return out
 
 
-def check_resize_mode(mode: str) -> str:
+def check_resize_mode(mode: str, what: str = "resize_mode") -> str:
     if mode not in RESIZE_MODES:
-        raise UsageError(f"resize mode must be one of {', '.join(RESIZE_MODES)}, got {mode!r}.")
+        raise UsageError(f"{what} must be one of {', '.join(RESIZE_MODES)}, got {mode!r}.")
     return mode
 
 

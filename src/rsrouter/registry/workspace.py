@@ -253,7 +253,7 @@ class Workspace:
                 "denoiser_source": den_source,
                 "denoiser_revision": denoiser_revision if den_commit else None,
                 "denoiser_commit": den_commit,
-                "resize_mode": check_resize_mode(resize_mode or DEFAULT_RESIZE),
+                "resize_mode": check_resize_mode(resize_mode or DEFAULT_RESIZE, "--resize-mode"),
             }
             hub_repo = den_source if den_commit else None
             for rel in denoiser_files(den_folder, hub_repo, denoiser_revision, endpoint):
