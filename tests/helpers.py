@@ -38,15 +38,16 @@ def fill_hub_cache(cache: Path, repo_id: str, folder: Path, commit: str = "a" * 
     shutil.copytree(folder, repo / "snapshots" / commit)
 
 
-def tiny_unet(sample_size: int = 8, seed: int = 0):
-    """A tiny random one-channel diffusers UNet2DModel (eval mode), seeded."""
+def tiny_unet(sample_size: int = 8, seed: int = 0, out_channels: int = 1):
+    """A tiny random one-channel diffusers UNet2DModel (eval mode), seeded; ``out_channels`` 2
+    for a learned-variance UNet."""
     from diffusers import UNet2DModel
 
     torch.manual_seed(seed)
     unet = UNet2DModel(
         sample_size=sample_size,
         in_channels=1,
-        out_channels=1,
+        out_channels=out_channels,
         block_out_channels=(4, 8),
         layers_per_block=1,
         down_block_types=("DownBlock2D",) * 2,

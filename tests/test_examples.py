@@ -176,3 +176,28 @@ def test_gpu_session_script_smoke_runs_example_then_study(tmp_path):
     assert all(0.0 <= r["router_abstain"] <= 1.0 for r in rows)
     bad = step("nope")
     assert bad.returncode == 2 and "unknown step" in bad.stderr
+
+
+COMPAT = ROOT.parent / "shared" / "compat"
+IMPROVED = COMPAT / "carlini-cifar10-improved-diffusion" / "cifar10_uncond_tiny.pt"
+
+
+@pytest.mark.skipif(not IMPROVED.is_file(), reason=f"the compat corpus is absent ({COMPAT})")
+def test_cifar10_dds_example_converts_the_papers_improved_diffusion_denoiser(tmp_path):
+    """--denoiser-format improved-diffusion: the .pt becomes <out>/denoiser once, which
+    add-expert takes (the compat stand-in has the published file's layout, smaller widths)."""
+    from rsrouter.experts.expert import load_denoiser
+
+    example = load_example("cifar10_dds")
+    argv = ["--denoiser", str(IMPROVED), "--denoiser-format", "improved-diffusion",
+            "--classifier", "unused"]  # fmt: skip
+    args = example.parse(argv)
+    folder = Path(example.denoiser_source(args, tmp_path))
+    assert folder == tmp_path / "denoiser"
+    unet, scheduler = load_denoiser(folder)
+    assert unet.config.out_channels == 6 and scheduler.config.num_train_timesteps == 4000
+    stamp = (folder / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
+    assert example.denoiser_source(args, tmp_path) == str(folder)  # converted once
+    assert (folder / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == stamp
+    plain = example.parse(["--classifier", "unused"])
+    assert example.denoiser_source(plain, tmp_path) == "google/ddpm-cifar10-32"

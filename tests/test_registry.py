@@ -194,6 +194,35 @@ def test_loopback_hub_round_trip_is_pinned(tmp_path, hub, capsys, monkeypatch):
         Workspace.open(ws.root).load_expert("hub25")
 
 
+def test_a_hub_denoiser_published_as_a_pickle_gets_a_hint_that_converts_it(
+    tmp_path, hub, capsys, monkeypatch
+):
+    """A revision with only diffusion_pytorch_model.bin (google/ddpm-cifar10-32 in 2022): the
+    refusal prints a `router convert-denoiser` command that, pasted, writes a folder that
+    add-expert takes."""
+    from diffusers import DDPMScheduler
+
+    api = HfApi(endpoint=hub.endpoint, token="hf_test")
+    api.create_repo("org/ddpm")
+    tiny_unet().save_pretrained(tmp_path / "bin", safe_serialization=False)
+    DDPMScheduler(num_train_timesteps=1000).save_pretrained(tmp_path / "bin")
+    commit = api.upload_folder(folder_path=tmp_path / "bin", repo_id="org/ddpm").oid
+    ws = Workspace.init(tmp_path / "ws")
+    clean = save_expert(tmp_path / "clean", sigma=0)
+    argv = ["add-expert", "--classifier", str(clean), "--sigma", "0.5", "-w", str(ws.root)]
+    hub_args = ["--denoiser-revision", commit, "--endpoint", hub.endpoint]
+    capsys.readouterr()
+    assert run([*argv, "--denoiser", "org/ddpm", *hub_args]) == 1
+    err = capsys.readouterr().err
+    assert f"org/ddpm at revision {commit} has no diffusion_pytorch_model.safetensors" in err
+    hint = err.split("`")[1]
+    assert hint.startswith("router convert-denoiser org/ddpm ddpm-safetensors --format diffusers")
+    monkeypatch.chdir(tmp_path)
+    assert run(hint.split()[1:]) == 0
+    assert run([*argv, "--denoiser", str(tmp_path / "ddpm-safetensors")]) == 0
+    assert Workspace.open(ws.root).load_experts()
+
+
 def test_toml_writer_round_trips():
     doc = {
         "artifacts": ".rsrouter",

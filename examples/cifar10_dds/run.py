@@ -1,8 +1,12 @@
 """The paper's CIFAR-10 set-up: diffusion denoised smoothing experts (Carlini et al. 2023) at
 Σ = {0.25, 0.5, 1.0} behind a dual-RS router, for users with internet access and a GPU.
 
-One classifier is used at every σ through a diffusers DDPM denoiser from the Hub (by default
-google/ddpm-cifar10-32). The classifier is either an rsrouter expert folder / Hub repo trained on
+One classifier is used at every σ through a one-step diffusion denoiser: the paper's (Carlini et
+al.'s improved-diffusion cifar10_uncond_50M_500K.pt, --denoiser-format improved-diffusion,
+converted once into a diffusers folder of safetensors in the workspace), or any diffusers
+UNet2DModel + DDPMScheduler folder or Hub repo (by default google/ddpm-cifar10-32). The
+denoised 32x32 image is resized to the classifier's input as Carlini et al. do (bicubic,
+antialiased). The classifier is either an rsrouter expert folder / Hub repo trained on
 clean CIFAR-10 (--classifier), or a timm architecture plus a safetensors state dict
 (--timm-arch, --weights), converted here into an expert folder. The router is the paper's
 design: the same denoiser at σ_e = 1.0, then a small CIFAR ResNet. Every weight file is pinned
@@ -70,6 +74,13 @@ def parse(argv):
         help="diffusers UNet2DModel + DDPMScheduler: Hub repo or folder",
     )
     p.add_argument("--denoiser-revision", help="Hub revision (branch, tag or commit) to pin")
+    p.add_argument(
+        "--denoiser-format",
+        choices=("diffusers", "improved-diffusion"),
+        default="diffusers",
+        help="improved-diffusion: --denoiser is the openai .pt (cifar10_uncond_50M_500K.pt), "
+        "converted once with `router convert-denoiser` into <out>/denoiser",
+    )
     c = p.add_mutually_exclusive_group(required=True)
     c.add_argument("--classifier", help="rsrouter classifier expert: Hub repo or folder")
     c.add_argument("--timm-arch", help="timm architecture of --weights, e.g. vit_base_patch16_224")
@@ -90,6 +101,8 @@ def parse(argv):
     args = p.parse_args(argv)
     if args.timm_arch and not args.weights:
         p.error("--timm-arch needs --weights (a safetensors state dict).")
+    if args.denoiser_format != "diffusers" and args.denoiser_revision:
+        p.error("--denoiser-revision is for a Hub repo; an improved-diffusion .pt is a file.")
     return args
 
 
@@ -144,6 +157,19 @@ def timm_classifier_folder(args, folder: Path) -> Path:
     return expert.save_pretrained(folder)
 
 
+def denoiser_source(args, root: Path) -> str:
+    """--denoiser as add-expert takes it: an improved-diffusion .pt is converted once (opt-in,
+    torch.load(weights_only=True)) into root/denoiser, a diffusers folder of safetensors."""
+    if args.denoiser_format == "diffusers":
+        return args.denoiser
+    from rsrouter.experts.convert_denoiser import convert_openai_unet
+
+    folder = root / "denoiser"
+    if not (folder / "diffusion_pytorch_model.safetensors").is_file():
+        convert_openai_unet(args.denoiser, folder, format=args.denoiser_format)
+    return str(folder)
+
+
 def register(args):
     """The pipeline's expert step: one denoised expert per σ (skipped when registered)."""
 
@@ -161,7 +187,7 @@ def register(args):
             sigma=missing,
             name="dds",  # registered as "dds-sigma<σ>"
             revision=args.classifier_revision,
-            denoiser=args.denoiser,
+            denoiser=denoiser_source(args, Path(ws.root)),
             denoiser_revision=args.denoiser_revision,
             endpoint=args.endpoint,
             cache_dir=args.cache_dir,

@@ -80,6 +80,12 @@ def add_expert_cmd(
     denoiser: str = typer.Option(None, help="A diffusers UNet2DModel + DDPMScheduler repo."),
     classifier: str = typer.Option(None, help="With --denoiser: the classifier (else SOURCE)."),
     denoiser_revision: str = typer.Option(None, help="Hub revision of --denoiser."),
+    resize_mode: str = typer.Option(
+        None,
+        help="With --denoiser: how the denoised image is resized to the classifier's input: "
+        "bicubic-antialias (default, as Carlini et al.), bilinear-antialias, bicubic, bilinear "
+        "or nearest.",
+    ),
     endpoint: str = typer.Option(None, help="Hub endpoint (a mirror, or a private Hub)."),
     cache_dir: Path = typer.Option(None, help="Hub cache folder."),
     token: str = typer.Option(None, help="Hub token (else the usual HF_TOKEN / login)."),
@@ -104,6 +110,7 @@ def add_expert_cmd(
         token=token,
         denoiser=denoiser,
         denoiser_revision=denoiser_revision,
+        resize_mode=resize_mode,
     )
     for e in entries:
         console.print(f"added expert {e.name!r} (σ = {e.sigma}, {e.kind}, {e.pinned})")
@@ -284,3 +291,96 @@ def _print_written(folder: Path) -> None:
     command = f"router add-expert {shlex.quote(str(folder))} --sigma {sigma or 0.25:g}"
     what = "" if sigma else "a classifier trained on clean images; "
     console.print(f"wrote expert folder {folder}/ ({what}add it: {command})")
+
+
+@app.command("convert-denoiser")
+def convert_denoiser_cmd(
+    source: str = typer.Argument(
+        ...,
+        help="--format diffusers: a diffusers folder or Hub repo id whose UNet is a pickle "
+        "diffusion_pytorch_model.bin; improved-diffusion / guided-diffusion: the openai .pt file.",
+    ),
+    out: Path = typer.Argument(..., help="The diffusers denoiser folder to write (safetensors)."),
+    format: str = typer.Option(
+        ..., "--format", help="diffusers, improved-diffusion or guided-diffusion."
+    ),
+    schedule: str = typer.Option(
+        None, help="openai formats: linear or cosine (default: cosine improved, linear guided)."
+    ),
+    steps: int = typer.Option(
+        None, help="openai formats: diffusion steps (default: 4000 improved, 1000 guided)."
+    ),
+    rescale_timesteps: bool = typer.Option(
+        None,
+        "--rescale-timesteps/--no-rescale-timesteps",
+        help="openai formats: the UNet sees t * 1000 / steps (default: on improved, off guided).",
+    ),
+    num_heads: int = typer.Option(
+        None, help="openai formats: attention heads per layer (improved-diffusion: 4)."
+    ),
+    head_channels: int = typer.Option(
+        None, help="openai formats: channels per attention head (guided-diffusion: 64)."
+    ),
+    sample_size: int = typer.Option(
+        None,
+        help="openai formats: the image size the UNet is for (default: 32 improved, 256 "
+        "guided); a denoised expert takes inputs of this size.",
+    ),
+    attention_order: str = typer.Option(
+        None,
+        help="openai formats: legacy (QKVAttentionLegacy, the published models; default) or "
+        "new (guided-diffusion's use_new_attention_order).",
+    ),
+    key: str = typer.Option(None, help="openai formats: where the state dict sits (a.b)."),
+    revision: str = typer.Option(None, help="--format diffusers, a Hub repo: branch/tag/commit."),
+    endpoint: str = typer.Option(None, help="Hub endpoint (a mirror, or a private Hub)."),
+    cache_dir: Path = typer.Option(None, help="Hub cache folder."),
+    token: str = typer.Option(None, help="Hub token (else the usual HF_TOKEN / login)."),
+) -> None:
+    """Opt-in: read a published denoiser's pickle with torch.load(weights_only=True) and write a
+    diffusers UNet2DModel + DDPMScheduler folder of safetensors (for add-expert --denoiser)."""
+    from rsrouter.experts import convert_denoiser as cd
+
+    if format not in cd.FORMATS:
+        raise UsageError(f"--format must be one of {', '.join(cd.FORMATS)}, got {format!r}.")
+    openai = {
+        "--schedule": schedule,
+        "--steps": steps,
+        "--rescale-timesteps": rescale_timesteps,
+        "--num-heads": num_heads,
+        "--head-channels": head_channels,
+        "--sample-size": sample_size,
+        "--attention-order": attention_order,
+        "--key": key,
+    }
+    if format == "diffusers":
+        given = [flag for flag, value in openai.items() if value is not None]
+        if given:
+            raise UsageError(
+                f"{given[0]} is for the openai formats; a diffusers folder has its own config."
+            )
+        folder = cd.convert_diffusers_pickle(
+            source, out, revision=revision, endpoint=endpoint, cache_dir=cache_dir, token=token
+        )
+    else:
+        if revision or endpoint:
+            raise UsageError(
+                f"--revision and --endpoint are for --format diffusers; {format} takes a local .pt."
+            )
+        folder = cd.convert_openai_unet(
+            source,
+            out,
+            format=format,
+            schedule=schedule,
+            steps=steps,
+            rescale_timesteps=rescale_timesteps,
+            num_heads=num_heads,
+            head_channels=head_channels,
+            sample_size=sample_size,
+            attention_order=attention_order or "legacy",
+            key=key,
+        )
+    console.print(
+        f"wrote denoiser folder {folder}/ (register it with a classifier: router add-expert "
+        f"--denoiser {folder} --classifier <classifier folder or Hub repo> --sigma 0.25,0.5,1.0)"
+    )

@@ -45,6 +45,12 @@ UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
 UNET_CONFIG = "config.json"
 SCHEDULER_CONFIG = "scheduler_config.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+# How a denoised expert resizes the denoised image to the classifier's input size. The default is
+# Carlini et al.'s (DRM.py: interpolate(mode="bicubic", antialias=True)); configs written before
+# the field existed were computed with LEGACY_RESIZE and keep it.
+RESIZE_MODES = ("bicubic-antialias", "bilinear-antialias", "bicubic", "bilinear", "nearest")
+DEFAULT_RESIZE = "bicubic-antialias"
+LEGACY_RESIZE = "bilinear"
 # What an expert repo needs from the Hub (nothing else is downloaded).
 EXPERT_PATTERNS = [CONFIG_NAME, WEIGHTS_NAME, CARD_NAME, f"{DENOISER_DIR}/*.json"]
 EXPERT_PATTERNS += [f"{DENOISER_DIR}/*.safetensors"]
@@ -86,6 +92,7 @@ class ExpertConfig:
     training: dict = field(default_factory=dict)
     classifier_input_size: list[int] | None = None  # "denoised": the classifier's H, W
     denoiser_subfolder: str | None = None  # "denoised": where the diffusers files are
+    resize_mode: str | None = None  # "denoised": one of RESIZE_MODES
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self):
@@ -101,6 +108,9 @@ class ExpertConfig:
         if self.kind == "denoised":
             self.classifier_input_size = self.classifier_input_size or list(self.input_size)
             self.denoiser_subfolder = self.denoiser_subfolder or DENOISER_DIR
+            self.resize_mode = check_resize_mode(self.resize_mode or DEFAULT_RESIZE)
+        else:
+            self.resize_mode = None  # a classifier sees its input as it is
         self.mean = [
             float(m) for m in (self.mean if self.mean is not None else [0.0] * self.in_chans)
         ]
@@ -130,12 +140,38 @@ class ExpertConfig:
         ]
         if missing:
             raise UsageError(f"{where} is not an rsrouter expert config (missing {missing}).")
-        return cls(**{k: v for k, v in data.items() if k in known})
+        data = {k: v for k, v in data.items() if k in known}
+        if data["kind"] == "denoised" and data.get("resize_mode") is None:
+            data["resize_mode"] = LEGACY_RESIZE  # written before the field: what it computed
+        return cls(**data)
 
     def functional(self) -> dict:
-        """The fields that change the expert's output: part of its fingerprint."""
+        """The fields that change the expert's output: part of its fingerprint.
+
+        ``resize_mode`` counts unless it is LEGACY_RESIZE, so that an expert computing what it
+        computed before the field existed keeps its fingerprint (routers pin them).
+        """
         d = self.to_dict()
-        return {k: d[k] for k in FUNCTIONAL_FIELDS}
+        out = {k: d[k] for k in FUNCTIONAL_FIELDS}
+        if self.resize_mode not in (None, LEGACY_RESIZE):
+            out["resize_mode"] = self.resize_mode
+        return out
+
+
+def check_resize_mode(mode: str, what: str = "resize_mode") -> str:
+    if mode not in RESIZE_MODES:
+        raise UsageError(f"{what} must be one of {', '.join(RESIZE_MODES)}, got {mode!r}.")
+    return mode
+
+
+def resize(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
+    """``x`` resized to ``size`` with one of RESIZE_MODES."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    if mode == "nearest":
+        return F.interpolate(x, size=size, mode="nearest")
+    kind, _, antialias = mode.partition("-")
+    return F.interpolate(x, size=size, mode=kind, align_corners=False, antialias=bool(antialias))
 
 
 def _size(value) -> list[int]:
@@ -196,9 +232,7 @@ class Expert(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.denoiser is not None:
             x = self.denoiser(x)
-            size = tuple(self.config.classifier_input_size)
-            if tuple(x.shape[-2:]) != size:
-                x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+            x = resize(x, tuple(self.config.classifier_input_size), self.config.resize_mode)
         return self.classifier(normalize(x, self.mean, self.std))
 
     # ---- identity
@@ -290,13 +324,20 @@ class Expert(nn.Module):
     ) -> Expert:
         """A denoised expert: ``unet`` + ``scheduler`` one-step denoise, then ``classifier``.
 
-        ``classifier_config`` describes the classifier (its sigma, if any, is replaced).
+        ``classifier_config`` describes the classifier (its sigma, if any, is replaced); the
+        resize to the classifier's input size is DEFAULT_RESIZE unless ``resize_mode`` is given.
         """
-        in_chans = int(unet.config.in_channels)
-        if in_chans != classifier_config.in_chans or int(unet.config.out_channels) != in_chans:
+        in_chans, out_chans = int(unet.config.in_channels), int(unet.config.out_channels)
+        if out_chans not in (in_chans, 2 * in_chans):  # 2C: epsilon + learned variance
             raise UsageError(
-                f"the denoiser maps {unet.config.in_channels}→{unet.config.out_channels} "
-                f"channels but the classifier takes {classifier_config.in_chans}."
+                f"the denoiser's UNet takes {in_chans} channels and returns {out_chans}; a "
+                f"denoiser returns epsilon ({in_chans}), or epsilon and a learned variance "
+                f"({2 * in_chans})."
+            )
+        if in_chans != classifier_config.in_chans:
+            raise UsageError(
+                f"the denoiser works on {in_chans}-channel images but the classifier takes "
+                f"{classifier_config.in_chans}."
             )
         base = classifier_config.to_dict()
         base.update(
@@ -305,6 +346,7 @@ class Expert(nn.Module):
             input_size=_size(unet.config.sample_size),
             classifier_input_size=classifier_config.input_size,
             denoiser_subfolder=DENOISER_DIR,
+            resize_mode=DEFAULT_RESIZE,
         )
         base.update(config_fields)
         return cls(ExpertConfig.from_dict(base), classifier, unet, scheduler)
@@ -508,16 +550,47 @@ def denoiser_paths(folder: Path) -> list[Path]:
     return [unet_dir / UNET_CONFIG, unet_dir / UNET_WEIGHTS, sched_dir / SCHEDULER_CONFIG]
 
 
-def check_denoiser_folder(folder: Path) -> list[Path]:
-    """``denoiser_paths(folder)``, refusing a missing file (pickles named) in one sentence."""
+def check_denoiser_folder(
+    folder: Path, hub_repo: str | None = None, revision: str | None = None, endpoint=None
+) -> list[Path]:
+    """``denoiser_paths(folder)``, refusing a missing file in one sentence; a UNet published
+    as a pickle gets the `router convert-denoiser` command that converts it (``hub_repo``,
+    ``revision``, ``endpoint``: where a Hub snapshot came from)."""
     unet_config, unet_weights, scheduler_config = paths = denoiser_paths(folder)
     if not unet_config.is_file():
-        raise UsageError(f"{folder} has no diffusers UNet (config.json).")
+        raise UsageError(f"{hub_repo or folder} has no diffusers UNet (config.json).")
     if not unet_weights.is_file():
-        refuse_pickles(unet_weights.parent, UNET_WEIGHTS)
+        hub = (hub_repo, revision, endpoint)
+        raise UsageError(missing_unet_weights(unet_weights.parent, folder, *hub))
     if not scheduler_config.is_file():
         raise UsageError(f"{folder} has no {SCHEDULER_CONFIG} (a diffusers DDPM scheduler).")
     return paths
+
+
+def missing_unet_weights(unet_dir: Path, folder: Path, hub_repo, revision, endpoint=None) -> str:
+    """Why a denoiser has no safetensors UNet, and the command that makes one."""
+    import shlex
+
+    source = hub_repo or str(folder)
+    name = (hub_repo.rsplit("/", 1)[-1] if hub_repo else Path(folder).resolve().name) or "unet"
+    command = f"router convert-denoiser {shlex.quote(source)} {shlex.quote(name + '-safetensors')}"
+    command += " --format diffusers"
+    for flag, value in (("--revision", revision), ("--endpoint", endpoint if hub_repo else None)):
+        command += f" {flag} {shlex.quote(value)}" if value else ""
+    advice = f"convert it with `{command}` and pass that folder as --denoiser"
+    if hub_repo:
+        at = f" at revision {revision}" if revision else ""
+        return (
+            f"Hub repo {hub_repo}{at} has no {UNET_WEIGHTS}; if it publishes the UNet as a "
+            f"pickle (diffusion_pytorch_model.bin), {advice}."
+        )
+    pickles = sorted(p.name for p in unet_dir.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+    if pickles:
+        return (
+            f"{unet_dir} has no {UNET_WEIGHTS}, only a pickle ({', '.join(pickles[:3])}); "
+            f"rsrouter loads safetensors only: {advice}."
+        )
+    return f"{unet_dir} has no {UNET_WEIGHTS}: it is not a diffusers UNet folder."
 
 
 def load_denoiser(folder: Path, device="cpu"):
@@ -626,7 +699,8 @@ def model_card(expert: Expert) -> str:
         h, w = c.classifier_input_size
         what = (
             "a one-step diffusion denoiser (diffusers `UNet2DModel` in "
-            f"`{c.denoiser_subfolder}/`), then `{c.arch}` at {h}×{w}, smoothed at σ = {c.sigma}"
+            f"`{c.denoiser_subfolder}/`), a {c.resize_mode} resize to {h}×{w}, then `{c.arch}`, "
+            f"smoothed at σ = {c.sigma}"
         )
     shape = "×".join(str(s) for s in expert.input_shape)
     lines = [

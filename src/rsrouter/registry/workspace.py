@@ -19,10 +19,13 @@ import torch
 from rsrouter.errors import UsageError
 from rsrouter.experts.expert import (
     CONFIG_NAME,
+    DEFAULT_RESIZE,
     DENOISER_PATTERNS,
     EXPERT_PATTERNS,
+    LEGACY_RESIZE,
     Expert,
     check_denoiser_folder,
+    check_resize_mode,
     fetch_snapshot,
     load_classifier,
     load_denoiser,
@@ -63,6 +66,9 @@ class ExpertEntry:
     denoiser_source: str | None = None  # "denoised" built from a separate diffusers repo/folder
     denoiser_revision: str | None = None
     denoiser_commit: str | None = None
+    # with denoiser_source: the resize to the classifier's size (absent in entries written before
+    # the option existed, which were computed with LEGACY_RESIZE and keep it)
+    resize_mode: str | None = None
     sha256: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -215,10 +221,12 @@ class Workspace:
         token: str | None = None,
         denoiser: str | os.PathLike | None = None,
         denoiser_revision: str | None = None,
+        resize_mode: str | None = None,
     ) -> list[ExpertEntry]:
         """Register ``source`` at each sigma (several only for denoised experts); return them.
 
-        With ``denoiser``, ``source`` is the classifier and ``denoiser`` a diffusers repo/folder.
+        With ``denoiser``, ``source`` is the classifier and ``denoiser`` a diffusers repo/folder;
+        ``resize_mode`` (default DEFAULT_RESIZE) resizes the denoised image for the classifier.
         """
         self.reload()  # edits made since this object was opened are kept
         sigmas = [check_sigma(s) for s in (sigma if isinstance(sigma, list) else [sigma])]
@@ -229,6 +237,11 @@ class Workspace:
         config = read_config(cls_folder)
         hashes = hash_files(cls_folder, [CONFIG_NAME, *weight_files(cls_folder, config)])
         den = {}
+        if resize_mode is not None and denoiser is None:
+            raise UsageError(
+                "--resize-mode goes with --denoiser (a denoised expert folder has its own, in "
+                "its config.json)."
+            )
         if denoiser is not None:
             if config.kind != "classifier":
                 raise UsageError(f"{source} is a {config.kind} expert, not a classifier.")
@@ -240,8 +253,10 @@ class Workspace:
                 "denoiser_source": den_source,
                 "denoiser_revision": denoiser_revision if den_commit else None,
                 "denoiser_commit": den_commit,
+                "resize_mode": check_resize_mode(resize_mode or DEFAULT_RESIZE, "--resize-mode"),
             }
-            for rel in denoiser_files(den_folder):
+            hub_repo = den_source if den_commit else None
+            for rel in denoiser_files(den_folder, hub_repo, denoiser_revision, endpoint):
                 hashes[DENOISER_PREFIX + rel] = sha256_file(den_folder / rel)
         kind = "denoised" if denoiser is not None else config.kind
         if len(sigmas) > 1 and kind != "denoised":
@@ -264,6 +279,7 @@ class Workspace:
             denoiser_source=den.get("denoiser_source"),
             denoiser_revision=den.get("denoiser_revision"),
             denoiser_commit=den.get("denoiser_commit"),
+            resize_mode=den.get("resize_mode"),
             sha256=hashes,
         )
         expert = self._build(first, cls_folder, den.get("folder"), device="cpu")  # loaded once
@@ -336,6 +352,7 @@ class Workspace:
                 e.commit,
                 e.denoiser_source,
                 e.denoiser_commit,
+                e.resize_mode,
                 tuple(e.sha256.items()),
             )
             if e.kind == "denoised" and key in loaded:
@@ -387,15 +404,22 @@ class Workspace:
             classifier = load_classifier(folder, config, device)
             unet, scheduler = load_denoiser(den_folder, device)
             expert = Expert.from_parts(
-                config, classifier, unet, scheduler, sigma=entry.sigma, source=entry.denoiser_source
+                config,
+                classifier,
+                unet,
+                scheduler,
+                sigma=entry.sigma,
+                source=entry.denoiser_source,
+                resize_mode=entry.resize_mode or LEGACY_RESIZE,
             )
             expert.adopt_file_hashes(hashes)
             return expert.to(device).eval()
 
 
-def denoiser_files(folder: Path) -> list[str]:
+def denoiser_files(folder: Path, hub_repo=None, revision=None, endpoint=None) -> list[str]:
     """The diffusers files a denoised expert loads from a denoiser folder (relative paths)."""
-    return [p.relative_to(folder).as_posix() for p in check_denoiser_folder(folder)]
+    paths = check_denoiser_folder(folder, hub_repo, revision, endpoint)
+    return [p.relative_to(folder).as_posix() for p in paths]
 
 
 def hash_files(folder: Path, names: list[str]) -> dict[str, str]:
