@@ -129,31 +129,6 @@ def test_every_rule_from_the_same_counts_and_the_headline(tmp_path):
     assert load_run(tilted.path)[0]["biases"] == [0.0, 2.0]
 
 
-def test_fit_biases_on_a_validation_run_from_its_cached_counts(tmp_path):
-    from rsrouter.composition.fit import fit_biases, run_counts
-    from rsrouter.composition.report import summarize
-
-    result = _run(_dual(), tmp_path)  # stands for a run on the validation split
-    meta, records = load_run(result.path)
-    router, experts, labels = run_counts(tmp_path, meta, records)
-    assert len(router) == len(experts) == len(labels) == 24 and len(experts[0]) == 2
-    kw = {"sigma_e": 0.5, "sigmas": meta["sigmas"], "alpha": ALPHA}
-    best, tried = fit_biases(router, experts, labels, candidates=(-1.0, 0.0, 1.0), **kw)
-    assert [t["biases"] for t in tried] == [[0.0, -1.0], [0.0, 0.0], [0.0, 1.0]]
-    assert best in [t["biases"] for t in tried] and best[0] == 0.0
-    chosen = next(t for t in tried if t["biases"] == best)
-    assert chosen["regret"] == min(t["regret"] for t in tried)
-    plain = summarize(meta, records)["methods"]["dual:pairwise"]  # the report agrees at b = 0
-    assert tried[1]["regret"] == pytest.approx(plain["regret"])
-    assert tried[1]["acr"] == pytest.approx(plain["acr"])
-    with pytest.raises(UsageError, match="min rule ignores router biases"):
-        fit_biases(router, experts, labels, rule="min", **kw)
-    for p in (tmp_path / "certify" / "experts").glob("*.jsonl"):
-        p.write_text(p.read_text().splitlines()[0] + "\n")
-    with pytest.raises(UsageError, match="lack 23 input"):
-        run_counts(tmp_path, meta, records)
-
-
 def test_cached_expert_counts_make_dual_cost_only_the_router(tmp_path):
     first = _run(_dual(), tmp_path)
     other = _dual(router_name="r2")  # a new router over the same experts
