@@ -159,7 +159,8 @@ def decide(
         chosen = None if router.abstained else cert(router.prediction, alpha_expert)
         return DualCertificate.compose(router, chosen)
     j, lo, hi = router_bounds(sel, est, alpha_router, biases)
-    r_router = pairwise_radius(score_gaps(j, lo, hi, sigma_e, biases))
+    gaps = score_gaps(j, lo, hi, sigma_e, biases)
+    r_router = pairwise_radius(gaps)
     common = {
         "expert": j if r_router > 0 else ABSTAIN,
         "radius_router": r_router,
@@ -180,7 +181,6 @@ def decide(
             **common,
         )
     certs = [cert(i, alpha_expert / width) for i in range(width)]
-    gaps = score_gaps(j, lo, hi, sigma_e, biases)
     c, radius = agreement_radius(j, gaps, [x.prediction for x in certs], [x.radius for x in certs])
     return DualCertificate(
         prediction=c,
@@ -197,10 +197,10 @@ def experts_needed(rule: str, router_counts: tuple, width: int, alpha_router: fl
     sel, est = (np.pad(np.asarray(c), (0, width - len(c))) for c in router_counts)
     if check_rule(rule) == "agreement":
         return list(range(width))
-    if rule == "min":
+    if rule == "min":  # whether the router abstains does not depend on sigma_e: 1.0 stands in
         router = Certificate.from_counts(sel, est, 1.0, alpha_router)
         return [] if router.abstained else [router.prediction]
-    j, lo, hi = router_bounds(sel, est, alpha_router, biases)
+    j, lo, hi = router_bounds(sel, est, alpha_router, biases)  # the same, for the sign of R_sigma
     return [j] if pairwise_radius(score_gaps(j, lo, hi, 1.0, biases)) > 0 else []
 
 
