@@ -8,7 +8,13 @@ import typer
 from rich.table import Table
 
 from rsrouter.cli.app import WORKSPACE, app, console, show_table
-from rsrouter.composition.bundle import bundle_workspace, pull_router, push_bundle
+from rsrouter.composition.bundle import (
+    bundle_workspace,
+    check_repo_id,
+    pull_router,
+    push_bundle,
+    push_expert,
+)
 from rsrouter.registry import Workspace
 
 ENDPOINT = typer.Option(None, "--endpoint", help="Hub URL (default: HF_ENDPOINT or the Hub).")
@@ -26,12 +32,22 @@ def push_cmd(
     ),
     license: str = typer.Option("apache-2.0", "--license", help="Licence of the router."),
     message: str = typer.Option(None, "--message", "-m", help="Commit message."),
+    push_experts: bool = typer.Option(
+        False,
+        "--push-experts",
+        help="First publish each expert that comes from a local folder as ORG/NAME-<expert>.",
+    ),
     endpoint: str = ENDPOINT,
     token: str = TOKEN,
     workspace: Path = WORKSPACE,
 ) -> None:
-    """Bundle the trained router (pinned experts, model card, last report) and upload it."""
+    """Bundle the trained router (pinned experts, a model card with the results of the certify
+    run of this very router) and upload it."""
+    check_repo_id(repo_id)
     ws = Workspace.open(workspace)
+    if push_experts:
+        for entry in [e for e in ws.experts if not e.commit]:
+            _publish_expert(ws, entry.name, f"{repo_id}-{entry.name}", private, endpoint, token)
     bundle = bundle_workspace(ws, repo_id=repo_id, license=license, token=token)
     console.print(f"bundle written to {bundle}")
     info = push_bundle(
@@ -44,6 +60,27 @@ def push_cmd(
         commit_message=message,
     )
     console.print(f"pushed {repo_id} at commit {info.oid}: {info.commit_url}")
+
+
+@app.command("push-expert")
+def push_expert_cmd(
+    name: str = typer.Argument(..., help="The workspace expert (one from a local folder)."),
+    repo_id: str = typer.Argument(..., help="Hub repo id to publish it as, e.g. ORG/NAME."),
+    private: bool = typer.Option(False, "--private", help="Create the repo as private."),
+    endpoint: str = ENDPOINT,
+    token: str = TOKEN,
+    workspace: Path = WORKSPACE,
+) -> None:
+    """Publish a local expert as a Hub repo of its own and pin router.toml to that commit (same
+    files and hashes: the router stays valid), so that `router push` can publish the router."""
+    check_repo_id(repo_id)
+    _publish_expert(Workspace.open(workspace), name, repo_id, private, endpoint, token)
+
+
+def _publish_expert(ws, name, repo_id, private, endpoint, token) -> None:
+    entry = push_expert(ws, name, repo_id, private=private, endpoint=endpoint, token=token)
+    console.print(f"published expert {name} as {entry.source} at commit {entry.commit}")
+    console.print(f"pinned in {ws.path}")
 
 
 @app.command("pull")

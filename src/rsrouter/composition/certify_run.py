@@ -368,6 +368,20 @@ def latest_run(artifacts: str | Path) -> Path:
     return max(runs, key=lambda p: p.stat().st_mtime)
 
 
+def runs_of_router(artifacts: str | Path, router_fingerprint: str) -> list[Path]:
+    """The runs under ``<artifacts>/certify/`` that certified the router with this fingerprint
+    (recorded in each run's settings), newest first: what a published card may show."""
+    runs = []
+    for path in (Path(artifacts) / "certify").glob("*.jsonl"):
+        meta_path = path.with_suffix(".json")
+        if ".rank-" in path.name or not meta_path.exists():
+            continue
+        meta = read_json(meta_path)
+        if meta.get("format") == FORMAT and meta.get("router") == router_fingerprint:
+            runs.append(path)
+    return sorted(runs, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
 # ---------------------------------------------------------------- workspace level
 
 CERTIFY_DEFAULTS = {
