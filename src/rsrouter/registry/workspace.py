@@ -166,6 +166,12 @@ class Workspace:
         old = self.path.read_text(encoding="utf-8") if self.path.is_file() else None
         write_text(self.path, toml.dumps(doc, HEADER) if old is None else toml.merge(old, doc))
 
+    def lock(self, command: str):
+        """Hold this workspace's lock while ``command`` runs (a second long job refuses)."""
+        from rsrouter.registry.lock import workspace_lock
+
+        return workspace_lock(self.artifacts, command)
+
     # ---- settings
     def settings(self, section: str) -> dict:
         """The ``[section]`` table (a copy); callers fill in their own defaults."""
