@@ -162,7 +162,7 @@ router pull {repo_id or "ORG/NAME"}   # fetches the router and its pinned expert
 import rsrouter
 
 model = rsrouter.load_router({load_arg})   # an rsrouter.composition.DualSmoothed
-cert = model.certify(x, n0=100, n=10_000, alpha=0.001, seed=0)  # x: (C, H, W) in [0, 1]
+cert = model.certify(x, n0=100, n=10_000, alpha=0.001, seed=0, index=0)  # x: (C, H, W)
 print(cert.prediction, cert.radius, cert.expert)  # class (-1 = abstain), radius, expert index
 ```
 

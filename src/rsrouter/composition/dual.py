@@ -33,6 +33,7 @@ from rsrouter.smoothing import (
     check_sigma,
     pad_counts,
     sample_counts,
+    single_indices,
 )
 
 ROUTER_SELECTION, ROUTER_ESTIMATION = 2, 3  # noise stages of the router (experts use 0 and 1)
@@ -256,10 +257,11 @@ class DualSmoothed:
                 experts[k] = Certificate.from_counts(s, e, self.sigmas[i], a_expert)
         return [DualCertificate.compose(r, e) for r, e in zip(routers, experts, strict=True)]
 
-    def certify(self, x: torch.Tensor, *, index: int = 0, **kwargs) -> DualCertificate:
-        """Dual CERTIFY for one input; ``index`` picks its seeded noise stream."""
+    def certify(self, x: torch.Tensor, *, index: int | None = None, **kwargs) -> DualCertificate:
+        """Dual CERTIFY for one input; with a ``seed``, ``index`` names its noise stream."""
         x = check_inputs(x, batched=False)
-        return self.certify_batch(x.unsqueeze(0), indices=[index], **kwargs)[0]
+        idx = single_indices(kwargs.get("seed"), index, kwargs.pop("indices", None))
+        return self.certify_batch(x.unsqueeze(0), indices=idx, **kwargs)[0]
 
     # ------------------------------------------------------------ PREDICT
 
@@ -323,6 +325,8 @@ class DualSmoothed:
             for r, e in zip(routers, experts, strict=True)
         ]
 
-    def predict(self, x: torch.Tensor, *, index: int = 0, **kwargs) -> DualPrediction:
+    def predict(self, x: torch.Tensor, *, index: int | None = None, **kwargs) -> DualPrediction:
+        """Dual PREDICT for one input; with a ``seed``, ``index`` names its noise stream."""
         x = check_inputs(x, batched=False)
-        return self.predict_batch(x.unsqueeze(0), indices=[index], **kwargs)[0]
+        idx = single_indices(kwargs.get("seed"), index, kwargs.pop("indices", None))
+        return self.predict_batch(x.unsqueeze(0), indices=idx, **kwargs)[0]
