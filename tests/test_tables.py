@@ -108,6 +108,9 @@ def test_kill_and_resume_gives_identical_tables(tmp_path: Path):
     assert killed.calls == 4  # only the 4 missing shards ran again
     assert torch.equal(clean.radii, resumed.radii)
     assert not list((tmp_path / "run" / "tables").glob("*.partial"))
+    # same inputs, same file bytes, however the column was built (sorted safetensors header)
+    (a,) = (tmp_path / "clean" / "tables").glob("*.safetensors")
+    assert (tmp_path / "run" / "tables" / a.name).read_bytes() == a.read_bytes()
 
 
 def test_ranks_share_the_work_and_match_one_process(tmp_path: Path):

@@ -12,7 +12,9 @@ from rsrouter.pipeline import demo_config, run_pipeline
 
 @app.command()
 def demo(
-    workspace: Path = typer.Option(Path("demo-output"), help="Folder for experts and results."),
+    workspace: Path = typer.Option(
+        Path("demo-output"), "--workspace", "-w", help="Folder for experts and results."
+    ),
     limit: int = typer.Option(None, help="Test images to certify (default: the demo's size)."),
     n: int = typer.Option(None, help="Monte-Carlo draws per certificate."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
