@@ -27,7 +27,7 @@ from rsrouter.composition.baselines import MULTISCALE_LABEL, ORACLE_LABEL, multi
 from rsrouter.composition.dual import DualCertificate, DualSmoothed, split_alpha
 from rsrouter.errors import UsageError
 from rsrouter.io import append_jsonl, read_json, read_jsonl, sha256_json, write_json, write_text
-from rsrouter.progress import progress_bar
+from rsrouter.progress import note, progress_bar
 from rsrouter.smoothing import Certificate, check_count, check_seed
 
 FORMAT = "rsrouter.certify-run/1"
@@ -302,6 +302,9 @@ def certify_run(
     mine = distributed.shard_indices(range(size), ctx)
     done = read_records(path, ctx)
     todo = [i for i in mine if i not in done]
+    if len(todo) < len(mine):
+        note(f"resuming: {len(mine) - len(todo)} of {len(mine)} records are in {path}",
+             enabled=progress)  # fmt: skip
     kw = {"n0": n0, "n": n, "seed": seed, **sampling}
     expert_caches = [_Cache(p, ctx) for p in expert_paths]
     router_cache = _Cache(router_path, ctx)

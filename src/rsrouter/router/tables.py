@@ -25,7 +25,7 @@ from safetensors import safe_open
 
 from rsrouter.errors import UsageError
 from rsrouter.io import save_safetensors, sha256_json
-from rsrouter.progress import progress_bar
+from rsrouter.progress import note, progress_bar
 from rsrouter.smoothing import (
     certified_radius,
     check_alpha,
@@ -345,9 +345,21 @@ def build_tables(
     columns = _columns(experts, dataset, artifacts, n, alpha, seed, subset)
     missing = [c for c in columns if not c[2].is_file()]
     if missing:
-        shards = _shards(len(indices), shard_size)
-        mine = sum(end - start for s, (start, end) in shards if s % world == rank)
-        total = mine * n * len(missing)
+        shards = [(s, span) for s, span in _shards(len(indices), shard_size) if s % world == rank]
+        mine = sum(end - start for _, (start, end) in shards)
+        done = 0
+        for name, _, path, _ in missing:
+            partial = path.with_name(path.stem + ".partial")
+            have = sum(
+                end - start
+                for s, (start, end) in shards
+                if _shard_counts(_shard_path(partial, s), (start, end)) is not None
+            )
+            if have:
+                note(f"resuming {name}: {have} of {mine} records are in {partial}",
+                     enabled=progress)  # fmt: skip
+            done += have
+        total = (mine * len(missing) - done) * n
         with progress_bar("radius tables", total, enabled=progress and total > 0) as advance:
             for _name, expert, path, meta in missing:
                 was = expert.training
