@@ -359,3 +359,29 @@ def test_a_workspace_with_local_experts_is_published_with_its_experts(hub, tmp_p
         RouterModel.from_pretrained(ws.artifacts / "router"), 0.5, list(ws.load_experts().values())
     )
     assert _certify(pulled) == _certify(local)
+
+
+def test_pull_makes_a_workspace_that_certifies_like_the_original(hub, published, tmp_path, capsys):
+    import rsrouter.cli.hub  # noqa: F401  (registers pull)
+    from rsrouter.cli.app import run
+
+    target = tmp_path / "pulled"
+    argv = ["pull", "org/router", "-w", str(target), "--endpoint", hub.endpoint, "--token", "t",
+            "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+    assert run(argv) == 0
+    out = capsys.readouterr().out
+    assert f"next: `router certify -w {target.resolve()}`" in out
+    ws = Workspace.open(target)
+    assert ws.names == list(SIGMAS) and all(e.commit for e in ws.experts)
+    assert RouterModel.from_pretrained(ws.artifacts / "router").fingerprint == (
+        RouterModel.from_pretrained(published["router_dir"]).fingerprint
+    )
+    again = certify_workspace(ws, progress=False, **SMALL_RUN)
+    assert again.path.name == published["run"].path.name  # the same router, data and settings
+    assert _strip_seconds(again.records) == _strip_seconds(published["run"].records)
+    assert run(argv) == 1  # never over an existing workspace
+    assert "already exists: pull into a new folder" in capsys.readouterr().err
+
+
+def _strip_seconds(records):
+    return [{k: v for k, v in r.items() if k not in ("seconds", "baselines")} for r in records]

@@ -14,8 +14,10 @@ from rsrouter.composition.bundle import (
     pull_router,
     push_bundle,
     push_expert,
+    workspace_from_bundle,
 )
-from rsrouter.registry import Workspace
+from rsrouter.errors import UsageError
+from rsrouter.registry import WORKSPACE_FILE, Workspace
 
 ENDPOINT = typer.Option(None, "--endpoint", help="Hub URL (default: HF_ENDPOINT or the Hub).")
 TOKEN = typer.Option(
@@ -89,10 +91,19 @@ def pull_cmd(
     revision: str = typer.Option(None, "--revision", help="Branch, tag or commit."),
     cache_dir: Path = typer.Option(None, "--cache-dir", help="Hub cache folder."),
     offline: bool = typer.Option(False, "--offline", help="Use only the local Hub cache."),
+    workspace: Path = typer.Option(
+        None,
+        "--workspace",
+        "-w",
+        help="Also make a new workspace here (router.toml with the pinned experts, the router), "
+        "ready for `router certify`.",
+    ),
     endpoint: str = ENDPOINT,
     token: str = TOKEN,
 ) -> None:
     """Fetch a router and its pinned experts, check every hash, and show what was loaded."""
+    if workspace is not None and (workspace / WORKSPACE_FILE).exists():
+        raise UsageError(f"{workspace / WORKSPACE_FILE} already exists: pull into a new folder.")
     pulled = pull_router(
         repo_id,
         revision=revision,
@@ -117,4 +128,9 @@ def pull_cmd(
         )
     show_table(table)
     console.print(f"bundle in {pulled.folder}")
-    console.print(f'certify with: rsrouter.load_router("{repo_id}").certify(x, ...)')
+    if workspace is not None:
+        ws = workspace_from_bundle(pulled, workspace, endpoint=endpoint, cache_dir=cache_dir)
+        console.print(f"workspace: {ws.root} (dataset {ws.settings('data').get('dataset')})")
+        console.print(f"next: `router certify -w {ws.root}`")
+    else:
+        console.print(f'certify with: rsrouter.load_router("{repo_id}").certify(x, ...)')

@@ -524,6 +524,44 @@ def pull_router(
     return PulledRouter(folder, commit, pins, DualSmoothed(router, router.sigma_e, experts))
 
 
+def workspace_from_bundle(
+    pulled: PulledRouter,
+    path: str | os.PathLike,
+    *,
+    endpoint: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> Workspace:
+    """A new workspace at ``path`` (refused if one is there) holding a pulled router: its pinned
+    experts registered in router.toml as they were pinned, the router in ``<artifacts>/router``
+    (exactly the trained router: same config, weights and fingerprint), and the dataset it was
+    trained on as ``[data]``. `router certify`, `report` and `push` then work there."""
+    config = read_json(pulled.folder / "config.json")
+    bundle = config.pop("bundle", None)
+    dataset = config.get("dataset")
+    ws = Workspace.init(path, dataset=dataset if isinstance(dataset, str) else None)
+    place = {"endpoint": endpoint, "cache_dir": _str(cache_dir)}
+    entries = [
+        ExpertEntry.from_dict(
+            {**{k: v for k, v in pin.items() if k != "fingerprint"}, **place}, str(ws.path)
+        )
+        for pin in (bundle or {}).get("experts", pulled.pins)
+    ]
+    target = router_folder(ws)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".router.", dir=target.parent))
+    try:
+        shutil.copy2(pulled.folder / "model.safetensors", tmp / "model.safetensors")
+        if (pulled.folder / "denoiser").is_dir():
+            shutil.copytree(pulled.folder / "denoiser", tmp / "denoiser")
+        write_json(tmp / "config.json", config)
+        _replace_dir(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    ws.experts = entries
+    ws.save()
+    return ws
+
+
 def load_router(
     repo_or_dir: str | os.PathLike,
     *,
