@@ -156,6 +156,7 @@ them changed.
 ```bash
 pip install rsrouter
 router pull {repo_id or "ORG/NAME"}   # fetches the router and its pinned experts, checks hashes
+router pull {repo_id or "ORG/NAME"} -w my-router   # the same, as a workspace for `router certify`
 ```
 
 ```python
