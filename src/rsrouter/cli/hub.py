@@ -11,6 +11,7 @@ from rsrouter.cli.app import WORKSPACE, app, console, show_table
 from rsrouter.composition.bundle import (
     bundle_workspace,
     check_repo_id,
+    is_hub_pin,
     pull_router,
     push_bundle,
     push_expert,
@@ -48,7 +49,7 @@ def push_cmd(
     check_repo_id(repo_id)
     ws = Workspace.open(workspace)
     if push_experts:
-        for entry in [e for e in ws.experts if not e.commit]:
+        for entry in [e for e in ws.experts if not is_hub_pin(e.to_dict())]:
             _publish_expert(ws, entry.name, f"{repo_id}-{entry.name}", private, endpoint, token)
     bundle = bundle_workspace(ws, repo_id=repo_id, license=license, token=token)
     console.print(f"bundle written to {bundle}")

@@ -247,8 +247,8 @@ def check_repo_id(repo_id: str) -> str:
         validate_repo_id(repo_id)
     except HFValidationError as exc:
         raise UsageError(
-            f"{repo_id!r} is not a valid Hub repo id: use ORG/NAME with letters, digits, '-', "
-            "'_' and '.' (at most 96 characters)."
+            f"{repo_id!r} is not a Hub repo id: use ORG/NAME with letters, digits, '-', '_' "
+            "and '.' (at most 96 characters), e.g. my-org/my-router."
         ) from exc
     return repo_id
 

@@ -10,7 +10,10 @@ removed. ``dumps(doc, header)`` writes a fresh file.
 
 from __future__ import annotations
 
+import json
+
 import tomlkit
+import tomlkit.exceptions
 from tomlkit.items import AoT, Comment, Table, Whitespace
 
 
@@ -25,15 +28,24 @@ def dumps(doc: dict, header: str = "") -> str:
     return tomlkit.dumps(document)
 
 
-def merge(text: str, doc: dict) -> str:
-    """``text`` changed to hold exactly ``doc``, its comments and layout kept."""
-    document = tomlkit.parse(text)
+def merge(text: str, doc: dict, header: str = "") -> str:
+    """``text`` changed to hold exactly ``doc``, its comments and layout kept (a ``text`` that
+    is no longer valid TOML is written afresh, with ``header``)."""
+    try:
+        document = tomlkit.parse(text)
+    except tomlkit.exceptions.ParseError:
+        return dumps(doc, header)
     _update(document, doc)
     return tomlkit.dumps(document)
 
 
 def _plain(value):
     return value.unwrap() if hasattr(value, "unwrap") else value
+
+
+def _same(a, b) -> bool:
+    """Equal values of the same TOML type (1, 1.0 and true are three different values)."""
+    return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
 
 
 def _is_table_array(value) -> bool:
@@ -56,7 +68,7 @@ def _update(container, data: dict) -> None:
         elif _is_table_array(value) and old is not None:  # e.g. `experts = []` before
             del container[key]  # the tables go after every plain value
             container[key] = _new(value)
-        elif old is not None and _plain(old) == value:
+        elif old is not None and _same(_plain(old), value):
             continue  # unchanged: keep its spelling and comment
         else:
             container[key] = _new(value)

@@ -164,7 +164,7 @@ class Workspace:
             doc["experts"] = [e.to_dict() for e in self.experts]
         self.doc = doc
         old = self.path.read_text(encoding="utf-8") if self.path.is_file() else None
-        write_text(self.path, toml.dumps(doc, HEADER) if old is None else toml.merge(old, doc))
+        write_text(self.path, toml.merge(old, doc, HEADER) if old else toml.dumps(doc, HEADER))
 
     def lock(self, command: str):
         """Hold this workspace's lock while ``command`` runs (a second long job refuses)."""
