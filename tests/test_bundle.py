@@ -341,8 +341,12 @@ def test_a_workspace_with_local_experts_is_published_with_its_experts(hub, tmp_p
     from rsrouter.cli.app import run
 
     ws = fashion_workspace(tmp_path)  # experts gauss-0.25 and gauss-0.5 from local folders
-    certify_workspace(ws, progress=False, **SMALL_RUN)
     hub_args = ["--endpoint", hub.endpoint, "--token", "t", "-w", str(ws.root)]
+    toml = ws.path.read_text()
+    assert run(["push", "org/r", "--push-experts", *hub_args]) == 1  # no certify run yet:
+    assert "no `router certify` run of this router" in capsys.readouterr().err
+    assert ws.path.read_text() == toml  # ... refused before any expert was published
+    certify_workspace(ws, progress=False, **SMALL_RUN)
     assert run(["push", "org/r", *hub_args]) == 1
     err = capsys.readouterr().err
     assert "router push-expert gauss-0.25 ORG/REPO" in err and "--push-experts" in err

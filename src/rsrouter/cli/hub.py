@@ -48,10 +48,12 @@ def push_cmd(
     run of this very router) and upload it."""
     check_repo_id(repo_id)
     ws = Workspace.open(workspace)
-    if push_experts:
-        for entry in [e for e in ws.experts if not is_hub_pin(e.to_dict())]:
-            _publish_expert(ws, entry.name, f"{repo_id}-{entry.name}", private, endpoint, token)
-    bundle = bundle_workspace(ws, repo_id=repo_id, license=license, token=token)
+    bundle = bundle_workspace(ws, repo_id=repo_id, license=license, token=token)  # checks first
+    local = [e.name for e in ws.experts if not is_hub_pin(e.to_dict())]
+    if push_experts and local:
+        for name in local:
+            _publish_expert(ws, name, f"{repo_id}-{name}", private, endpoint, token)
+        bundle = bundle_workspace(ws, repo_id=repo_id, license=license, token=token)  # re-pinned
     console.print(f"bundle written to {bundle}")
     info = push_bundle(
         bundle,
