@@ -93,3 +93,21 @@ def test_the_ranks_of_one_torchrun_job_share_the_lock(tmp_path, monkeypatch, oth
         )
         with refused, workspace_lock(artifacts, "certify"):
             pass
+
+
+def test_where_no_lock_can_be_written_the_job_runs_unlocked(tmp_path, monkeypatch):
+    """A read-only workspace or a full disk: nobody can write there, so there is no race; the
+    command's own writes (if any) report the fault."""
+    import errno
+    import os
+
+    real_open = os.open
+
+    def read_only(path, flags, *args, **kwargs):
+        if str(path).endswith(LOCK_NAME) and flags & os.O_CREAT:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only)
+    with workspace_lock(tmp_path / "art", "certify"):
+        assert not (tmp_path / "art" / LOCK_NAME).exists()

@@ -9,6 +9,7 @@ process is gone (a kill -9, a crash) is taken over.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -77,51 +78,48 @@ def _create(path: Path, me: dict) -> bool:
     return True
 
 
-@contextmanager
-def workspace_lock(artifacts: str | os.PathLike, command: str) -> Iterator[None]:
-    """Hold the lock of the workspace whose artifacts folder is ``artifacts`` for the block,
-    or refuse in one sentence naming the holder. Re-entrant within one job."""
-    folder = Path(artifacts)
-    path = folder / LOCK_NAME
-    job = distributed.job_id()
-    rank0 = int(os.environ.get("RANK", "0") or 0) == 0
-    me = {"pid": os.getpid(), "host": socket.gethostname(), "command": command, "job": job,
-          "since": time.time()}  # fmt: skip
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(
-            f"cannot create {folder} for the workspace lock ({exc.strerror}): make the workspace "
-            "writable."
-        ) from exc
-    created = False
+def _acquire(path: Path, me: dict, command: str, rank0: bool) -> bool:
+    """Take the lock for ``me`` (True when this call created the file) or refuse."""
     for _ in range(5):
         holder = _read(path)
-        if holder is not None and holder.get("job") == job and not (rank0 and _stale(holder)):
-            break  # this job (another rank, or an outer command) holds it
+        if holder is not None and holder.get("job") == me["job"] and not (rank0 and _stale(holder)):
+            return False  # this job (another rank, or an outer command) holds it
         if holder is not None and not _stale(holder):
             raise _refuse(path, holder, command)
         if holder is not None:  # stale: one taker wins the rename, the others retry
+            stale = path.with_name(f".{LOCK_NAME}.stale-{os.getpid()}")
             try:
-                os.replace(path, path.with_name(f".{LOCK_NAME}.stale-{os.getpid()}"))
+                os.replace(path, stale)
             except FileNotFoundError:
                 continue
-            path.with_name(f".{LOCK_NAME}.stale-{os.getpid()}").unlink(missing_ok=True)
+            stale.unlink(missing_ok=True)
         if not rank0:
-            break  # rank 0 of this job creates it
-        try:
-            created = _create(path, me)
-        except OSError as exc:
-            raise UsageError(
-                f"cannot write the workspace lock {path} ({exc.strerror}): make the workspace "
-                "writable."
-            ) from exc
-        if created:
-            break
-    else:
-        raise _refuse(path, _read(path) or {}, command)
+            return False  # rank 0 of this job creates it
+        if _create(path, me):
+            return True
+    raise _refuse(path, _read(path) or {}, command)
+
+
+@contextmanager
+def workspace_lock(artifacts: str | os.PathLike, command: str) -> Iterator[None]:
+    """Hold the lock of the workspace whose artifacts folder is ``artifacts`` for the block,
+    or refuse in one sentence naming the holder. Re-entrant within one job.
+
+    Where no lock file can be written (a read-only workspace, a full disk) nobody can write
+    there either, so there is nothing to race: the block runs unlocked, and a command that does
+    need to write reports that itself."""
+    path = Path(artifacts) / LOCK_NAME
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
+          "job": distributed.job_id(), "since": time.time()}  # fmt: skip
+    rank0 = int(os.environ.get("RANK", "0") or 0) == 0
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        created = _acquire(path, me, command, rank0)
+    except OSError:
+        created = False
     try:
         yield
     finally:
         if created and (_read(path) or {}).get("pid") == os.getpid():
-            path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
