@@ -17,7 +17,9 @@ from rsrouter.composition.bundle import (
     make_bundle,
     push_bundle,
 )
+from rsrouter.composition.certify_run import certify_workspace, load_run
 from rsrouter.composition.dual import DualSmoothed
+from rsrouter.composition.report import summarize, to_markdown, write_report
 from rsrouter.errors import UsageError
 from rsrouter.experts import Expert
 from rsrouter.io import read_json
@@ -29,7 +31,7 @@ pytest_plugins = ["hub_server"]  # the `hub` fixture: a loopback Hub test double
 SHAPE = (1, 28, 28)  # the bundled Fashion-MNIST subset, so a real report can be made
 SIGMAS = {"low": 0.25, "high": 0.5}
 CERTIFY = {"n0": 10, "n": 100, "alpha": 0.01, "seed": 3, "batch_size": 100}
-REPORT = "| radius | dual RS |\n|---|---|\n| 0.00 | 0.812 |\n| 0.25 | 0.640 |\n"
+SMALL_RUN = {"limit": 3, "n0": 10, "n": 40, "alpha": 0.01}
 
 
 def _expert(sigma: float, seed: int) -> Expert:
@@ -64,16 +66,28 @@ def published(hub, tmp_path):
               "table": {"n": 100, "alpha": 0.001, "dataset_fingerprint": "ab" * 32}},
     ).eval()  # fmt: skip
     router.save_pretrained(ws.artifacts / "router")
-    report = ws.artifacts / "report"
-    report.mkdir(parents=True)
-    (report / "certified_accuracy.md").write_text(REPORT)
-    (report / "curve.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 16)
+    run = certify_workspace(ws, progress=False, **SMALL_RUN)  # the card's results
     bundle = bundle_workspace(ws, repo_id="org/router")
     info = push_bundle(bundle, "org/router", endpoint=hub.endpoint, token="hf_test")
     pins = bundle_pins(read_json(bundle / "config.json"))
     local = DualSmoothed(router, router.sigma_e, experts)
     return {"api": api, "ws": ws, "bundle": bundle, "commit": info.oid, "local": local,
-            "pins": pins, "router_dir": ws.artifacts / "router"}  # fmt: skip
+            "pins": pins, "router_dir": ws.artifacts / "router", "run": run}  # fmt: skip
+
+
+def _card_table(run_path) -> str:
+    """The report of a run as the card nests it (its headings two levels down)."""
+    table = to_markdown(summarize(*load_run(run_path))).strip()
+    return "\n".join("##" + x if x.startswith("#") else x for x in table.split("\n"))
+
+
+def _route_all_to(router: RouterModel, expert: int) -> RouterModel:
+    """The same router with its output layer set to pick ``expert`` whatever the input."""
+    last = [m for m in router.modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.copy_(torch.tensor([10.0 if i == expert else -10.0 for i in range(2)]))
+    return router
 
 
 def _certify(model: DualSmoothed):
@@ -98,7 +112,7 @@ def test_card_has_metadata_table_curve_and_citation(published):
     assert card.data.license == "apache-2.0"
     assert {"randomized-smoothing", "certified-robustness"} <= set(card.data.tags)
     assert card.data.datasets == ["zalando-datasets/fashion_mnist"]
-    assert REPORT.strip() in card.text
+    assert _card_table(published["run"].path) in card.text
     assert "![Certified accuracy against radius](curve.png)" in card.text
     assert "Dual Randomized Smoothing: Beyond Global Noise Variance" in card.text
     assert 'rsrouter.load_router("org/router")' in card.text
@@ -228,20 +242,67 @@ def test_cli_push_then_pull(hub, published, tmp_path, capsys):
     assert "not an rsrouter router bundle" in capsys.readouterr().err
 
 
-def test_card_carries_the_last_real_report(hub, published):
-    from rsrouter.composition.certify_run import certify_workspace, load_run
-    from rsrouter.composition.report import write_report
-
+def test_card_carries_the_reported_run_of_this_router(hub, published):
     ws = published["ws"]
-    run = certify_workspace(ws, progress=False, limit=3, n0=10, n=40, alpha=0.01)
-    paths = write_report(*load_run(run.path), ws.artifacts / "report")
+    other = certify_workspace(ws, progress=False, **{**SMALL_RUN, "n": 20})  # the newest run
+    paths = write_report(*load_run(published["run"].path), ws.artifacts / "report")
     bundle = bundle_workspace(ws, repo_id="org/router")
     text = (bundle / "README.md").read_text()
-    report = paths["markdown"].read_text()
-    rows = [line for line in report.splitlines() if line.startswith("| Dual RS")]
-    assert rows and all(row in text for row in rows)
+    assert _card_table(published["run"].path) in text  # the run `router report` showed
     assert "\n### Certified accuracy" in text  # the report's title, nested under the card's
     assert (bundle / "curve.png").read_bytes() == paths["plot"].read_bytes()
+    paths["summary"].unlink()  # no report: the newest run of this router
+    bundle = bundle_workspace(ws, repo_id="org/router")
+    assert _card_table(other.path) in (bundle / "README.md").read_text()
+    assert read_json(bundle / "config.json")["bundle"]["certify_run"]["run"] == other.path.stem
+
+
+def test_push_after_retraining_publishes_the_new_routers_table(hub, published, tmp_path, capsys):
+    import rsrouter.cli.hub  # noqa: F401  (registers push)
+    from rsrouter.cli.app import run
+
+    ws, api = published["ws"], published["api"]
+    argv = ["push", "org/retrained", "--endpoint", hub.endpoint, "--token", "t", "-w", str(ws.root)]
+    router = RouterModel.from_pretrained(published["router_dir"])
+
+    def card() -> str:
+        path = api.hf_hub_download("org/retrained", "README.md", cache_dir=tmp_path / "c")
+        return Path(path).read_text()
+
+    _route_all_to(router, 0).save_pretrained(published["router_dir"])
+    first = certify_workspace(ws, progress=False, **SMALL_RUN)
+    assert run(argv) == 0
+    assert _card_table(first.path) in card() and "| low | 100.0 % |" in card()
+
+    _route_all_to(router, 1).save_pretrained(published["router_dir"])  # retrained
+    capsys.readouterr()
+    assert run(argv) == 1  # no certify run of the new router yet: refused, nothing pushed
+    err = capsys.readouterr().err
+    assert "no `router certify` run of this router" in err and "router certify -w" in err
+    assert err.count("\n") == 1 and "| low | 100.0 % |" in card()
+
+    second = certify_workspace(ws, progress=False, **SMALL_RUN)
+    assert run(argv) == 0
+    assert _card_table(second.path) in card()
+    assert "| high | 100.0 % |" in card() and "| low | 100.0 % |" not in card()
+    assert "| low | 0.0 % |" in card()
+
+
+def test_bad_repo_ids_fail_before_anything_is_written(hub, published, capsys):
+    import rsrouter.cli.hub  # noqa: F401  (registers push and push-expert)
+    from rsrouter.cli.app import run
+
+    ws = published["ws"]
+    bundle = ws.artifacts / "bundle"
+    before = {p: p.stat().st_mtime_ns for p in bundle.rglob("*")}
+    for bad in ("org/na me", "org//x", "org/x--y", "a/b/c", "org/" + "x" * 100):
+        argv = ["push", bad, "--endpoint", hub.endpoint, "--token", "t", "-w", str(ws.root)]
+        assert run(argv) == 1
+        err = capsys.readouterr().err
+        assert "is not a Hub repo id" in err and err.count("\n") == 1
+        assert run(["push-expert", "low", bad, "-w", str(ws.root)]) == 1
+        assert "is not a Hub repo id" in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in bundle.rglob("*")} == before
 
 
 def test_router_with_a_diffusion_denoiser_round_trips(hub, published, tmp_path):
@@ -272,3 +333,59 @@ def test_load_router_is_exported_lazily():
     import rsrouter
 
     assert rsrouter.load_router is load_router
+
+
+def test_a_workspace_with_local_experts_is_published_with_its_experts(hub, tmp_path, capsys):
+    import rsrouter.cli.hub  # noqa: F401  (registers push and push-expert)
+    from helpers import fashion_workspace
+    from rsrouter.cli.app import run
+
+    ws = fashion_workspace(tmp_path)  # experts gauss-0.25 and gauss-0.5 from local folders
+    hub_args = ["--endpoint", hub.endpoint, "--token", "t", "-w", str(ws.root)]
+    toml = ws.path.read_text()
+    assert run(["push", "org/r", "--push-experts", *hub_args]) == 1  # no certify run yet:
+    assert "no `router certify` run of this router" in capsys.readouterr().err
+    assert ws.path.read_text() == toml  # ... refused before any expert was published
+    certify_workspace(ws, progress=False, **SMALL_RUN)
+    assert run(["push", "org/r", *hub_args]) == 1
+    err = capsys.readouterr().err
+    assert "router push-expert gauss-0.25 ORG/REPO" in err and "--push-experts" in err
+    assert run(["push-expert", "gauss-0.25", "org/low", *hub_args]) == 0
+    assert "org/low at commit" in capsys.readouterr().out
+    assert run(["push", "org/r", "--push-experts", *hub_args]) == 0  # publishes gauss-0.5 too
+    entries = Workspace.open(ws.root).experts
+    assert [e.source for e in entries] == ["org/low", "org/r-gauss-0.5"]
+    assert all(len(e.commit) == 40 for e in entries)
+    assert run(["push-expert", "gauss-0.25", "org/again", *hub_args]) == 1
+    assert "already comes from the Hub" in capsys.readouterr().err
+    pulled = load_router("org/r", endpoint=hub.endpoint, cache_dir=tmp_path / "cache")
+    local = DualSmoothed(
+        RouterModel.from_pretrained(ws.artifacts / "router"), 0.5, list(ws.load_experts().values())
+    )
+    assert _certify(pulled) == _certify(local)
+
+
+def test_pull_makes_a_workspace_that_certifies_like_the_original(hub, published, tmp_path, capsys):
+    import rsrouter.cli.hub  # noqa: F401  (registers pull)
+    from rsrouter.cli.app import run
+
+    target = tmp_path / "pulled"
+    argv = ["pull", "org/router", "-w", str(target), "--endpoint", hub.endpoint, "--token", "t",
+            "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+    assert run(argv) == 0
+    out = capsys.readouterr().out
+    assert f"next: `router certify -w {target.resolve()}`" in out
+    ws = Workspace.open(target)
+    assert ws.names == list(SIGMAS) and all(e.commit for e in ws.experts)
+    assert RouterModel.from_pretrained(ws.artifacts / "router").fingerprint == (
+        RouterModel.from_pretrained(published["router_dir"]).fingerprint
+    )
+    again = certify_workspace(ws, progress=False, **SMALL_RUN)
+    assert again.path.name == published["run"].path.name  # the same router, data and settings
+    assert _strip_seconds(again.records) == _strip_seconds(published["run"].records)
+    assert run(argv) == 1  # never over an existing workspace
+    assert "already exists: pull into a new folder" in capsys.readouterr().err
+
+
+def _strip_seconds(records):
+    return [{k: v for k, v in r.items() if k not in ("seconds", "baselines")} for r in records]

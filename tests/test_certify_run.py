@@ -144,7 +144,7 @@ def test_cached_expert_counts_make_dual_cost_only_the_router(tmp_path):
     assert any(b["R_sigma"] < a["R_sigma"] for a, b in pairs if a["R_sigma"] > 0)
 
 
-def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path):
+def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, capsys):
     clean = _run(_dual(), tmp_path / "clean")
     crashing = _dual(fail_after=3 * 5 * (N0 + N))  # dies in the 4th chunk of inputs
     with pytest.raises(RuntimeError, match="killed"):
@@ -155,7 +155,9 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path):
     with path.open("a") as fh:
         fh.write('{"index": 99, "torn')  # a torn last line from the kill
     healthy = _dual()
-    resumed = _run(healthy, tmp_path / "resumed")
+    capsys.readouterr()
+    resumed = _run(healthy, tmp_path / "resumed", progress=True)
+    assert f"resuming: {len(partial)} of 24 records are in {path}" in capsys.readouterr().out
     assert resumed.computed == 24 - len(partial)
     assert healthy.experts[1].calls < 24 * (N0 + N)  # cached counts were reused
     assert _strip(resumed.records) == _strip(clean.records)

@@ -54,7 +54,7 @@ def test_pipeline_end_to_end_then_resumes_without_recomputing(tmp_path):
 
 def test_demo_command_prints_the_table_and_where_outputs_are(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(pipeline, "DEMO", TINY)
-    code = run(["demo", "--workspace", str(tmp_path / "demo"), "--limit", "4", "--quiet"])
+    code = run(["demo", "-w", str(tmp_path / "demo"), "--limit", "4", "--quiet"])
     out = capsys.readouterr().out
     assert code == 0
     assert "oracle" in out and "Multiscale" in out

@@ -88,7 +88,7 @@ def test_router_abstention_consults_no_expert():
     experts = [Linear([1.0, 0.0], 0.0, sigma=0.25), Linear([0.0, 1.0], 0.0, sigma=0.5)]
     router = Linear([1.0, 0.0], 0.0)  # x on its boundary: the router cannot decide
     dual = DualSmoothed(router, 1.0, experts)
-    c = dual.certify(torch.tensor([0.0, 2.0]), n0=20, n=200, alpha=0.01, seed=0)
+    c = dual.certify(torch.tensor([0.0, 2.0]), n0=20, n=200, alpha=0.01, seed=0, index=0)
     assert c.abstained and c.expert == ABSTAIN and c.expert_certificate is None
     assert c.radius == 0.0 and experts[0].calls == experts[1].calls == 0
 
@@ -96,7 +96,7 @@ def test_router_abstention_consults_no_expert():
 def test_only_the_routed_expert_is_sampled():
     experts = [Linear([1.0, 0.0], 0.0, sigma=0.25), Linear([0.0, 1.0], 0.0, sigma=0.5)]
     dual = DualSmoothed(Linear([1.0, 0.0], 0.0), 0.25, experts)
-    c = dual.certify(torch.tensor([3.0, 2.0]), n0=10, n=100, alpha=0.01, seed=0)
+    c = dual.certify(torch.tensor([3.0, 2.0]), n0=10, n=100, alpha=0.01, seed=0, index=0)
     assert c.expert == 1 and c.prediction == 1
     assert experts[0].calls == 0 and experts[1].calls == 110
 
@@ -136,7 +136,7 @@ def test_bad_configuration_is_one_sentence():
         DualSmoothed(three, 0.5, [e])
     dual = DualSmoothed(lambda x: torch.full((len(x),), 3), 0.5, [e])
     with pytest.raises(UsageError, match="only 1 experts"):
-        dual.certify(torch.tensor([1.0]), n0=5, n=10, alpha=0.01, seed=0)
+        dual.certify(torch.tensor([1.0]), n0=5, n=10, alpha=0.01, seed=0, index=0)
     with pytest.raises(UsageError, match="indices has 1 entries for 2 inputs"):
         dual.predict_batch(torch.ones(2, 1), n=10, alpha=0.01, seed=0, indices=[0])
     for bad in (-1, 1.5, True):

@@ -58,3 +58,23 @@ def test_read_json_errors_are_one_sentence(tmp_path):
 def test_sha256_json_ignores_key_order():
     assert sha256_json({"a": 1, "b": [1, 2]}) == sha256_json({"b": [1, 2], "a": 1})
     assert sha256_json({"a": 1}) != sha256_json({"a": 2})
+
+
+def test_safetensors_files_have_deterministic_bytes(tmp_path):
+    import torch
+    from safetensors import safe_open
+
+    from rsrouter.io import save_safetensors
+
+    tensors = {"radius": torch.rand(5), "counts": torch.arange(10).view(5, 2), "b": torch.ones(3)}
+    meta = {f"key{i}": str(i) for i in range(12)}  # safetensors alone orders these by chance
+    blobs = set()
+    for i in range(3):
+        save_safetensors(tmp_path / f"t{i}.safetensors", tensors, dict(reversed(meta.items())))
+        blobs.add((tmp_path / f"t{i}.safetensors").read_bytes())
+    assert len(blobs) == 1
+    with safe_open(str(tmp_path / "t0.safetensors"), framework="pt") as fh:
+        assert fh.metadata() == meta
+        assert all(torch.equal(fh.get_tensor(k), v) for k, v in tensors.items())
+    header = blobs.pop()[8:].split(b"}}", 1)[0]
+    assert header.index(b'"key0"') < header.index(b'"key1"') < header.index(b'"key9"')

@@ -237,6 +237,41 @@ def test_toml_writer_round_trips():
     assert tomllib.loads(dumps(doc, "header\nlines")) == doc
 
 
+def test_router_toml_keeps_comments_and_layout_through_every_rewrite(tmp_path):
+    """add-expert, remove-expert and a saved setting edit router.toml in place."""
+    root = tmp_path / "ws"
+    Workspace.init(root)
+    ws = Workspace.open(root)
+    ws.add_expert(save_expert(tmp_path / "e1", 0.25, seed=1), 0.25, name="first")
+    text = (root / "router.toml").read_text()
+    hand = text.replace(
+        'name = "first"', '# my favourite expert\nname   =   "first"  # keep me'
+    ).replace("[data]", "# where the images come from\n[data]")
+    hand += "\n# settings of the certify step\n[certify]\nn = 500      # quick runs\nalpha = 1e-3\n"
+    (root / "router.toml").write_text(hand)
+
+    ws = Workspace.open(root)
+    ws.add_expert(save_expert(tmp_path / "e2", 0.5, seed=2), 0.5, name="second")
+    ws.add_expert(save_expert(tmp_path / "e3", 1.0, seed=3), 1.0, name="third")
+    ws.update_settings("tables", n=50)  # what `router tables --n 50` saves for `router train`
+    ws.remove_expert("second")
+    text = (root / "router.toml").read_text()
+    for kept in (
+        '# my favourite expert\nname   =   "first"  # keep me',
+        "# where the images come from\n[data]",
+        "# settings of the certify step\n[certify]\nn = 500      # quick runs\nalpha = 1e-3\n",
+    ):
+        assert kept in text
+    assert text.startswith(hand.split("[[experts]]")[0])  # header and first tables untouched
+    doc = tomllib.loads(text)
+    assert [e["name"] for e in doc["experts"]] == ["first", "third"]
+    assert doc["tables"] == {"n": 50} and doc["certify"] == {"n": 500, "alpha": 0.001}
+    ws = Workspace.open(root)
+    assert ws.names == ["first", "third"] and ws.load_expert("third").sigma == 1.0
+    ws.update_settings("certify", n=100)  # a changed value is replaced, its comment kept
+    assert "n = 100      # quick runs" in (root / "router.toml").read_text()
+
+
 def test_unreachable_hub_names_the_repo(tmp_path):
     ws = Workspace.init(tmp_path / "ws")
     with pytest.raises(UsageError, match="'org/far-away'.*cannot be reached"):

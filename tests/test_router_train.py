@@ -148,7 +148,7 @@ def test_trained_router_sends_inputs_to_the_right_expert(tmp_path: Path):
         loaded.check_experts(["bright", "dark"], ["x", "y"])
 
 
-def test_training_resumes_to_identical_weights(tmp_path: Path):
+def test_training_resumes_to_identical_weights(tmp_path: Path, capsys):
     experts = {"dark": GroupExpert(0), "bright": GroupExpert(1)}
     data = group_data(64, seed=2)
     table = build_tables(experts, data, tmp_path / "art", n=10, progress=False)
@@ -170,7 +170,9 @@ def test_training_resumes_to_identical_weights(tmp_path: Path):
     hook.remove()
     assert (tmp_path / "run" / "checkpoints" / "epoch-0001.safetensors").is_file()
     fresh = make_router(experts, seed=99)  # other init: the checkpoint must overwrite it
-    history = train_router(fresh, table, data.images, tmp_path / "run", config, progress=False)
+    capsys.readouterr()
+    history = train_router(fresh, table, data.images, tmp_path / "run", config, progress=True)
+    assert "resuming from epoch 1 of 3: " in capsys.readouterr().out
     assert [h["epoch"] for h in history] == [1, 2, 3]
     for (name, a), (_, b) in zip(
         whole.state_dict().items(), fresh.state_dict().items(), strict=True

@@ -74,11 +74,13 @@ def test_ground_truth_linear_soundness_and_tightness():
         x = x + side * margin * w / w.norm()
         true_class = int(float(x @ w) + b > 0)
         true_radius = abs(float(x @ w) + b) / float(w.norm())
-        c = certify(_linear_base(w, b), x, sigma, n0=50, n=1000, alpha=alpha, seed=t)
+        c = certify(_linear_base(w, b), x, sigma, n0=50, n=1000, alpha=alpha, seed=t, index=0)
         if not c.abstained and (c.prediction != true_class or c.radius > true_radius):
             failures += 1
         if t < 40:
-            big = certify(_linear_base(w, b), x, sigma, n0=50, n=100_000, alpha=alpha, seed=t)
+            big = certify(
+                _linear_base(w, b), x, sigma, n0=50, n=100_000, alpha=alpha, seed=t, index=0
+            )
             ratios_small.append(c.radius / true_radius)
             ratios_large.append(big.radius / true_radius)
     limit = binom.isf(1e-6, trials, alpha)  # the count alpha allows, with 1e-6 slack
@@ -145,8 +147,8 @@ def test_images_and_channels_last():
     conv = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(5))
     conv(torch.zeros(1, 3, 8, 8))
     x = torch.rand(3, 8, 8)
-    a = certify(conv, x, 0.25, n0=20, n=200, alpha=0.01, seed=1)
-    b = certify(conv, x, 0.25, n0=20, n=200, alpha=0.01, seed=1, channels_last=True)
+    a = certify(conv, x, 0.25, n0=20, n=200, alpha=0.01, seed=1, index=0)
+    b = certify(conv, x, 0.25, n0=20, n=200, alpha=0.01, seed=1, index=0, channels_last=True)
     assert a.counts == b.counts and a.n == 200
 
 
@@ -202,6 +204,39 @@ def test_bad_input_names_the_problem(kwargs, message):
     base = _linear_base(torch.tensor([1.0, 0.0]), 0.0)
     with pytest.raises(ValueError, match=message):
         certify(base, args.pop("x"), args.pop("sigma"), **args)
+
+
+def test_a_seeded_single_input_call_needs_its_index():
+    """`certify(model, x, seed=0)` in a loop would give every input the noise of index 0."""
+    from rsrouter.composition.dual import DualSmoothed
+
+    base = _linear_base(torch.tensor([1.0, 0.0]), 0.0)
+
+    class Expert(torch.nn.Module):
+        sigma = 0.5
+
+        def forward(self, x):
+            return base(x)
+
+    dual = DualSmoothed(lambda x: torch.zeros(len(x), dtype=torch.long), 0.5, [Expert()])
+    calls = [
+        lambda **kw: certify(base, torch.zeros(2), 0.5, n0=10, n=50, alpha=0.01, **kw),
+        lambda **kw: predict(base, torch.zeros(2), 0.5, n=50, alpha=0.01, **kw),
+        lambda **kw: dual.certify(torch.zeros(2), n0=10, n=50, alpha=0.01, **kw),
+        lambda **kw: dual.predict(torch.zeros(2), n=50, alpha=0.01, **kw),
+    ]
+    for call in calls:
+        with pytest.raises(UsageError, match=r"single-input call with seed= needs index="):
+            call(seed=0)
+        with pytest.raises(UsageError, match="index must be a non-negative whole number"):
+            call(seed=0, index=-1)
+        call()  # unseeded: fresh noise, no index needed
+        assert call(seed=0, index=3) == call(seed=0, index=3)
+    x = torch.zeros(2)
+    loop = [certify(base, x, 0.5, n0=10, n=200, alpha=0.01, seed=0, index=i) for i in range(4)]
+    batch = certify_batch(base, x.expand(4, 2), 0.5, n0=10, n=200, alpha=0.01, seed=0)
+    assert [c.counts for c in loop] == [c.counts for c in batch]
+    assert len({tuple(c.counts) for c in loop}) > 1  # four inputs, four noise streams
 
 
 def test_base_with_wrong_output_shape_is_refused():

@@ -87,7 +87,7 @@ def test_a_new_expert_computes_only_its_column(tmp_path: Path):
     assert missing_columns({"a": a, "d": HalfExpert(0.3, 0, "d")}, data, tmp_path, n=20) == ["d"]
 
 
-def test_kill_and_resume_gives_identical_tables(tmp_path: Path):
+def test_kill_and_resume_gives_identical_tables(tmp_path: Path, capsys):
     data = make_dataset(50)
     clean = build_tables(
         {"a": HalfExpert(0.3, 1)}, data, tmp_path / "clean", n=25, shard_size=8, progress=False
@@ -102,12 +102,17 @@ def test_kill_and_resume_gives_identical_tables(tmp_path: Path):
     shards = sorted((tmp_path / "run" / "tables").glob("*.partial/shard-*.safetensors"))
     assert len(shards) == 3
     killed.fail_after, killed.calls = None, 0
+    capsys.readouterr()
     resumed = build_tables(
-        {"a": killed}, data, tmp_path / "run", n=25, shard_size=8, batch_size=200, progress=False
+        {"a": killed}, data, tmp_path / "run", n=25, shard_size=8, batch_size=200, progress=True
     )
+    assert f"resuming a: 24 of 50 records are in {shards[0].parent}" in capsys.readouterr().out
     assert killed.calls == 4  # only the 4 missing shards ran again
     assert torch.equal(clean.radii, resumed.radii)
     assert not list((tmp_path / "run" / "tables").glob("*.partial"))
+    # same inputs, same file bytes, however the column was built (sorted safetensors header)
+    (a,) = (tmp_path / "clean" / "tables").glob("*.safetensors")
+    assert (tmp_path / "run" / "tables" / a.name).read_bytes() == a.read_bytes()
 
 
 def test_ranks_share_the_work_and_match_one_process(tmp_path: Path):

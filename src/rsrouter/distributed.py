@@ -116,6 +116,18 @@ def _shutdown() -> None:
         dist.destroy_process_group()
 
 
+def job_id() -> str:
+    """Names the job this process belongs to, the same on every rank of one torchrun job (its
+    run id and rendezvous address; two jobs on one machine cannot share a master port) and
+    this process's own otherwise. Read from the environment: no process group is joined."""
+    if _env_int("WORLD_SIZE", 1) > 1:
+        parts = [
+            os.environ.get(k, "") for k in ("TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT")
+        ]
+        return "torchrun:" + ":".join(parts)
+    return f"pid:{os.getpid()}"
+
+
 def shard_indices(indices: Sequence[int], ctx: DistContext) -> list[int]:
     """The entries of ``indices`` at positions i with i % world == rank (round-robin shards).
 

@@ -112,6 +112,20 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     return records
 
 
+def save_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str]) -> None:
+    """Write tensors atomically as safetensors with a sorted header, so the same tensors and
+    metadata always give the same bytes (safetensors itself orders metadata by a random hash)."""
+    from safetensors.torch import save
+
+    raw = save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + size])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + size :])
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with Path(path).open("rb") as fh:

@@ -350,9 +350,36 @@ def certify_batch(
     ]
 
 
-def certify(base: Base, x: torch.Tensor, sigma: float, **kwargs) -> Certificate:
-    """CERTIFY(f, sigma, x, n0, n, alpha) for one input of shape (C, H, W) or (D,)."""
+def single_indices(
+    seed: int | None, index: int | None, indices: Sequence[int] | None = None
+) -> list[int] | None:
+    """The noise stream of a single-input call: with a ``seed`` the caller must name the
+    input's ``index`` (its position in the dataset), or two inputs would share stream 0."""
+    check_seed(seed)
+    if indices is not None:
+        if index is not None:
+            raise UsageError("pass index= or indices=, not both.")
+        return list(indices)
+    if index is None:
+        if seed is not None:
+            raise UsageError(
+                "a single-input call with seed= needs index= (the input's own noise stream, "
+                "e.g. its position in the dataset); without it every input would get the noise "
+                "of index 0."
+            )
+        return None
+    if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+        raise UsageError(f"index must be a non-negative whole number, got {index!r}.")
+    return [index]
+
+
+def certify(
+    base: Base, x: torch.Tensor, sigma: float, *, index: int | None = None, **kwargs
+) -> Certificate:
+    """CERTIFY(f, sigma, x, n0, n, alpha) for one input of shape (C, H, W) or (D,); with a
+    ``seed``, ``index`` names the input's noise stream."""
     x = check_inputs(x, batched=False)
+    kwargs["indices"] = single_indices(kwargs.get("seed"), index, kwargs.get("indices"))
     return certify_batch(base, x.unsqueeze(0), sigma, **kwargs)[0]
 
 
@@ -365,8 +392,17 @@ def predict_batch(
 
 
 def predict(
-    base: Base, x: torch.Tensor, sigma: float, *, n: int, alpha: float, **kwargs
+    base: Base,
+    x: torch.Tensor,
+    sigma: float,
+    *,
+    n: int,
+    alpha: float,
+    index: int | None = None,
+    **kwargs,
 ) -> Prediction:
-    """PREDICT(f, sigma, x, n, alpha): abstains unless the top class wins a binomial test."""
+    """PREDICT(f, sigma, x, n, alpha): abstains unless the top class wins a binomial test; with
+    a ``seed``, ``index`` names the input's noise stream."""
     x = check_inputs(x, batched=False)
+    kwargs["indices"] = single_indices(kwargs.get("seed"), index, kwargs.get("indices"))
     return predict_batch(base, x.unsqueeze(0), sigma, n=n, alpha=alpha, **kwargs)[0]

@@ -58,6 +58,12 @@ def run(argv: list[str] | None = None) -> int:
     return code if isinstance(code, int) else 0  # typer.Exit(code) comes back as a value
 
 
+def hold_lock(ctx: typer.Context, ws, command: str) -> None:
+    """Hold the workspace's lock until the running command (``ctx``) ends: a second long job
+    on the same workspace refuses in one sentence that names the holder."""
+    ctx.with_resource(ws.lock(command))
+
+
 def show_table(table: Table) -> None:
     """Print a rich table at its natural width: it fits the terminal when it can and is
     otherwise printed wider (the terminal scrolls or folds whole lines), never squeezed until

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from rsrouter import distributed
-from rsrouter.cli.app import DEVICE, WORKSPACE, app, console, show_table
+from rsrouter.cli.app import DEVICE, WORKSPACE, app, console, hold_lock, show_table
 from rsrouter.errors import UsageError
 from rsrouter.io import read_json
 from rsrouter.registry import Workspace
@@ -18,6 +18,7 @@ from rsrouter.registry import Workspace
 
 @app.command("certify")
 def certify_cmd(
+    ctx: typer.Context,
     split: str = typer.Option(None, help="Dataset split to certify (default: test)."),
     n: int = typer.Option(None, help="Monte-Carlo samples per input and stage (default 10000)."),
     n0: int = typer.Option(None, help="Selection samples (default 100)."),
@@ -41,6 +42,7 @@ def certify_cmd(
     from rsrouter.composition.report import summarize
 
     ws = Workspace.open(workspace)
+    hold_lock(ctx, ws, "certify")
     result = certify_workspace(
         ws,
         device=device,

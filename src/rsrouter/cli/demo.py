@@ -8,11 +8,16 @@ import typer
 
 from rsrouter.cli.app import app, console
 from rsrouter.pipeline import demo_config, run_pipeline
+from rsrouter.registry.lock import workspace_lock
+from rsrouter.registry.workspace import ARTIFACTS_DIR
 
 
 @app.command()
 def demo(
-    workspace: Path = typer.Option(Path("demo-output"), help="Folder for experts and results."),
+    ctx: typer.Context,
+    workspace: Path = typer.Option(
+        Path("demo-output"), "--workspace", "-w", help="Folder for experts and results."
+    ),
     limit: int = typer.Option(None, help="Test images to certify (default: the demo's size)."),
     n: int = typer.Option(None, help="Monte-Carlo draws per certificate."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
@@ -24,6 +29,7 @@ def demo(
 
     A rerun reuses what the workspace holds (experts, tables, router, certificates).
     """
+    ctx.with_resource(workspace_lock(Path(workspace) / ARTIFACTS_DIR, "demo"))
     config = demo_config(
         workspace=workspace,
         certify_limit=limit,

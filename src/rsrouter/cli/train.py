@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from rsrouter.cli.app import DEVICE, WORKSPACE, app, console, show_table
+from rsrouter.cli.app import DEVICE, WORKSPACE, app, console, hold_lock, show_table
 from rsrouter.registry import Workspace
 
 
@@ -31,6 +31,7 @@ def _print_table(table) -> None:
 
 @app.command("tables")
 def tables_cmd(
+    ctx: typer.Context,
     n: int = typer.Option(None, help="Noisy copies per input (default 100)."),
     alpha: float = typer.Option(None, help="Confidence level of each radius (default 0.001)."),
     subset: float = typer.Option(None, help="Fraction of the split to use (default 1.0)."),
@@ -51,6 +52,7 @@ def tables_cmd(
     )
 
     ws = Workspace.open(workspace)
+    hold_lock(ctx, ws, "tables")
     ctx = distributed.context()
     overrides = dict(n=n, alpha=alpha, subset=subset, split=split, seed=seed,
                      batch_size=batch_size, shard_size=shard_size)  # fmt: skip
@@ -85,6 +87,7 @@ def tables_cmd(
 
 @app.command("train")
 def train_cmd(
+    ctx: typer.Context,
     epochs: int = typer.Option(None, help="Training epochs (workspace [train], default 30)."),
     batch_size: int = typer.Option(None, "--batch-size", help="Batch size (256)."),
     lr: float = typer.Option(None, help="AdamW learning rate (0.01)."),
@@ -126,6 +129,7 @@ def train_cmd(
     from rsrouter.router.train import router_kind, router_settings, train_workspace
 
     ws = Workspace.open(workspace)
+    hold_lock(ctx, ws, "train")
     train_overrides = dict(
         epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
         consistency_lambda=lam, consistency_eta=eta, noise_copies=copies,
@@ -215,6 +219,7 @@ def _print_history(history: list[dict]) -> None:
 
 @app.command("finetune-expert")
 def finetune_cmd(
+    ctx: typer.Context,
     names: list[str] = typer.Argument(..., help="The family: one model registered at several σ."),
     epochs: int = typer.Option(15, help="Finetuning epochs."),
     batch_size: int = typer.Option(128, "--batch-size", help="Batch size."),
@@ -236,6 +241,7 @@ def finetune_cmd(
     from rsrouter.router.finetune import FinetuneConfig, finetune_workspace
 
     ws = Workspace.open(workspace)
+    hold_lock(ctx, ws, "finetune-expert")
     config = FinetuneConfig(epochs=epochs, batch_size=batch_size, lr=lr,
                             weight_decay=weight_decay, route_n=route_n, seed=seed)  # fmt: skip
     result = finetune_workspace(

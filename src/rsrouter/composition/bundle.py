@@ -99,12 +99,14 @@ def make_bundle(
     license: str = "apache-2.0",
     dataset: str | None = None,
     report_dir: str | os.PathLike | None = None,
+    certify_run: dict | None = None,
 ) -> Path:
     """Assemble the bundle of the router in ``router_dir`` into ``out_dir`` (replaced whole).
 
     ``pins`` (from ``make_pin``) must name the router's experts in order, with the sigma and
     fingerprint the router was trained for. The card takes the certified-accuracy table and
-    curve of ``report_dir`` when they exist.
+    curve of ``report_dir`` when they exist; ``certify_run`` (run key and router fingerprint)
+    records in the bundle which run they come from.
     """
     router_dir, out_dir = Path(router_dir), Path(out_dir)
     config = read_json(router_dir / "config.json")
@@ -125,6 +127,8 @@ def make_bundle(
                 "and retrain it."
             )
     config["bundle"] = {"format": BUNDLE_FORMAT, "experts": [dict(p) for p in pins]}
+    if certify_run is not None:
+        config["bundle"]["certify_run"] = dict(certify_run)
 
     report_dir = Path(report_dir) if report_dir is not None else None
     report_md = curve = None
@@ -165,22 +169,58 @@ def bundle_workspace(
     license: str = "apache-2.0",
     token: str | bool | None = None,
 ) -> Path:
-    """The bundle of a workspace's trained router (``<artifacts>/router``), its registered
-    experts (loaded, so every hash is checked) and last report, in ``<artifacts>/bundle``."""
+    """The bundle of a workspace's trained router (``<artifacts>/router``) and its registered
+    experts (loaded, so every hash is checked), in ``<artifacts>/bundle``.
+
+    The card's results are rebuilt from the certify run of THIS router (matched by the router
+    fingerprint the run recorded; the one `router report` last showed, else the newest), so a
+    card never shows another router's numbers; without such a run it is refused."""
+    from rsrouter.composition.certify_run import load_run, runs_of_router
+    from rsrouter.composition.report import write_report
+
+    if repo_id is not None:
+        check_repo_id(repo_id)
     router_dir = router_folder(ws)
     if not (router_dir / "config.json").is_file():
         raise UsageError(f"no trained router in {router_dir}: run `router train` first.")
     experts = ws.load_experts(token=token)
     pins = [make_pin(e, experts[e.name].fingerprint, ws.root) for e in ws.experts]
-    return make_bundle(
-        router_dir,
-        out_dir if out_dir is not None else ws.artifacts / "bundle",
-        pins,
-        repo_id=repo_id,
-        license=license,
-        dataset=ws.settings("data").get("dataset"),
-        report_dir=ws.artifacts / "report",
-    )
+    fingerprint = RouterModel.from_pretrained(router_dir).fingerprint
+    runs = runs_of_router(ws.artifacts, fingerprint)
+    if not runs:
+        raise UsageError(
+            f"no `router certify` run of this router (fingerprint {fingerprint[:12]}…) is in "
+            f"{ws.artifacts / 'certify'}, so its card would have no results: run "
+            f"`router certify -w {ws.root}`, then push again."
+        )
+    reported = _reported_run(ws.artifacts / "report")
+    run = next((r for r in runs if r.stem == reported), runs[0])
+    meta, records = load_run(run)
+    if not records:
+        raise UsageError(f"{run} has no records yet: run `router certify -w {ws.root}` first.")
+    with tempfile.TemporaryDirectory(prefix="rsrouter-card-") as report_dir:
+        write_report(meta, records, report_dir)
+        return make_bundle(
+            router_dir,
+            out_dir if out_dir is not None else ws.artifacts / "bundle",
+            pins,
+            repo_id=repo_id,
+            license=license,
+            dataset=ws.settings("data").get("dataset"),
+            report_dir=report_dir,
+            certify_run={"run": meta.get("run", run.stem), "router": fingerprint},
+        )
+
+
+def _reported_run(report_dir: Path) -> str | None:
+    """The run key the last `router report` summarised (None if there is none to read)."""
+    path = report_dir / "summary.json"
+    if not path.is_file():
+        return None
+    try:
+        return read_json(path).get("run")
+    except UsageError:
+        return None
 
 
 def _replace_dir(new: Path, target: Path) -> None:
@@ -196,6 +236,21 @@ def _replace_dir(new: Path, target: Path) -> None:
 
 
 # ---------------------------------------------------------------- Hub
+
+
+def check_repo_id(repo_id: str) -> str:
+    """A Hub repo id of the form ORG/NAME, refused in one sentence before anything is written."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        raise UsageError(
+            f"{repo_id!r} is not a Hub repo id: use ORG/NAME with letters, digits, '-', '_' "
+            "and '.' (at most 96 characters), e.g. my-org/my-router."
+        ) from exc
+    return repo_id
 
 
 def push_bundle(
@@ -215,9 +270,7 @@ def push_bundle(
     earlier push that this bundle no longer has (an old curve, a removed denoiser) are deleted
     in the same commit; files the bundle never writes are left alone.
     """
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError
-
+    check_repo_id(repo_id)
     folder = Path(folder)
     config = read_json(folder / "config.json")
     local = [
@@ -226,9 +279,39 @@ def push_bundle(
     if local:
         raise UsageError(
             f"expert(s) {', '.join(local)} come from local folders, which nobody else can fetch: "
-            "upload each to the Hub, re-add it from there (`router add-expert ORG/NAME`) and "
-            "retrain the router before pushing."
+            f"publish each with `router push-expert {local[0]} ORG/REPO` (or push with "
+            "--push-experts), then push the router again."
         )
+    return _upload(
+        folder,
+        repo_id,
+        BUNDLE_PATTERNS,
+        delete_patterns=BUNDLE_PATTERNS,  # stale bundle files only; others stay
+        private=private,
+        revision=revision,
+        endpoint=endpoint,
+        token=token,
+        commit_message=commit_message or "Upload rsrouter router bundle",
+    )
+
+
+def _upload(
+    folder: Path,
+    repo_id: str,
+    patterns: list[str],
+    *,
+    delete_patterns: list[str] | None = None,
+    private: bool,
+    revision: str | None,
+    endpoint: str | None,
+    token,
+    commit_message: str,
+):
+    """One commit of ``folder``'s files matching ``patterns`` to ``repo_id`` (created if
+    needed, on branch ``revision``); Hub and network failures are one sentence."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
     api = HfApi(endpoint=endpoint, token=token)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
@@ -238,9 +321,9 @@ def push_bundle(
             repo_id=repo_id,
             folder_path=folder,
             revision=revision,
-            allow_patterns=BUNDLE_PATTERNS,
-            delete_patterns=BUNDLE_PATTERNS,  # stale bundle files only; others stay
-            commit_message=commit_message or "Upload rsrouter router bundle",
+            allow_patterns=patterns,
+            delete_patterns=delete_patterns,
+            commit_message=commit_message,
         )
     except HfHubHTTPError as exc:
         status = exc.response.status_code if exc.response is not None else "?"
@@ -250,6 +333,68 @@ def push_bundle(
         ) from exc
     except _transport_errors() as exc:
         raise UsageError(f"could not reach the Hub to push {repo_id!r} ({exc}).") from exc
+
+
+def push_expert(
+    ws: Workspace,
+    name: str,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    endpoint: str | None = None,
+    token: str | bool | None = None,
+    commit_message: str | None = None,
+) -> ExpertEntry:
+    """Publish the workspace expert ``name``, which comes from a local folder, as the Hub repo
+    ``repo_id`` and re-pin its router.toml entry to that commit.
+
+    Exactly the files whose sha256 the entry records are uploaded (plus the folder's README.md
+    card), so the expert loads with the same hashes and fingerprint: a router trained against
+    it stays valid and can then be pushed. A denoiser registered from a folder of its own goes
+    to ``<repo_id>-denoiser``.
+    """
+    from dataclasses import replace
+
+    from rsrouter.registry.workspace import DENOISER_PREFIX
+
+    check_repo_id(repo_id)
+    ws.reload()
+    entry = ws.entry(name)
+    if entry.commit and (not entry.denoiser_source or entry.denoiser_commit):
+        raise UsageError(
+            f"expert {name!r} already comes from the Hub ({entry.source} at commit "
+            f"{entry.commit[:12]}): nothing to publish."
+        )
+    before = ws.load_expert(name, token=token).fingerprint  # every hash checked first
+    separate = bool(entry.denoiser_source)  # the denoiser's files live in a folder of their own
+    own = {k for k in entry.sha256 if not (separate and k.startswith(DENOISER_PREFIX))}
+    hub = {"private": private, "revision": revision, "endpoint": endpoint, "token": token}
+    message = commit_message or f"Upload rsrouter expert {name}"
+    updates: dict = {"endpoint": endpoint}
+    if not entry.commit:
+        info = _upload(ws.root / entry.source, repo_id, [*sorted(own), CARD_NAME],
+                       commit_message=message, **hub)  # fmt: skip
+        updates.update(source=repo_id, revision=revision or "main", commit=info.oid)
+    if separate and not entry.denoiser_commit:
+        den_repo = f"{repo_id}-denoiser"
+        check_repo_id(den_repo)
+        den = sorted(k[len(DENOISER_PREFIX) :] for k in entry.sha256 if k not in own)
+        info = _upload(ws.root / entry.denoiser_source, den_repo, den, commit_message=message,
+                       **hub)  # fmt: skip
+        updates.update(
+            denoiser_source=den_repo, denoiser_revision=revision or "main", denoiser_commit=info.oid
+        )
+    published = replace(entry, **updates)
+    ws.experts[ws.experts.index(entry)] = published
+    after = ws.load_expert(name, token=token).fingerprint  # fetched back from the Hub
+    if after != before:
+        raise UsageError(
+            f"expert {name!r} fetched back from {repo_id} has fingerprint {after[:12]}…, not "
+            f"{before[:12]}…; router.toml was left as it was."
+        )
+    ws.save()
+    return published
 
 
 def _transport_errors() -> tuple[type[BaseException], ...]:
@@ -378,6 +523,44 @@ def pull_router(
     router.check_experts([p["name"] for p in pins], [e.fingerprint for e in experts])
     dual = DualSmoothed(router, router.sigma_e, experts, biases=router.info.get("biases"))
     return PulledRouter(folder, commit, pins, dual)
+
+
+def workspace_from_bundle(
+    pulled: PulledRouter,
+    path: str | os.PathLike,
+    *,
+    endpoint: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> Workspace:
+    """A new workspace at ``path`` (refused if one is there) holding a pulled router: its pinned
+    experts registered in router.toml as they were pinned, the router in ``<artifacts>/router``
+    (exactly the trained router: same config, weights and fingerprint), and the dataset it was
+    trained on as ``[data]``. `router certify`, `report` and `push` then work there."""
+    config = read_json(pulled.folder / "config.json")
+    bundle = config.pop("bundle", None)
+    dataset = config.get("dataset")
+    ws = Workspace.init(path, dataset=dataset if isinstance(dataset, str) else None)
+    place = {"endpoint": endpoint, "cache_dir": _str(cache_dir)}
+    entries = [
+        ExpertEntry.from_dict(
+            {**{k: v for k, v in pin.items() if k != "fingerprint"}, **place}, str(ws.path)
+        )
+        for pin in (bundle or {}).get("experts", pulled.pins)
+    ]
+    target = router_folder(ws)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".router.", dir=target.parent))
+    try:
+        shutil.copy2(pulled.folder / "model.safetensors", tmp / "model.safetensors")
+        if (pulled.folder / "denoiser").is_dir():
+            shutil.copytree(pulled.folder / "denoiser", tmp / "denoiser")
+        write_json(tmp / "config.json", config)
+        _replace_dir(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    ws.experts = entries
+    ws.save()
+    return ws
 
 
 def load_router(

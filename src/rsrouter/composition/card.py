@@ -156,13 +156,14 @@ them changed.
 ```bash
 pip install rsrouter
 router pull {repo_id or "ORG/NAME"}   # fetches the router and its pinned experts, checks hashes
+router pull {repo_id or "ORG/NAME"} -w my-router   # the same, as a workspace for `router certify`
 ```
 
 ```python
 import rsrouter
 
 model = rsrouter.load_router({load_arg})   # an rsrouter.composition.DualSmoothed
-cert = model.certify(x, n0=100, n=10_000, alpha=0.001, seed=0)  # x: (C, H, W) in [0, 1]
+cert = model.certify(x, n0=100, n=10_000, alpha=0.001, seed=0, index=0)  # x: (C, H, W)
 print(cert.prediction, cert.radius, cert.expert)  # class (-1 = abstain), radius, expert index
 ```
 

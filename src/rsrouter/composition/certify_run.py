@@ -35,7 +35,7 @@ from rsrouter.composition.dual import (
 from rsrouter.composition.rules import DEFAULT_RULE, RULES, check_biases, check_rule
 from rsrouter.errors import UsageError
 from rsrouter.io import append_jsonl, read_json, read_jsonl, sha256_json, write_json, write_text
-from rsrouter.progress import progress_bar
+from rsrouter.progress import note, progress_bar
 from rsrouter.smoothing import Certificate, check_count, check_seed
 
 FORMAT = "rsrouter.certify-run/1"
@@ -390,6 +390,9 @@ def certify_run(
     mine = distributed.shard_indices(range(size), ctx)
     done = read_records(path, ctx)
     todo = [i for i in mine if i not in done]
+    if len(todo) < len(mine):
+        note(f"resuming: {len(mine) - len(todo)} of {len(mine)} records are in {path}",
+             enabled=progress)  # fmt: skip
     kw = {"n0": n0, "n": n, "seed": seed, **sampling}
     expert_caches = [CountsCache(p, ctx) for p in expert_paths]
     router_cache = CountsCache(router_path, ctx)
@@ -455,6 +458,20 @@ def latest_run(artifacts: str | Path) -> Path:
             f"no certification run under {Path(artifacts) / 'certify'}; run `router certify` first."
         )
     return max(runs, key=lambda p: p.stat().st_mtime)
+
+
+def runs_of_router(artifacts: str | Path, router_fingerprint: str) -> list[Path]:
+    """The runs under ``<artifacts>/certify/`` that certified the router with this fingerprint
+    (recorded in each run's settings), newest first: what a published card may show."""
+    runs = []
+    for path in (Path(artifacts) / "certify").glob("*.jsonl"):
+        meta_path = path.with_suffix(".json")
+        if ".rank-" in path.name or not meta_path.exists():
+            continue
+        meta = read_json(meta_path)
+        if meta.get("format") == FORMAT and meta.get("router") == router_fingerprint:
+            runs.append(path)
+    return sorted(runs, key=lambda p: p.stat().st_mtime, reverse=True)
 
 
 # ---------------------------------------------------------------- workspace level

@@ -50,6 +50,7 @@ from rsrouter.smoothing import (
     check_sigma,
     pad_counts,
     sample_counts,
+    single_indices,
 )
 
 
@@ -375,10 +376,11 @@ class DualSmoothed:
             for s, e, c in zip(sel, est, counts, strict=True)
         ]
 
-    def certify(self, x: torch.Tensor, *, index: int = 0, **kwargs) -> DualCertificate:
-        """Dual CERTIFY for one input; ``index`` picks its seeded noise stream."""
+    def certify(self, x: torch.Tensor, *, index: int | None = None, **kwargs) -> DualCertificate:
+        """Dual CERTIFY for one input; with a ``seed``, ``index`` names its noise stream."""
         x = check_inputs(x, batched=False)
-        return self.certify_batch(x.unsqueeze(0), indices=[index], **kwargs)[0]
+        idx = single_indices(kwargs.get("seed"), index, kwargs.pop("indices", None))
+        return self.certify_batch(x.unsqueeze(0), indices=idx, **kwargs)[0]
 
     # ------------------------------------------------------------ PREDICT
 
@@ -464,6 +466,8 @@ class DualSmoothed:
         route, may = predict_route_set(counts, a_router, self.biases)
         return route, (may if self.rule == "agreement" else ([route] if route >= 0 else []))
 
-    def predict(self, x: torch.Tensor, *, index: int = 0, **kwargs) -> DualPrediction:
+    def predict(self, x: torch.Tensor, *, index: int | None = None, **kwargs) -> DualPrediction:
+        """Dual PREDICT for one input; with a ``seed``, ``index`` names its noise stream."""
         x = check_inputs(x, batched=False)
-        return self.predict_batch(x.unsqueeze(0), indices=[index], **kwargs)[0]
+        idx = single_indices(kwargs.get("seed"), index, kwargs.pop("indices", None))
+        return self.predict_batch(x.unsqueeze(0), indices=idx, **kwargs)[0]

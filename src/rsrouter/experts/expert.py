@@ -33,6 +33,7 @@ from rsrouter.experts.denoiser import OneStepDenoiser
 from rsrouter.experts.formats import is_timm_config, is_transformers_vit, timm_fields
 from rsrouter.experts.nets import build_classifier, count_parameters, normalize
 from rsrouter.io import atomic_path, sha256_file, sha256_json, write_json, write_text
+from rsrouter.progress import hub_progress
 from rsrouter.smoothing import check_sigma
 
 FORMAT_VERSION = 1
@@ -647,15 +648,17 @@ def fetch_snapshot(
 
     where = f"{repo_id}@{revision}" if revision else repo_id
     try:
-        path = snapshot_download(
-            repo_id,
-            revision=revision,
-            cache_dir=cache_dir,
-            endpoint=endpoint,
-            token=token,
-            local_files_only=local_files_only,
-            allow_patterns=allow_patterns,
-        )
+        with hub_progress(where, enabled=not local_files_only) as bar:  # rich bars, never tqdm's
+            path = snapshot_download(
+                repo_id,
+                revision=revision,
+                cache_dir=cache_dir,
+                endpoint=endpoint,
+                token=token,
+                local_files_only=local_files_only,
+                allow_patterns=allow_patterns,
+                tqdm_class=bar,
+            )
     except RepositoryNotFoundError as exc:
         raise UsageError(
             f"Hub repo {repo_id!r} does not exist or is private (pass --token)."

@@ -42,7 +42,7 @@ WORKSPACE_FILE = "router.toml"
 ARTIFACTS_DIR = ".rsrouter"
 SECTIONS = ("data", "tables", "router", "train", "certify")
 HEADER = """rsrouter workspace: the experts a router chooses among, and the settings of each step.
-Human-editable; `router add-expert` / `router remove-expert` rewrite it (comments are not kept).
+Human-editable; `router add-expert` / `router remove-expert` edit it in place (comments stay).
 Router output i is expert i in the order below."""
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 DENOISER_PREFIX = "denoiser/"
@@ -166,9 +166,17 @@ class Workspace:
 
     def save(self) -> None:
         doc = {k: v for k, v in self.doc.items() if k != "experts"}
-        doc["experts"] = [e.to_dict() for e in self.experts]
+        if self.experts:  # none: no key at all (an empty `experts = []` would sit mid-file)
+            doc["experts"] = [e.to_dict() for e in self.experts]
         self.doc = doc
-        write_text(self.path, toml.dumps(doc, HEADER))
+        old = self.path.read_text(encoding="utf-8") if self.path.is_file() else None
+        write_text(self.path, toml.merge(old, doc, HEADER) if old else toml.dumps(doc, HEADER))
+
+    def lock(self, command: str):
+        """Hold this workspace's lock while ``command`` runs (a second long job refuses)."""
+        from rsrouter.registry.lock import workspace_lock
+
+        return workspace_lock(self.artifacts, command)
 
     # ---- settings
     def settings(self, section: str) -> dict:

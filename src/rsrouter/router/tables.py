@@ -22,11 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from rsrouter.errors import UsageError
-from rsrouter.io import atomic_path, sha256_json
-from rsrouter.progress import progress_bar
+from rsrouter.io import save_safetensors, sha256_json
+from rsrouter.progress import note, progress_bar
 from rsrouter.smoothing import (
     certified_radius,
     check_alpha,
@@ -181,12 +180,9 @@ def _compute_shard(
 
 
 def _write(path: Path, tensors: dict[str, torch.Tensor], metadata: dict) -> None:
-    with atomic_path(path) as tmp:
-        save_file(
-            {k: v.contiguous() for k, v in tensors.items()},
-            str(tmp),
-            metadata={"format": FORMAT, "meta": json.dumps(metadata, sort_keys=True)},
-        )
+    """Same tensors and metadata, same file bytes (a sorted header)."""
+    meta = {"format": FORMAT, "meta": json.dumps(metadata, sort_keys=True)}
+    save_safetensors(path, tensors, meta)
 
 
 def read_column(path: str | Path) -> Column:
@@ -349,9 +345,21 @@ def build_tables(
     columns = _columns(experts, dataset, artifacts, n, alpha, seed, subset)
     missing = [c for c in columns if not c[2].is_file()]
     if missing:
-        shards = _shards(len(indices), shard_size)
-        mine = sum(end - start for s, (start, end) in shards if s % world == rank)
-        total = mine * n * len(missing)
+        shards = [(s, span) for s, span in _shards(len(indices), shard_size) if s % world == rank]
+        mine = sum(end - start for _, (start, end) in shards)
+        done = 0
+        for name, _, path, _ in missing:
+            partial = path.with_name(path.stem + ".partial")
+            have = sum(
+                end - start
+                for s, (start, end) in shards
+                if _shard_counts(_shard_path(partial, s), (start, end)) is not None
+            )
+            if have:
+                note(f"resuming {name}: {have} of {mine} records are in {partial}",
+                     enabled=progress)  # fmt: skip
+            done += have
+        total = (mine * len(missing) - done) * n
         with progress_bar("radius tables", total, enabled=progress and total > 0) as advance:
             for _name, expert, path, meta in missing:
                 was = expert.training

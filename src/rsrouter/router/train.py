@@ -21,7 +21,7 @@ from torch.nn import functional as F
 from rsrouter.errors import UsageError
 from rsrouter.experts.train import consistency_terms
 from rsrouter.io import atomic_path, sha256_json
-from rsrouter.progress import progress_bar
+from rsrouter.progress import note, progress_bar
 from rsrouter.router import gate as gates
 from rsrouter.router.model import RouterModel
 from rsrouter.router.tables import TABLE_STAGE, RadiusTable
@@ -287,6 +287,7 @@ def train_router(
     if found:
         start, weights, state = found
         history = _load_checkpoint(router, opt, sched, weights, state)
+        note(f"resuming from epoch {start} of {config.epochs}: {weights}", enabled=progress)
     m, steps_per_epoch = config.noise_copies, -(-len(rows) // config.batch_size)
     total = (config.epochs - start) * steps_per_epoch
     with progress_bar("train router", total, enabled=progress and total > 0) as advance:
