@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -17,17 +18,24 @@ from rsrouter.errors import UsageError
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; it replaces ``path`` only if the block succeeds."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp = Path(tmp)
         yield tmp
         if tmp.exists():  # mkstemp makes 0600 files; give the result the usual umask mode
             tmp.chmod(0o666 & ~_umask())
         os.replace(tmp, path)
+    except OSError as exc:  # a read-only folder, a full disk: name the file meant, not the temp
+        if exc.errno is None or exc.filename not in (None, str(tmp), str(path.parent)):
+            raise
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            with contextlib.suppress(OSError):  # the error that brought us here is the one
+                tmp.unlink(missing_ok=True)
 
 
 def _umask() -> int:
@@ -74,7 +82,8 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     raw = path.read_bytes()
     keep = raw[: raw.rfind(b"\n") + 1]
     if len(keep) != len(raw):
-        with path.open("r+b") as fh:
+        # so that the next append starts on a new line; reading needs no write access
+        with contextlib.suppress(OSError), path.open("r+b") as fh:
             fh.truncate(len(keep))
     records = []
     for number, line in enumerate(keep.decode("utf-8", errors="replace").splitlines(), 1):
@@ -88,6 +97,32 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
                 "remove the file to recompute it."
             ) from exc
     return records
+
+
+def safetensors_readable(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a whole safetensors file (a cache reader treats a truncated or
+    corrupt entry as missing, and recomputes it)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            fh.metadata()
+            for key in fh.keys():  # noqa: SIM118
+                fh.get_slice(key)
+    except (SafetensorError, OSError):
+        return False
+    return True
+
+
+@contextmanager
+def reading(path: str | os.PathLike, fix: str) -> Iterator[None]:
+    """Turn a truncated or corrupt safetensors ``path`` into one sentence naming it and ``fix``."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except SafetensorError as exc:
+        raise UsageError(f"{path} is truncated or corrupt; {fix}.") from exc
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 import typer
@@ -55,7 +56,44 @@ def run(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 0
+    except OSError as exc:  # the machine's faults: a read-only folder, a full disk
+        _error(os_error_sentence(exc))
+        return 1
+    except Exception as exc:
+        from safetensors import SafetensorError
+
+        if not isinstance(exc, SafetensorError):
+            raise
+        _error(  # a reader that did not name its file (each of ours does)
+            f"a safetensors file is truncated or corrupt ({str(exc).splitlines()[0]}); "
+            "delete it and run the command that writes it again."
+        )
+        return 1
     return code if isinstance(code, int) else 0  # typer.Exit(code) comes back as a value
+
+
+def os_error_sentence(exc: OSError) -> str:
+    """One sentence for a file-system fault, naming the file and the fix."""
+    where = exc.filename or "a file"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (
+            f"no space left on the device while writing {where}; free some space and run the "
+            "command again (the work already saved is kept)."
+        )
+    if exc.errno == errno.EROFS:
+        return (
+            f"cannot write {where}: the file system is read-only; copy the workspace somewhere "
+            "writable and pass that folder with -w."
+        )
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return (
+            f"permission denied for {where}; make the workspace writable by you, or copy it "
+            "somewhere writable and pass that folder with -w."
+        )
+    if exc.errno == errno.ENOENT:
+        return f"{where} does not exist."
+    reason = (exc.strerror or type(exc).__name__).rstrip(".")
+    return f"{where}: {reason.lower()}; check the file and run the command again."
 
 
 def show_table(table: Table) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from rsrouter.cli.app import DEVICE, WORKSPACE, app, console, show_table
 from rsrouter.errors import UsageError
 from rsrouter.io import read_json
 from rsrouter.registry import Workspace
+from rsrouter.runtime import format_seconds, resolve_device
 
 
 @app.command("certify")
@@ -39,6 +41,7 @@ def certify_cmd(
     ws = Workspace.open(workspace)
     result = certify_workspace(
         ws,
+        on_plan=functools.partial(_print_plan, resolve_device(device)),
         device=device,
         split=split,
         n=n,
@@ -67,6 +70,23 @@ def certify_cmd(
         f"{result.computed} input(s) certified now, {len(result.records)} in the run.\n"
         f"records: {result.path}\nsettings: {result.meta_path}\n"
         "next: `router report` for the full table and the plot."
+    )
+
+
+def _print_plan(device, plan) -> None:
+    """`router certify`'s plan, before any input is certified: what, how much, how long."""
+    if not plan.todo:
+        console.print(f"every one of the {plan.inputs} inputs is certified already.")
+        return
+    if not plan.samples:
+        console.print(f"plan: {plan.todo} inputs to decide from cached counts (no sampling).")
+        return
+    models = ", ".join(f"{name} {k}" for name, k in plan.sample.items() if k)
+    console.print(
+        f"plan: {plan.todo} of {plan.inputs} inputs of split {plan.split!r} to certify, "
+        f"n0={plan.n0}, n={plan.n}, alpha={plan.alpha:g}; inputs to sample per model: {models}.\n"
+        f"      {plan.samples:,} noisy forward passes: about {format_seconds(plan.seconds)} on "
+        f"{device} (timed on a short calibration; --limit and --n cut it)."
     )
 
 
@@ -131,7 +151,6 @@ def predict_cmd(
 ) -> None:
     """PREDICT with the router, then with the expert it picks (abstains unless both are sure)."""
     from rsrouter.composition.certify_run import workspace_dual
-    from rsrouter.runtime import resolve_device
 
     ws = Workspace.open(workspace)
     dev = resolve_device(device)

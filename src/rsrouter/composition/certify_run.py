@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -197,6 +197,7 @@ class _Cache:
 
     def __init__(self, path: Path, ctx):
         self.path, self.ctx, self.have = path, ctx, read_records(path, ctx)
+        self.appended = False  # whether this run wrote to it (else it need not be merged)
 
     def fill(self, model_counts, xs, indices: Sequence[int], **kw) -> dict[int, dict]:
         todo = [i for i in indices if i not in self.have]
@@ -214,8 +215,53 @@ class _Cache:
                 for i, s, e in zip(todo, sel, est, strict=True)
             ]
             append_jsonl(_write_path(self.path, self.ctx), new)
+            self.appended = True
             self.have.update({r["index"]: r for r in new})
         return self.have
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What `certify_run` is about to compute, and an estimate of how long it takes."""
+
+    split: str
+    inputs: int  # inputs of the run (this process's share)
+    todo: int  # of them, not certified yet
+    n0: int
+    n: int
+    alpha: float
+    sample: dict[str, int]  # model ("router" or an expert's name) -> inputs whose counts it needs
+    samples: int  # noisy forward passes
+    seconds: float  # from a short calibration of each model that samples (0 when none does)
+
+
+def _run_plan(dual, dataset, names, caches, router_cache, mine, todo, *, n0, n, alpha, **kw):
+    from rsrouter.runtime import seconds_per_sample
+
+    models = [*zip(names, dual.experts, dual.sigmas, caches, strict=True)]
+    models.append(("router", dual.router, dual.sigma_e, router_cache))
+    sample, seconds = {}, 0.0
+    for name, model, sigma, cache in models:
+        need = sum(1 for i in todo if i not in cache.have)
+        sample[name] = need
+        if need:
+            calibration = {k: kw[k] for k in ("bf16", "channels_last") if k in kw}
+            per = seconds_per_sample(
+                model, dataset.images[todo[0]], sigma, batch_size=kw.get("batch_size", 1000),
+                device=kw.get("device"), **calibration,
+            )  # fmt: skip
+            seconds += per * need * (n0 + n)
+    return RunPlan(
+        split=str(getattr(dataset, "split", "")),
+        inputs=len(mine),
+        todo=len(todo),
+        n0=n0,
+        n=n,
+        alpha=alpha,
+        sample=sample,
+        samples=sum(sample.values()) * (n0 + n),
+        seconds=seconds,
+    )
 
 
 def certify_run(
@@ -233,11 +279,14 @@ def certify_run(
     expert_names: Sequence[str] | None = None,
     chunk: int = 32,
     progress: bool = True,
+    on_plan: Callable[[RunPlan], None] | None = None,
     **sampling,
 ) -> RunResult:
     """Certify ``dataset`` (the first ``limit`` inputs) with dual RS and every baseline.
 
     ``sampling`` goes to ``rsrouter.smoothing.sample_counts`` (batch_size, device, bf16, ...).
+    ``on_plan`` is shown the RunPlan (with a time estimate from a short calibration) before
+    any input is certified.
     """
     n0, n, chunk = check_count("n0", n0), check_count("n", n), check_count("chunk", chunk)
     a_router, a_expert = split_alpha(alpha, alpha_router)
@@ -298,13 +347,19 @@ def certify_run(
             "class_names": list(dataset.class_names),
             "labels": {"multiscale": MULTISCALE_LABEL, "oracle": ORACLE_LABEL},
         }
-        write_json(meta_path, meta)
+        if not meta_path.is_file() or read_json(meta_path) != meta:  # a cached run only reads
+            write_json(meta_path, meta)
     mine = distributed.shard_indices(range(size), ctx)
     done = read_records(path, ctx)
     todo = [i for i in mine if i not in done]
     kw = {"n0": n0, "n": n, "seed": seed, **sampling}
     expert_caches = [_Cache(p, ctx) for p in expert_paths]
     router_cache = _Cache(router_path, ctx)
+    if on_plan is not None:
+        on_plan(
+            _run_plan(dual, dataset, names, expert_caches, router_cache, mine, todo,
+                      n0=n0, n=n, alpha=alpha, **sampling)
+        )  # fmt: skip
     computed = 0
     with progress_bar("dual certify", len(todo), enabled=progress and bool(todo)) as advance:
         for start in range(0, len(todo), chunk):
@@ -333,8 +388,10 @@ def certify_run(
             advance(len(part))
     ctx.barrier()
     if ctx.is_main:
+        written = [c.path for c in (*expert_caches, router_cache) if c.appended]
+        written += [path] if computed else []
         for p in (*expert_paths, router_path, path):
-            if p.exists() or _rank_shards(p):
+            if p in written or _rank_shards(p):  # a fully cached run writes nothing
                 _merge(p)
     ctx.barrier()
     records = read_records(path)
@@ -411,8 +468,11 @@ def workspace_dual(ws, *, device=None) -> tuple[DualSmoothed, list[str]]:
     return DualSmoothed(router, router.sigma_e, list(experts.values())), names
 
 
-def certify_workspace(ws, *, device=None, progress: bool = True, **overrides) -> RunResult:
-    """`router certify`: the workspace's router and experts on its dataset split."""
+def certify_workspace(
+    ws, *, device=None, progress: bool = True, on_plan=None, **overrides
+) -> RunResult:
+    """`router certify`: the workspace's router and experts on its dataset split (``on_plan``:
+    see certify_run)."""
     from rsrouter.router.tables import workspace_dataset
 
     s = certify_settings(ws, **overrides)
@@ -427,5 +487,6 @@ def certify_workspace(ws, *, device=None, progress: bool = True, **overrides) ->
         expert_names=names,
         progress=progress and ctx.is_main,
         device=device,
+        on_plan=on_plan if ctx.is_main else None,
         **run_options(s),
     )

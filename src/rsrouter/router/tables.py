@@ -25,7 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from rsrouter.errors import UsageError
-from rsrouter.io import atomic_path, sha256_json
+from rsrouter.io import atomic_path, reading, safetensors_readable, sha256_json
 from rsrouter.progress import progress_bar
 from rsrouter.smoothing import (
     certified_radius,
@@ -193,7 +193,8 @@ def read_column(path: str | Path) -> Column:
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"radius table column {path} does not exist.")
-    with safe_open(str(path), framework="pt") as fh:
+    fix = "delete it and run `router tables` to recompute it"
+    with reading(path, fix), safe_open(str(path), framework="pt") as fh:
         meta = fh.metadata() or {}
         if meta.get("format") != FORMAT:
             raise UsageError(f"{path} is not an rsrouter radius table column.")
@@ -275,7 +276,7 @@ def build_column(
 
 def _shard_counts(path: Path, positions) -> torch.Tensor | None:
     """A shard's counts if it exists and covers ``positions`` (another shard size: None)."""
-    if not path.is_file():
+    if not safetensors_readable(path):  # absent, or cut short by a kill or a full disk
         return None
     with safe_open(str(path), framework="pt") as fh:
         meta = json.loads((fh.metadata() or {}).get("meta", "{}"))
@@ -335,22 +336,29 @@ def build_tables(
     world: int = 1,
     barrier: Callable[[], None] | None = None,
     channels_last: bool = False,
+    on_plan: Callable[[TablePlan], None] | None = None,
 ) -> RadiusTable | None:
     """Build the missing columns for ``experts`` (name -> Expert, router output order).
 
     With ``world`` > 1 each rank computes the shards ``s % world == rank``; after ``barrier``
     rank 0 merges. Returns the table on every rank whose merged columns are readable
-    (all ranks after the final barrier), else None.
+    (all ranks after the final barrier), else None. ``on_plan`` is shown the TablePlan (with a
+    time estimate from a short calibration) before any column is computed.
     """
     _validate(experts, n, alpha, seed, subset)
     check_count("shard_size", shard_size)
     device = torch.device(device) if device is not None else torch.device("cpu")
     indices = subset_indices(len(dataset.labels), subset, seed)
     columns = _columns(experts, dataset, artifacts, n, alpha, seed, subset)
-    missing = [c for c in columns if not c[2].is_file()]
+    missing = [c for c in columns if not safetensors_readable(c[2])]  # a corrupt one is redone
+    shards = _shards(len(indices), shard_size)
+    mine = sum(end - start for s, (start, end) in shards if s % world == rank)
+    if on_plan is not None:
+        on_plan(
+            _plan(columns, missing, dataset, indices, mine, n, alpha, subset,
+                  batch_size=batch_size, device=device, channels_last=channels_last)
+        )  # fmt: skip
     if missing:
-        shards = _shards(len(indices), shard_size)
-        mine = sum(end - start for s, (start, end) in shards if s % world == rank)
         total = mine * n * len(missing)
         with progress_bar("radius tables", total, enabled=progress and total > 0) as advance:
             for _name, expert, path, meta in missing:
@@ -385,17 +393,30 @@ def build_tables(
 
 
 def _cached_columns(experts, dataset, artifacts, n, alpha, seed, subset):
-    """The columns for these settings, and the names of those not on disk yet."""
+    """The columns for these settings, and the names of those not cached (or unreadable)."""
     _validate(experts, n, alpha, seed, subset)
     columns = _columns(experts, dataset, artifacts, n, alpha, seed, subset)
-    return columns, [name for name, _, path, _ in columns if not path.is_file()]
+    return columns, [name for name, _, path, _ in columns if not safetensors_readable(path)]
 
 
 def missing_columns(
     experts: Mapping, dataset, artifacts, *, n=100, alpha=0.001, seed=0, subset=1.0
 ):
-    """Names of the experts whose column is not cached yet."""
+    """Names of the experts whose column is not cached yet (or whose file is unreadable)."""
     return _cached_columns(experts, dataset, artifacts, n, alpha, seed, subset)[1]
+
+
+def corrupt_columns(
+    experts: Mapping, dataset, artifacts, *, n=100, alpha=0.001, seed=0, subset=1.0
+) -> dict[str, Path]:
+    """The cached columns whose file is there but truncated or corrupt (build_tables redoes
+    them), by expert name."""
+    columns = _columns(experts, dataset, artifacts, n, alpha, seed, subset)
+    return {
+        name: path
+        for name, _, path, _ in columns
+        if path.exists() and not safetensors_readable(path)
+    }
 
 
 def load_tables(
@@ -443,6 +464,46 @@ def _assemble(columns, dataset, indices, n, alpha, seed, subset) -> RadiusTable:
     )
 
 
+@dataclass(frozen=True)
+class TablePlan:
+    """What `build_tables` is about to compute, and an estimate of how long it takes."""
+
+    inputs: int  # rows of the table
+    n: int
+    alpha: float
+    subset: float
+    compute: tuple[str, ...]  # columns to compute (this process's shards)
+    cached: tuple[str, ...]
+    corrupt: dict[str, Path]  # of ``compute``: cached files found truncated or corrupt
+    samples: int  # noisy forward passes
+    seconds: float  # from a short calibration of each model (0 when nothing is computed)
+
+
+def _plan(columns, missing, dataset, indices, mine, n, alpha, subset, **calibration):
+    from rsrouter.runtime import seconds_per_sample
+
+    x = torch.as_tensor(np.asarray(dataset.images[int(indices[0])])) if len(indices) else None
+    seconds = 0.0
+    for _name, expert, _path, _meta in missing:
+        if mine:
+            expert.to(calibration["device"])
+            per = seconds_per_sample(
+                expert, x, expert.sigma, num_classes=int(expert.num_classes), **calibration
+            )
+            seconds += per * mine * n
+    return TablePlan(
+        inputs=len(indices),
+        n=int(n),
+        alpha=float(alpha),
+        subset=float(subset),
+        compute=tuple(c[0] for c in missing),
+        cached=tuple(c[0] for c in columns if c not in missing),
+        corrupt={c[0]: c[2] for c in missing if c[2].exists()},
+        samples=mine * n * len(missing),
+        seconds=seconds,
+    )
+
+
 # ---------------------------------------------------------------- workspace level
 
 TABLE_DEFAULTS = {
@@ -482,6 +543,7 @@ def workspace_tables(
     device: str | torch.device | None = None,
     progress: bool = True,
     ctx=None,
+    on_plan: Callable[[TablePlan], None] | None = None,
     **overrides,
 ):
     """Build (or load) the workspace's table: returns (RadiusTable or None off rank 0, dataset).
@@ -510,5 +572,6 @@ def workspace_tables(
         rank=ctx.rank if ctx is not None else 0,
         world=ctx.world if ctx is not None else 1,
         barrier=ctx.barrier if ctx is not None else None,
+        on_plan=on_plan,
     )
     return table, dataset
