@@ -29,7 +29,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp.chmod(0o666 & ~_umask())
         os.replace(tmp, path)
     except OSError as exc:  # a read-only folder, a full disk: name the file meant, not the temp
-        if exc.errno is None or exc.filename not in (None, str(tmp), str(path.parent)):
+        where = Path(exc.filename) if exc.filename is not None else path
+        if exc.errno is None or path.parent not in (where, where.parent):
             raise
         raise OSError(exc.errno, exc.strerror, str(path)) from exc
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import sys
 from pathlib import Path
 
 import typer
@@ -42,7 +43,7 @@ def run(argv: list[str] | None = None) -> int:
     try:
         code = app(args=argv, prog_name="router", standalone_mode=False)
     except UsageError as exc:
-        _error(str(exc))
+        _error(name_the_flag(str(exc), sys.argv[1:] if argv is None else argv))
         return 1
     except typer.Abort:  # Ctrl-C
         _error("aborted.")
@@ -70,6 +71,15 @@ def run(argv: list[str] | None = None) -> int:
         )
         return 1
     return code if isinstance(code, int) else 0  # typer.Exit(code) comes back as a value
+
+
+def name_the_flag(message: str, argv: list[str]) -> str:
+    """ "batch_size must be …" from the Python API reads "--batch-size must be …" when the user
+    typed --batch-size: the sentence names what they can change."""
+    head, sep, rest = message.partition(" ")
+    flag = "--" + head.replace("_", "-")
+    typed = any(a == flag or a.startswith(flag + "=") for a in argv)
+    return f"{flag}{sep}{rest}" if head.isidentifier() and typed else message
 
 
 def os_error_sentence(exc: OSError) -> str:

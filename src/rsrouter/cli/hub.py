@@ -9,12 +9,28 @@ from rich.table import Table
 
 from rsrouter.cli.app import WORKSPACE, app, console, show_table
 from rsrouter.composition.bundle import bundle_workspace, pull_router, push_bundle
+from rsrouter.errors import UsageError
 from rsrouter.registry import Workspace
 
 ENDPOINT = typer.Option(None, "--endpoint", help="Hub URL (default: HF_ENDPOINT or the Hub).")
 TOKEN = typer.Option(
     None, "--token", help="Hub token (default: HF_TOKEN or the one saved by `hf auth login`)."
 )
+
+
+def check_repo_id(repo_id: str) -> str:
+    """A Hub repo id as ORG/NAME, else one sentence (the Hub's own check, made up front)."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        raise UsageError(
+            f"{repo_id!r} is not a Hub repo id: use ORG/NAME with letters, digits, '-', '_' "
+            "and '.' (at most 96 characters), e.g. my-org/my-router."
+        ) from exc
+    return repo_id
 
 
 @app.command("push")
@@ -31,6 +47,7 @@ def push_cmd(
     workspace: Path = WORKSPACE,
 ) -> None:
     """Bundle the trained router (pinned experts, model card, last report) and upload it."""
+    check_repo_id(repo_id)  # before anything is written
     ws = Workspace.open(workspace)
     bundle = bundle_workspace(ws, repo_id=repo_id, license=license, token=token)
     console.print(f"bundle written to {bundle}")

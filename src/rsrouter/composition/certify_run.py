@@ -457,11 +457,13 @@ def run_options(settings: dict) -> dict:
 def workspace_dual(ws, *, device=None) -> tuple[DualSmoothed, list[str]]:
     """The workspace's trained router over its experts (refused if they changed since)."""
     from rsrouter.router.model import RouterModel
+    from rsrouter.router.tables import check_classes
 
     folder = Path(ws.artifacts) / "router"
     if not (folder / "config.json").is_file():
         raise UsageError(f"no trained router in {folder}; run `router train` first.")
     experts = ws.load_experts(device=device or "cpu")
+    check_classes(experts)
     names = list(experts)
     router = RouterModel.from_pretrained(folder, device=device or "cpu")
     router.check_experts(names, [e.fingerprint for e in experts.values()])
@@ -473,13 +475,14 @@ def certify_workspace(
 ) -> RunResult:
     """`router certify`: the workspace's router and experts on its dataset split (``on_plan``:
     see certify_run)."""
-    from rsrouter.router.tables import workspace_dataset
+    from rsrouter.router.tables import check_classes, workspace_dataset
 
     s = certify_settings(ws, **overrides)
     ctx = distributed.context()
     device = ctx.device(device)
     dual, names = workspace_dual(ws, device=device)
     dataset = workspace_dataset(ws, s["split"])
+    check_classes(dict(zip(names, dual.experts, strict=True)), dataset)
     return certify_run(
         dual,
         dataset,

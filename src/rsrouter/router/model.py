@@ -27,7 +27,7 @@ from rsrouter.errors import UsageError
 from rsrouter.experts.denoiser import OneStepDenoiser
 from rsrouter.experts.expert import load_denoiser
 from rsrouter.experts.nets import build_classifier, normalize
-from rsrouter.io import atomic_path, read_json, sha256_json, write_json
+from rsrouter.io import atomic_path, read_json, reading, sha256_json, write_json
 from rsrouter.smoothing import check_sigma
 
 FORMAT = "rsrouter.router/1"
@@ -206,7 +206,8 @@ class RouterModel(nn.Module):
         if not weights.is_file():
             raise UsageError(f"{weights} does not exist.")
         try:
-            router.classifier.load_state_dict(load_file(str(weights)))
+            with reading(weights, "run `router train` again to rewrite it"):
+                router.classifier.load_state_dict(load_file(str(weights)))
         except RuntimeError as exc:
             raise UsageError(f"{weights} does not fit the architecture in config.json.") from exc
         return router.to(device).eval()

@@ -141,6 +141,41 @@ def _check_expert(name: str, expert, dataset) -> None:
         )
 
 
+def _declared_classes(model) -> list[str]:
+    """The class names a model declares in its config (none: only its class count is known)."""
+    return [str(c) for c in (getattr(getattr(model, "config", None), "class_names", None) or [])]
+
+
+def check_classes(experts: Mapping, dataset=None) -> None:
+    """Every expert classifies the same classes, by count and by name (where declared), and so
+    does the dataset: a label must mean the same class to every model, or the radii are wrong."""
+    models = [(f"expert {name!r}", int(e.num_classes), _declared_classes(e)) for name, e in
+              experts.items()]  # fmt: skip
+    if dataset is not None:
+        classes = [str(c) for c in dataset.class_names]
+        models.insert(0, (f"dataset {getattr(dataset, 'name', '?')!r}", len(classes), classes))
+    if not models:
+        return
+    first, count, _ = models[0]
+    named = next(((what, names) for what, _, names in models if names), None)
+    for what, k, _names in models[1:]:
+        if k != count:
+            fix = (
+                "register experts trained on the dataset's classes, or set [data] dataset in "
+                "router.toml"
+                if dataset is not None
+                else "all experts must share one set"
+            )
+            raise UsageError(f"{what} has {k} classes but {first} has {count}: {fix}.")
+    for what, _, names in models:
+        if names and names != named[1]:
+            order = "another order of" if sorted(names) == sorted(named[1]) else "other"
+            raise UsageError(
+                f"{what} names {order} classes than {named[0]} ({', '.join(names[:3])}, … vs "
+                f"{', '.join(named[1][:3])}, …): re-export it with --class-names in that order."
+            )
+
+
 def _shards(size: int, shard_size: int) -> list[tuple[int, tuple[int, int]]]:
     """(shard number, (start, end) positions) of every shard of ``size`` inputs."""
     return [
@@ -286,6 +321,7 @@ def _shard_counts(path: Path, positions) -> torch.Tensor | None:
 
 
 def _columns(experts: Mapping, dataset, artifacts, n, alpha, seed, subset):
+    check_classes(experts, dataset)
     out = []
     for name, expert in experts.items():
         _check_expert(name, expert, dataset)
