@@ -271,7 +271,11 @@ def test_tables_with_unreadable_router_toml(capsys, ws):
         (["--epochs", "0"], r"--epochs must be a whole number", 1),
         (["--batch-size", "0"], r"--batch-size must be a whole number", 1),
         (["--init", "nobody"], r"router init 'nobody' is not a registered expert", 1),
-        (["--init", "e0.5"], r"is a small_cnn .* classifier but the router is .*arch_args", 1),
+        (
+            ["--init", "e0.5"],
+            r"is a small_cnn .* classifier but the router's architecture is .*arch_args",
+            1,
+        ),
         (["--class-map", "Shirt"], r"--class-map.*CLASS=EXPERT", 2),
         (["--frobnicate"], r"No such option.*--frobnicate", 2),
     ],

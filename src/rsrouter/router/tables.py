@@ -151,7 +151,7 @@ def check_classes(experts: Mapping, dataset=None) -> None:
     does the dataset: a label must mean the same class to every model, or the radii are wrong."""
     models = [(f"expert {name!r}", int(e.num_classes), _declared_classes(e)) for name, e in
               experts.items()]  # fmt: skip
-    if dataset is not None:
+    if getattr(dataset, "class_names", None) is not None:
         classes = [str(c) for c in dataset.class_names]
         models.insert(0, (f"dataset {getattr(dataset, 'name', '?')!r}", len(classes), classes))
     if not models:

@@ -401,7 +401,7 @@ def init_from_expert(router: RouterModel, expert, name: str, *, head: bool = Fal
         config = getattr(expert, "config", None)
         theirs_arch = f"{config.arch} {config.arch_args}" if config is not None else "another"
         raise UsageError(
-            f"router init {name!r} is a {theirs_arch} classifier but the router is "
+            f"router init {name!r} is a {theirs_arch} classifier but the router's architecture is "
             f"{router.arch} {router.arch_args}: set [router] arch and arch_args in router.toml "
             "(or --arch) to the expert's, or leave out --init."
         )
