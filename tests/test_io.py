@@ -58,3 +58,22 @@ def test_read_json_errors_are_one_sentence(tmp_path):
 def test_sha256_json_ignores_key_order():
     assert sha256_json({"a": 1, "b": [1, 2]}) == sha256_json({"b": [1, 2], "a": 1})
     assert sha256_json({"a": 1}) != sha256_json({"a": 2})
+
+
+def test_atomic_path_names_the_target_of_a_failed_write(tmp_path):
+    """A full disk inside the block (an OSError, or a Rust writer's error carrying the errno)
+    is an OSError naming the file meant, and leaves nothing behind."""
+    import errno
+
+    target = tmp_path / "out" / "column.safetensors"
+    for fault in (
+        OSError(errno.ENOSPC, "No space left on device", "elsewhere"),
+        RuntimeError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })"),
+    ):
+        with pytest.raises(OSError) as caught, atomic_path(target) as tmp:
+            tmp.write_bytes(b"half")
+            if isinstance(fault, OSError):
+                fault.filename = str(tmp)
+            raise fault
+        assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(target)
+        assert list((tmp_path / "out").iterdir()) == []

@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -28,15 +29,36 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         if tmp.exists():  # mkstemp makes 0600 files; give the result the usual umask mode
             tmp.chmod(0o666 & ~_umask())
         os.replace(tmp, path)
-    except OSError as exc:  # a read-only folder, a full disk: name the file meant, not the temp
-        where = Path(exc.filename) if exc.filename is not None else path
-        if exc.errno is None or path.parent not in (where, where.parent):
+    except Exception as exc:  # a read-only folder, a full disk: name the file meant, not the temp
+        code = _errno(exc)
+        name = getattr(exc, "filename", None)
+        where = Path(name) if name is not None else path
+        if code is None or path.parent not in (where, where.parent):
             raise
-        raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise OSError(code, os.strerror(code), str(path)) from exc
     finally:
         if tmp is not None:
             with contextlib.suppress(OSError):  # the error that brought us here is the one
                 tmp.unlink(missing_ok=True)
+
+
+def _errno(exc: Exception) -> int | None:
+    """The errno of a failed write: an OSError's, or the one a Rust writer (safetensors) puts in
+    its message as "Os { code: 28, ... }"."""
+    if isinstance(exc, OSError):
+        return exc.errno
+    found = re.search(r"Os \{ code: (\d+)", str(exc))
+    return int(found.group(1)) if found else None
+
+
+def write_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict | None = None):
+    """Tensors to a safetensors file, atomically and written by Python: a full disk is an
+    OSError naming ``path``, and nothing half-written is left."""
+    from safetensors.torch import save
+
+    data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def _umask() -> int:

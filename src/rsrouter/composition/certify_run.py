@@ -347,7 +347,7 @@ def certify_run(
             "class_names": list(dataset.class_names),
             "labels": {"multiscale": MULTISCALE_LABEL, "oracle": ORACLE_LABEL},
         }
-        if not meta_path.is_file() or read_json(meta_path) != meta:  # a cached run only reads
+        if _read_meta(meta_path) != meta:  # a cached run only reads
             write_json(meta_path, meta)
     mine = distributed.shard_indices(range(size), ctx)
     done = read_records(path, ctx)
@@ -397,6 +397,14 @@ def certify_run(
     records = read_records(path)
     rows = [records[i] for i in sorted(records)]
     return RunResult(path=path, meta_path=meta_path, records=rows, computed=computed)
+
+
+def _read_meta(path: Path) -> dict | None:
+    """A run's settings as written, or None when absent or unreadable (then rewritten)."""
+    try:
+        return read_json(path) if path.is_file() else None
+    except UsageError:
+        return None
 
 
 def load_run(path: str | Path) -> tuple[dict, list[dict]]:

@@ -22,10 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from rsrouter.errors import UsageError
-from rsrouter.io import atomic_path, reading, safetensors_readable, sha256_json
+from rsrouter.io import reading, safetensors_readable, sha256_json, write_safetensors
 from rsrouter.progress import progress_bar
 from rsrouter.smoothing import (
     certified_radius,
@@ -216,12 +215,9 @@ def _compute_shard(
 
 
 def _write(path: Path, tensors: dict[str, torch.Tensor], metadata: dict) -> None:
-    with atomic_path(path) as tmp:
-        save_file(
-            {k: v.contiguous() for k, v in tensors.items()},
-            str(tmp),
-            metadata={"format": FORMAT, "meta": json.dumps(metadata, sort_keys=True)},
-        )
+    write_safetensors(
+        path, tensors, metadata={"format": FORMAT, "meta": json.dumps(metadata, sort_keys=True)}
+    )
 
 
 def read_column(path: str | Path) -> Column:

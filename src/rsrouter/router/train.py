@@ -10,18 +10,18 @@ checkpoint each epoch; a rerun resumes and gives bit-identical weights on CPU.
 
 from __future__ import annotations
 
+import io
 import pickle
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch.nn import functional as F
 
 from rsrouter.errors import UsageError
 from rsrouter.experts.train import consistency_terms
-from rsrouter.io import atomic_path, safetensors_readable, sha256_json
+from rsrouter.io import atomic_path, safetensors_readable, sha256_json, write_safetensors
 from rsrouter.progress import progress_bar
 from rsrouter.router.model import RouterModel
 from rsrouter.router.tables import TABLE_STAGE, RadiusTable
@@ -181,12 +181,13 @@ def _latest_checkpoint(folder: Path, run_key: str, epochs: int):
 
 def _save_checkpoint(folder, run_key, epoch, router, opt, sched, history):
     weights, state = _checkpoint_paths(folder, epoch)
+    buffer = io.BytesIO()  # serialised first and written by Python: a full disk is an OSError
+    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "history": history}, buffer)  # fmt: skip
     with atomic_path(state) as tmp:  # the weights file, written last, marks a whole checkpoint
-        torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "history": history}, tmp)  # fmt: skip
-    tensors = {k: v.detach().cpu().contiguous() for k, v in router.classifier.state_dict().items()}
-    with atomic_path(weights) as tmp:
-        save_file(tensors, str(tmp), metadata={"run": run_key, "epoch": str(epoch)})
+        tmp.write_bytes(buffer.getvalue())
+    metadata = {"run": run_key, "epoch": str(epoch)}
+    write_safetensors(weights, router.classifier.state_dict(), metadata=metadata)
     for old in (folder / "checkpoints").glob("epoch-*"):
         if not old.name.startswith(f"epoch-{epoch:04d}."):
             old.unlink(missing_ok=True)
