@@ -387,6 +387,40 @@ def test_push_to_an_invalid_repo_id_writes_nothing(capsys, base):
     )
 
 
+# ---------------------------------------------------------------- a read-only workspace
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (
+            ["train", "--epochs", "2"],
+            r"cannot write \S+/router/checkpoints/epoch-0001\S*: the file",
+        ),
+        (
+            ["add-expert", "{ws}/experts/e0.5", "--sigma", "0.5", "--name", "x"],
+            r"router\.toml: the",
+        ),
+        (["remove-expert", "e0.5"], r"cannot write \S+/router\.toml: the file system is read-only"),
+        (["init", "{ws}/sub"], r"cannot create the workspace folder \S+/sub \(Read-only"),
+    ],
+)
+def test_a_read_only_workspace_refuses_writes_in_one_sentence(
+    capsys, monkeypatch, base, argv, match
+):
+    unwritable(monkeypatch, base, errno.EROFS)
+    argv = [a.format(ws=base) for a in argv]
+    refused(capsys, [*argv, *(["-w", base] if argv[0] != "init" else [])], base, match)
+
+
+def test_reading_commands_run_on_a_read_only_workspace(capsys, monkeypatch, base, images):
+    unwritable(monkeypatch, base, errno.EROFS)
+    Image.new("RGB", (8, 8), (120, 120, 120)).save(images / "grey.png")
+    assert run(["experts", "--verify", "-w", str(base)]) == 0
+    assert run(["predict", str(images / "grey.png"), "--n", "8", "-w", str(base)]) == 0
+    assert "grey.png" in capsys.readouterr().out
+
+
 # ---------------------------------------------------------------- what must NOT be refused
 
 
