@@ -438,19 +438,6 @@ def missing_columns(
     return _cached_columns(experts, dataset, artifacts, n, alpha, seed, subset)[1]
 
 
-def corrupt_columns(
-    experts: Mapping, dataset, artifacts, *, n=100, alpha=0.001, seed=0, subset=1.0
-) -> dict[str, Path]:
-    """The cached columns whose file is there but truncated or corrupt (build_tables redoes
-    them), by expert name."""
-    columns = _columns(experts, dataset, artifacts, n, alpha, seed, subset)
-    return {
-        name: path
-        for name, _, path, _ in columns
-        if path.exists() and not safetensors_readable(path)
-    }
-
-
 def load_tables(
     experts: Mapping,
     dataset,
