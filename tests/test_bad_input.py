@@ -285,6 +285,12 @@ def test_train_refuses_bad_flags(capsys, base, flags, match, code):
     refused(capsys, ["train", "-w", base, *flags], base, match, code=code)
 
 
+def test_train_with_a_truncated_optimizer_state(capsys, ws):
+    state = ws / ".rsrouter" / "router" / "checkpoints" / "epoch-0001.optim.pt"
+    state.write_bytes(state.read_bytes()[:100])
+    refused(capsys, ["train", "-w", ws], ws, r"epoch-0001\.optim\.pt is truncated or corrupt; del")
+
+
 # ---------------------------------------------------------------- predict
 
 
