@@ -368,15 +368,17 @@ def test_verify_a_tampered_expert(capsys, ws):
     refused(capsys, ["experts", "--verify", "-w", ws], ws, r"config\.json does not match")
 
 
-@pytest.mark.parametrize("sigma", ["0", "-0.5", "nan"])
+@pytest.mark.parametrize("sigma", ["-0.5", "nan", "inf"])
 def test_export_expert_refuses_a_sigma_that_is_not_positive(capsys, tmp_path, sigma):
     from safetensors.torch import save_file
 
+    from rsrouter.experts import build_classifier
+
     weights = tmp_path / "w.safetensors"
-    save_file({"w": torch.zeros(1)}, str(weights))
+    save_file(build_classifier("small_cnn", 3, 3).state_dict(), str(weights))
     args = ["export-expert", weights, tmp_path / "out", "--arch", "small_cnn", "--sigma", sigma]
     args += ["--num-classes", "3", "--in-chans", "3", "--input-size", "8"]
-    refused(capsys, args, tmp_path, r"--sigma must be the positive noise level")
+    refused(capsys, args, tmp_path, r"--sigma must be a positive finite number")
 
 
 def test_init_over_a_workspace(capsys, base):

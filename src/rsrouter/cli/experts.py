@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import math
 from pathlib import Path
 
 import typer
@@ -177,11 +176,6 @@ EXPERT_OPTIONS = {
 
 def _expert_fields(v: dict) -> dict:
     """The EXPERT_OPTIONS values as the config fields export_expert/convert_checkpoint take."""
-    if not math.isfinite(v["sigma"]) or v["sigma"] <= 0:  # the folder must be registrable
-        raise UsageError(
-            f"--sigma must be the positive noise level the weights were trained at, "
-            f"got {v['sigma']:g}."
-        )
     fields = {
         "arch": v["arch"],
         "sigma": v["sigma"],
