@@ -378,6 +378,7 @@ def test_export_expert_refuses_a_sigma_that_is_not_positive(capsys, tmp_path, si
     save_file(build_classifier("small_cnn", 3, 3).state_dict(), str(weights))
     args = ["export-expert", weights, tmp_path / "out", "--arch", "small_cnn", "--sigma", sigma]
     args += ["--num-classes", "3", "--in-chans", "3", "--input-size", "8"]
+    args += ["--mean", "0,0,0", "--std", "1,1,1"]
     refused(capsys, args, tmp_path, r"--sigma must be a positive finite number")
 
 
