@@ -77,3 +77,24 @@ def test_atomic_path_names_the_target_of_a_failed_write(tmp_path):
             raise fault
         assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(target)
         assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_the_cli_says_each_os_fault_in_one_sentence():
+    import errno
+
+    from rsrouter.cli.app import os_error_sentence
+
+    def say(code, name="/ws/x.json", text=None):
+        return os_error_sentence(OSError(code, text or os.strerror(code), name))
+
+    assert say(errno.ENOSPC) == (
+        "no space left on the device while writing /ws/x.json; free some space and run the "
+        "command again (the work already saved is kept)."
+    )
+    assert say(errno.EROFS).startswith("cannot write /ws/x.json: the file system is read-only;")
+    assert say(errno.EACCES).startswith("permission denied for /ws/x.json;")
+    assert say(errno.ENOENT) == "/ws/x.json does not exist."
+    assert "broken pipe" in say(errno.EPIPE, None)
+    network = os_error_sentence(ConnectionError("Max retries exceeded with url: /api"))
+    assert network.startswith("Max retries exceeded with url: /api (ConnectionError); check the")
+    assert all("\n" not in say(c) for c in (errno.EIO, errno.EMFILE, errno.ENOSPC))

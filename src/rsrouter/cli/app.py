@@ -84,6 +84,14 @@ def name_the_flag(message: str, argv: list[str]) -> str:
 
 def os_error_sentence(exc: OSError) -> str:
     """One sentence for a file-system fault, naming the file and the fix."""
+    if exc.errno == errno.EPIPE:
+        return "the output was closed before the command finished (broken pipe)."
+    if exc.filename is None and exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+        text = (str(exc).strip().splitlines() or [""])[0].rstrip(".") or type(exc).__name__
+        return (  # no file named: a network or device fault (requests' errors are OSErrors)
+            f"{text} ({type(exc).__name__}); check the network or the device and run the "
+            "command again."
+        )
     where = exc.filename or "a file"
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return (
