@@ -229,7 +229,7 @@ def test_cli_certify_report_predict(tmp_path, capsys):
     assert run(["predict", str(tmp_path / "small.png"), "--device", "cpu", *w]) == 1
     assert "28x20 pixels" in capsys.readouterr().err
     assert run(["certify", "--alpha-router", "0.5", *w]) == 1
-    assert "alpha_router" in capsys.readouterr().err
+    assert "--alpha-router" in capsys.readouterr().err
 
     # the router's biases come from its config.json; --rule picks the headline row
     config = json.loads((ws.artifacts / "router" / "config.json").read_text())

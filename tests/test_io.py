@@ -64,13 +64,13 @@ def test_safetensors_files_have_deterministic_bytes(tmp_path):
     import torch
     from safetensors import safe_open
 
-    from rsrouter.io import save_safetensors
+    from rsrouter.io import write_safetensors
 
     tensors = {"radius": torch.rand(5), "counts": torch.arange(10).view(5, 2), "b": torch.ones(3)}
     meta = {f"key{i}": str(i) for i in range(12)}  # safetensors alone orders these by chance
     blobs = set()
     for i in range(3):
-        save_safetensors(tmp_path / f"t{i}.safetensors", tensors, dict(reversed(meta.items())))
+        write_safetensors(tmp_path / f"t{i}.safetensors", tensors, dict(reversed(meta.items())))
         blobs.add((tmp_path / f"t{i}.safetensors").read_bytes())
     assert len(blobs) == 1
     with safe_open(str(tmp_path / "t0.safetensors"), framework="pt") as fh:
@@ -78,3 +78,43 @@ def test_safetensors_files_have_deterministic_bytes(tmp_path):
         assert all(torch.equal(fh.get_tensor(k), v) for k, v in tensors.items())
     header = blobs.pop()[8:].split(b"}}", 1)[0]
     assert header.index(b'"key0"') < header.index(b'"key1"') < header.index(b'"key9"')
+
+
+def test_atomic_path_names_the_target_of_a_failed_write(tmp_path):
+    """A full disk inside the block (an OSError, or a Rust writer's error carrying the errno)
+    is an OSError naming the file meant, and leaves nothing behind."""
+    import errno
+
+    target = tmp_path / "out" / "column.safetensors"
+    for fault in (
+        OSError(errno.ENOSPC, "No space left on device", "elsewhere"),
+        RuntimeError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })"),
+    ):
+        with pytest.raises(OSError) as caught, atomic_path(target) as tmp:
+            tmp.write_bytes(b"half")
+            if isinstance(fault, OSError):
+                fault.filename = str(tmp)
+            raise fault
+        assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(target)
+        assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_the_cli_says_each_os_fault_in_one_sentence():
+    import errno
+
+    from rsrouter.cli.app import os_error_sentence
+
+    def say(code, name="/ws/x.json", text=None):
+        return os_error_sentence(OSError(code, text or os.strerror(code), name))
+
+    assert say(errno.ENOSPC) == (
+        "no space left on the device while writing /ws/x.json; free some space and run the "
+        "command again (the work already saved is kept)."
+    )
+    assert say(errno.EROFS).startswith("cannot write /ws/x.json: the file system is read-only;")
+    assert say(errno.EACCES).startswith("permission denied for /ws/x.json;")
+    assert say(errno.ENOENT) == "/ws/x.json does not exist."
+    assert "broken pipe" in say(errno.EPIPE, None)
+    network = os_error_sentence(ConnectionError("Max retries exceeded with url: /api"))
+    assert network.startswith("Max retries exceeded with url: /api (ConnectionError); check the")
+    assert all("\n" not in say(c) for c in (errno.EIO, errno.EMFILE, errno.ENOSPC))

@@ -168,7 +168,7 @@ def test_cli_refuses_a_bad_option_before_saving_it(tmp_path: Path, capsys):
         (["--alpha", "2"], "alpha"),
         (["--subset", "0"], "subset"),
         (["--seed", "-1"], "seed"),
-        (["--batch-size", "0"], "batch_size"),
+        (["--batch-size", "0"], "--batch-size must"),
         (["--split", "nope"], "split"),
     ]
     for bad, word in bad_options:

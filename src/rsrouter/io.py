@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -18,17 +20,52 @@ from rsrouter.errors import UsageError
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; it replaces ``path`` only if the block succeeds."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp = Path(tmp)
         yield tmp
         if tmp.exists():  # mkstemp makes 0600 files; give the result the usual umask mode
             tmp.chmod(0o666 & ~_umask())
         os.replace(tmp, path)
+    except Exception as exc:  # a read-only folder, a full disk: name the file meant, not the temp
+        code = _errno(exc)
+        name = getattr(exc, "filename", None)
+        where = Path(name) if name is not None else path
+        if code is None or path.parent not in (where, where.parent):
+            raise
+        raise OSError(code, os.strerror(code), str(path)) from exc
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            with contextlib.suppress(OSError):  # the error that brought us here is the one
+                tmp.unlink(missing_ok=True)
+
+
+def _errno(exc: Exception) -> int | None:
+    """The errno of a failed write: an OSError's, or the one a Rust writer (safetensors) puts in
+    its message as "Os { code: 28, ... }"."""
+    if isinstance(exc, OSError):
+        return exc.errno
+    found = re.search(r"Os \{ code: (\d+)", str(exc))
+    return int(found.group(1)) if found else None
+
+
+def write_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict | None = None):
+    """Tensors to a safetensors file, atomically and written by Python (a full disk is an
+    OSError naming ``path``, and nothing half-written is left), with a sorted header, so the
+    same tensors and metadata always give the same bytes (safetensors itself orders metadata by
+    a random hash)."""
+    from safetensors.torch import save
+
+    raw = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata)
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + size])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + size :])
 
 
 @contextmanager
@@ -96,7 +133,8 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     raw = path.read_bytes()
     keep = raw[: raw.rfind(b"\n") + 1]
     if len(keep) != len(raw):
-        with path.open("r+b") as fh:
+        # so that the next append starts on a new line; reading needs no write access
+        with contextlib.suppress(OSError), path.open("r+b") as fh:
             fh.truncate(len(keep))
     records = []
     for number, line in enumerate(keep.decode("utf-8", errors="replace").splitlines(), 1):
@@ -112,18 +150,30 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     return records
 
 
-def save_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str]) -> None:
-    """Write tensors atomically as safetensors with a sorted header, so the same tensors and
-    metadata always give the same bytes (safetensors itself orders metadata by a random hash)."""
-    from safetensors.torch import save
+def safetensors_readable(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a whole safetensors file (a cache reader treats a truncated or
+    corrupt entry as missing, and recomputes it)."""
+    from safetensors import SafetensorError, safe_open
 
-    raw = save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
-    size = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8 : 8 + size])
-    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + size :])
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            fh.metadata()
+            for key in fh.keys():  # noqa: SIM118
+                fh.get_slice(key)
+    except (SafetensorError, OSError):
+        return False
+    return True
+
+
+@contextmanager
+def reading(path: str | os.PathLike, fix: str) -> Iterator[None]:
+    """Turn a truncated or corrupt safetensors ``path`` into one sentence naming it and ``fix``."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except SafetensorError as exc:
+        raise UsageError(f"{path} is truncated or corrupt; {fix}.") from exc
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

@@ -42,3 +42,47 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return platform.processor() or "cpu"
+
+
+CALIBRATION_SAMPLES = 256  # noisy copies timed per model before a long job (one batch, at most)
+CALIBRATION_STAGE = 99  # a noise stream of its own: the calibration never touches a result
+
+
+def seconds_per_sample(
+    base, x: torch.Tensor, sigma: float, *, batch_size: int, device, **sampling
+) -> float:
+    """A short calibration: the seconds one noisy forward pass of ``base`` takes on ``device``,
+    timed on one batch of noisy copies of the input ``x`` (C, H, W) after a warm-up batch.
+
+    Seeded in a stage of its own, so it neither draws from nor moves the global random state.
+    """
+    from rsrouter.smoothing import sample_counts
+
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    m = max(1, min(int(batch_size), CALIBRATION_SAMPLES))
+    xs = torch.as_tensor(x, dtype=torch.float32)[None]
+
+    def batch():
+        sample_counts(
+            base, xs, sigma, m, seed=0, indices=[0], stage=CALIBRATION_STAGE,
+            batch_size=m, device=device, **sampling,
+        )  # fmt: skip
+
+    was = getattr(base, "training", False)
+    if was:  # a module in training mode would update its batch-norm statistics
+        base.eval()
+    try:
+        batch()  # warm-up: lazy initialisation, caches, kernels
+        return timed(batch, device) / m
+    finally:
+        if was:
+            base.train()
+
+
+def format_seconds(seconds: float) -> str:
+    """A duration as people say it: 40 s, 12 min, 2.5 h."""
+    if seconds < 90:
+        return f"{max(1, round(seconds))} s"
+    if seconds < 90 * 60:
+        return f"{round(seconds / 60)} min"
+    return f"{seconds / 3600:.1f} h"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from rsrouter.cli.app import DEVICE, WORKSPACE, app, console, hold_lock, show_ta
 from rsrouter.errors import UsageError
 from rsrouter.io import read_json
 from rsrouter.registry import Workspace
+from rsrouter.runtime import format_seconds, resolve_device
 
 
 @app.command("certify")
@@ -45,6 +47,7 @@ def certify_cmd(
     hold_lock(ctx, ws, "certify")
     result = certify_workspace(
         ws,
+        on_plan=functools.partial(_print_plan, resolve_device(device)),
         device=device,
         split=split,
         n=n,
@@ -78,6 +81,23 @@ def certify_cmd(
     )
 
 
+def _print_plan(device, plan) -> None:
+    """`router certify`'s plan, before any input is certified: what, how much, how long."""
+    if not plan.todo:
+        console.print(f"every one of the {plan.inputs} inputs is certified already.")
+        return
+    if not plan.samples:
+        console.print(f"plan: {plan.todo} inputs to decide from cached counts (no sampling).")
+        return
+    models = ", ".join(f"{name} {k}" for name, k in plan.sample.items() if k)
+    console.print(
+        f"plan: {plan.todo} of {plan.inputs} inputs of split {plan.split!r} to certify, "
+        f"n0={plan.n0}, n={plan.n}, alpha={plan.alpha:g}; inputs to sample per model: {models}.\n"
+        f"      {plan.samples:,} noisy forward passes: about {format_seconds(plan.seconds)} on "
+        f"{device} (timed on a short calibration; --limit and --n cut it)."
+    )
+
+
 @app.command("report")
 def report_cmd(
     run: Path = typer.Option(None, help="A run's .jsonl (default: the latest under certify/)."),
@@ -101,35 +121,58 @@ def report_cmd(
 
 
 def load_images(paths: list[Path], shape: tuple[int, int, int]) -> torch.Tensor:
-    """PNG/JPEG files as a (N, C, H, W) [0, 1] batch of exactly ``shape``; else one sentence."""
-    from PIL import Image, UnidentifiedImageError
+    """Image files as a (N, C, H, W) [0, 1] batch of exactly ``shape``; else one sentence.
 
+    8- and 16-bit images are scaled to [0, 1]; float images (e.g. a 32-bit TIFF) must already
+    hold finite values in [0, 1], as the Python API requires.
+    """
     channels, height, width = shape
     if channels not in (1, 3):
         raise UsageError(f"image files can feed 1- or 3-channel models, not {channels}.")
     out = []
     for path in paths:
-        if not Path(path).is_file():
-            raise UsageError(f"{path} does not exist.")
-        try:
-            with Image.open(path) as img:
-                img = img.convert("L" if channels == 1 else "RGB")
-                array = np.asarray(img, dtype=np.float32) / 255.0
-        except (UnidentifiedImageError, OSError) as exc:
-            raise UsageError(f"{path} is not a readable PNG or JPEG image.") from exc
+        array = _pixels(Path(path), channels)
         if array.shape[:2] != (height, width):
             raise UsageError(
                 f"{path} is {array.shape[1]}x{array.shape[0]} pixels, "
                 f"but the models expect {width}x{height}."
+            )
+        if not np.isfinite(array).all():
+            raise UsageError(f"{path} has NaN or infinite pixels; give an image of [0, 1] values.")
+        low, high = float(array.min()), float(array.max())
+        if low < 0 or high > 1:
+            raise UsageError(
+                f"{path} has pixels outside [0, 1] ({low:g} to {high:g}); scale a float image "
+                "to [0, 1] or save it as an 8-bit PNG."
             )
         array = array[None] if channels == 1 else array.transpose(2, 0, 1)
         out.append(torch.from_numpy(np.ascontiguousarray(array)))
     return torch.stack(out)
 
 
+def _pixels(path: Path, channels: int) -> np.ndarray:
+    """(H, W) or (H, W, 3) float32 pixels of one image file, integers scaled to [0, 1]."""
+    from PIL import Image, UnidentifiedImageError
+
+    if path.is_dir():
+        raise UsageError(f"{path} is a folder: give image files, e.g. {path / '*.png'}.")
+    if not path.is_file():
+        raise UsageError(f"{path} does not exist.")
+    try:
+        with Image.open(path) as img:
+            if img.mode in ("F", "I", "I;16", "I;16B", "I;16L"):  # one channel, kept as numbers
+                scale = {"F": 1.0, "I": 1.0}.get(img.mode, 65535.0)
+                array = np.asarray(img, dtype=np.float32) / scale
+                return array if channels == 1 else np.repeat(array[..., None], 3, axis=2)
+            img = img.convert("L" if channels == 1 else "RGB")
+            return np.asarray(img, dtype=np.float32) / 255.0
+    except (UnidentifiedImageError, OSError) as exc:
+        raise UsageError(f"{path} is not a readable image (PNG, JPEG, TIFF).") from exc
+
+
 @app.command("predict")
 def predict_cmd(
-    images: list[Path] = typer.Argument(..., help="PNG or JPEG files."),
+    images: list[Path] = typer.Argument(..., help="Image files (PNG, JPEG, TIFF)."),
     n: int = typer.Option(1000, help="Monte-Carlo samples per stage."),
     alpha: float = typer.Option(0.001, help="Total failure probability."),
     alpha_router: float = typer.Option(None, "--alpha-router", help="Router share (alpha / 2)."),
@@ -141,7 +184,6 @@ def predict_cmd(
     """PREDICT with the router, then with the expert it picks (abstains unless both are sure)."""
     from rsrouter.composition.certify_run import certify_settings, workspace_dual
     from rsrouter.composition.rules import check_rule
-    from rsrouter.runtime import resolve_device
 
     ws = Workspace.open(workspace)
     dev = resolve_device(device)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from rich.table import Table
 
 from rsrouter.cli.app import DEVICE, WORKSPACE, app, console, hold_lock, show_table
 from rsrouter.registry import Workspace
+from rsrouter.runtime import format_seconds
 
 
 def _print_table(table) -> None:
@@ -44,12 +46,7 @@ def tables_cmd(
 ) -> None:
     """Compute the missing radius-table columns (one per expert); cached columns are reused."""
     from rsrouter import distributed
-    from rsrouter.router.tables import (
-        missing_columns,
-        table_settings,
-        workspace_dataset,
-        workspace_tables,
-    )
+    from rsrouter.router.tables import table_settings, workspace_dataset, workspace_tables
 
     ws = Workspace.open(workspace)
     hold_lock(ctx, ws, "tables")
@@ -64,25 +61,33 @@ def tables_cmd(
         ws.update_settings("tables", **given)  # `router train` then uses this same table
         console.print(f"saved {', '.join(f'{k}={v}' for k, v in given.items())} in {ws.path}")
     ctx.barrier()
-    if ctx.is_main:
-        experts = ws.load_experts(device=ctx.device(device))
-        todo = missing_columns(
-            experts, dataset, ws.artifacts, n=s["n"],
-            alpha=s["alpha"], seed=s["seed"], subset=s["subset"],
-        )  # fmt: skip
-        console.print(
-            f"computing {len(todo)} column(s): {', '.join(todo)}" if todo
-            else "every column is cached: nothing to compute."
-        )  # fmt: skip
-    else:
-        experts = None
+    experts = ws.load_experts(device=ctx.device(device)) if ctx.is_main else None
     table, _ = workspace_tables(
-        ws, experts=experts, dataset=dataset, device=device, ctx=ctx, **overrides
-    )
+        ws, experts=experts, dataset=dataset, device=device, ctx=ctx,
+        on_plan=functools.partial(_print_table_plan, s["split"], ctx.device(device))
+        if ctx.is_main else None, **overrides,
+    )  # fmt: skip
     if ctx.is_main and table is not None:
         _print_table(table)
         console.print(f"columns: {Path(ws.artifacts) / 'tables'}")
         console.print("next: `router train`.")
+
+
+def _print_table_plan(split: str, device, plan) -> None:
+    """`router tables`' plan, before any column is computed: what, how much, how long."""
+    for name, path in plan.corrupt.items():
+        console.print(f"the cached column of {name} ({path}) is truncated or corrupt: redoing it.")
+    if not plan.compute:
+        console.print(f"every column is cached ({', '.join(plan.cached)}): nothing to compute.")
+        return
+    cached = f" ({', '.join(plan.cached)} cached)" if plan.cached else ""
+    console.print(
+        f"plan: {plan.inputs} inputs of split {split!r} (subset {plan.subset:g}), n={plan.n}, "
+        f"alpha={plan.alpha:g}; computing {len(plan.compute)} column(s): "
+        f"{', '.join(plan.compute)}{cached}.\n"
+        f"      {plan.samples:,} noisy forward passes: about {format_seconds(plan.seconds)} on "
+        f"{device} (timed on a short calibration)."
+    )
 
 
 @app.command("train")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -283,6 +283,7 @@ class CountsCache:
 
     def __init__(self, path: Path, ctx):
         self.path, self.ctx, self.have = path, ctx, read_records(path, ctx)
+        self.appended = False  # whether this run wrote to it (else it need not be merged)
 
     def fill(self, model_counts, xs, indices: Sequence[int], **kw) -> dict[int, dict]:
         todo = [i for i in indices if i not in self.have]
@@ -300,8 +301,53 @@ class CountsCache:
                 for i, s, e in zip(todo, sel, est, strict=True)
             ]
             append_jsonl(_write_path(self.path, self.ctx), new)
+            self.appended = True
             self.have.update({r["index"]: r for r in new})
         return self.have
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What `certify_run` is about to compute, and an estimate of how long it takes."""
+
+    split: str
+    inputs: int  # inputs of the run (this process's share)
+    todo: int  # of them, not certified yet
+    n0: int
+    n: int
+    alpha: float
+    sample: dict[str, int]  # model ("router" or an expert's name) -> inputs whose counts it needs
+    samples: int  # noisy forward passes
+    seconds: float  # from a short calibration of each model that samples (0 when none does)
+
+
+def _run_plan(dual, dataset, names, caches, router_cache, mine, todo, *, n0, n, alpha, **kw):
+    from rsrouter.runtime import seconds_per_sample
+
+    models = [*zip(names, dual.experts, dual.sigmas, caches, strict=True)]
+    models.append(("router", dual.router, dual.sigma_e, router_cache))
+    sample, seconds = {}, 0.0
+    for name, model, sigma, cache in models:
+        need = sum(1 for i in todo if i not in cache.have)
+        sample[name] = need
+        if need:
+            calibration = {k: kw[k] for k in ("bf16", "channels_last") if k in kw}
+            per = seconds_per_sample(
+                model, dataset.images[todo[0]], sigma, batch_size=kw.get("batch_size", 1000),
+                device=kw.get("device"), **calibration,
+            )  # fmt: skip
+            seconds += per * need * (n0 + n)
+    return RunPlan(
+        split=str(getattr(dataset, "split", "")),
+        inputs=len(mine),
+        todo=len(todo),
+        n0=n0,
+        n=n,
+        alpha=alpha,
+        sample=sample,
+        samples=sum(sample.values()) * (n0 + n),
+        seconds=seconds,
+    )
 
 
 def certify_run(
@@ -320,13 +366,15 @@ def certify_run(
     expert_names: Sequence[str] | None = None,
     chunk: int = 32,
     progress: bool = True,
+    on_plan: Callable[[RunPlan], None] | None = None,
     **sampling,
 ) -> RunResult:
     """Certify ``dataset`` (the first ``limit`` inputs) with dual RS and every baseline.
 
     Every composition rule is decided from the same counts; ``rule`` (default: ``dual.rule``)
     is the report's headline "dual" row. ``sampling`` goes to
-    ``rsrouter.smoothing.sample_counts`` (batch_size, device, bf16, ...).
+    ``rsrouter.smoothing.sample_counts`` (batch_size, device, bf16, ...). ``on_plan`` is shown
+    the RunPlan (with a time estimate from a short calibration) before any input is certified.
     """
     rule = check_rule(dual.rule if rule is None else rule)
     n0, n, chunk = check_count("n0", n0), check_count("n", n), check_count("chunk", chunk)
@@ -386,7 +434,8 @@ def certify_run(
             "class_names": list(dataset.class_names),
             "labels": {"multiscale": MULTISCALE_LABEL, "oracle": ORACLE_LABEL},
         }
-        write_json(meta_path, meta)
+        if _read_meta(meta_path) != meta:  # a cached run only reads
+            write_json(meta_path, meta)
     mine = distributed.shard_indices(range(size), ctx)
     done = read_records(path, ctx)
     todo = [i for i in mine if i not in done]
@@ -396,6 +445,11 @@ def certify_run(
     kw = {"n0": n0, "n": n, "seed": seed, **sampling}
     expert_caches = [CountsCache(p, ctx) for p in expert_paths]
     router_cache = CountsCache(router_path, ctx)
+    if on_plan is not None:
+        on_plan(
+            _run_plan(dual, dataset, names, expert_caches, router_cache, mine, todo,
+                      n0=n0, n=n, alpha=alpha, **sampling)
+        )  # fmt: skip
     computed = 0
     with progress_bar("dual certify", len(todo), enabled=progress and bool(todo)) as advance:
         for start in range(0, len(todo), chunk):
@@ -425,13 +479,23 @@ def certify_run(
             advance(len(part))
     ctx.barrier()
     if ctx.is_main:
+        written = [c.path for c in (*expert_caches, router_cache) if c.appended]
+        written += [path] if computed else []
         for p in (*expert_paths, router_path, path):
-            if p.exists() or _rank_shards(p):
+            if p in written or _rank_shards(p):  # a fully cached run writes nothing
                 _merge(p)
     ctx.barrier()
     records = read_records(path)
     rows = [records[i] for i in sorted(records)]
     return RunResult(path=path, meta_path=meta_path, records=rows, computed=computed)
+
+
+def _read_meta(path: Path) -> dict | None:
+    """A run's settings as written, or None when absent or unreadable (then rewritten)."""
+    try:
+        return read_json(path) if path.is_file() else None
+    except UsageError:
+        return None
 
 
 def load_run(path: str | Path) -> tuple[dict, list[dict]]:
@@ -510,11 +574,13 @@ def workspace_dual(ws, *, device=None, rule: str = DEFAULT_RULE) -> tuple[DualSm
     """The workspace's trained router over its experts (refused if they changed since), with
     the router's biases from its config.json field "biases" when it has one."""
     from rsrouter.router.model import RouterModel
+    from rsrouter.router.tables import check_classes
 
     folder = Path(ws.artifacts) / "router"
     if not (folder / "config.json").is_file():
         raise UsageError(f"no trained router in {folder}; run `router train` first.")
     experts = ws.load_experts(device=device or "cpu")
+    check_classes(experts)
     names = list(experts)
     router = RouterModel.from_pretrained(folder, device=device or "cpu")
     router.check_experts(names, [e.fingerprint for e in experts.values()])
@@ -530,15 +596,19 @@ def workspace_dual(ws, *, device=None, rule: str = DEFAULT_RULE) -> tuple[DualSm
     return dual, names
 
 
-def certify_workspace(ws, *, device=None, progress: bool = True, **overrides) -> RunResult:
-    """`router certify`: the workspace's router and experts on its dataset split."""
-    from rsrouter.router.tables import workspace_dataset
+def certify_workspace(
+    ws, *, device=None, progress: bool = True, on_plan=None, **overrides
+) -> RunResult:
+    """`router certify`: the workspace's router and experts on its dataset split (``on_plan``:
+    see certify_run)."""
+    from rsrouter.router.tables import check_classes, workspace_dataset
 
     s = certify_settings(ws, **overrides)
     ctx = distributed.context()
     device = ctx.device(device)
     dual, names = workspace_dual(ws, device=device, rule=check_rule(s["rule"]))
     dataset = workspace_dataset(ws, s["split"])
+    check_classes(dict(zip(names, dual.experts, strict=True)), dataset)
     return certify_run(
         dual,
         dataset,
@@ -546,5 +616,6 @@ def certify_workspace(ws, *, device=None, progress: bool = True, **overrides) ->
         expert_names=names,
         progress=progress and ctx.is_main,
         device=device,
+        on_plan=on_plan if ctx.is_main else None,
         **run_options(s),
     )

@@ -211,7 +211,8 @@ def data_root(name: str, root) -> Path:
     root = root or os.environ.get(ENV_ROOT)
     if not root:
         raise UsageError(
-            f"dataset {name!r} needs its files: pass root= (--data-root) or set {ENV_ROOT}."
+            f'dataset {name!r} needs its files: set root = "FOLDER" in the workspace\'s [data] '
+            f"table (load_dataset(..., root=FOLDER) in Python) or the {ENV_ROOT} variable."
         )
     root = Path(root).expanduser()
     if not root.is_dir():

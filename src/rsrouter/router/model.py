@@ -23,14 +23,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from rsrouter.errors import UsageError
 from rsrouter.experts.denoiser import OneStepDenoiser
 from rsrouter.experts.expert import load_denoiser
 from rsrouter.experts.nets import build_classifier, normalize
-from rsrouter.io import atomic_path, read_json, sha256_json, write_json
+from rsrouter.io import read_json, reading, sha256_json, write_json, write_safetensors
 from rsrouter.router.gate import check_gate, normalized_entropy, route_by_score
 from rsrouter.smoothing import check_sigma
 
@@ -192,9 +192,9 @@ class RouterModel(nn.Module):
                 folder / "denoiser" / "unet", safe_serialization=True
             )
             self.scheduler.save_pretrained(folder / "denoiser" / "scheduler")
-        state = {k: v.detach().cpu().contiguous() for k, v in self.classifier.state_dict().items()}
-        with atomic_path(folder / "model.safetensors") as tmp:
-            save_file(state, str(tmp), metadata={"format": FORMAT})
+        write_safetensors(
+            folder / "model.safetensors", self.classifier.state_dict(), metadata={"format": FORMAT}
+        )
         write_json(folder / "config.json", self.config())
         return folder
 
@@ -237,7 +237,8 @@ class RouterModel(nn.Module):
         if not weights.is_file():
             raise UsageError(f"{weights} does not exist.")
         try:
-            router.classifier.load_state_dict(load_file(str(weights)))
+            with reading(weights, "run `router train` again to rewrite it"):
+                router.classifier.load_state_dict(load_file(str(weights)))
         except RuntimeError as exc:
             raise UsageError(f"{weights} does not fit the architecture in config.json.") from exc
         return router.to(device).eval()

@@ -24,7 +24,7 @@ import torch
 from safetensors import safe_open
 
 from rsrouter.errors import UsageError
-from rsrouter.io import save_safetensors, sha256_json
+from rsrouter.io import reading, safetensors_readable, sha256_json, write_safetensors
 from rsrouter.progress import note, progress_bar
 from rsrouter.smoothing import (
     certified_radius,
@@ -140,6 +140,41 @@ def _check_expert(name: str, expert, dataset) -> None:
         )
 
 
+def _declared_classes(model) -> list[str]:
+    """The class names a model declares in its config (none: only its class count is known)."""
+    return [str(c) for c in (getattr(getattr(model, "config", None), "class_names", None) or [])]
+
+
+def check_classes(experts: Mapping, dataset=None) -> None:
+    """Every expert classifies the same classes, by count and by name (where declared), and so
+    does the dataset: a label must mean the same class to every model, or the radii are wrong."""
+    models = [(f"expert {name!r}", int(e.num_classes), _declared_classes(e)) for name, e in
+              experts.items()]  # fmt: skip
+    if getattr(dataset, "class_names", None) is not None:
+        classes = [str(c) for c in dataset.class_names]
+        models.insert(0, (f"dataset {getattr(dataset, 'name', '?')!r}", len(classes), classes))
+    if not models:
+        return
+    first, count, _ = models[0]
+    named = next(((what, names) for what, _, names in models if names), None)
+    for what, k, _names in models[1:]:
+        if k != count:
+            fix = (
+                "register experts trained on the dataset's classes, or set [data] dataset in "
+                "router.toml"
+                if dataset is not None
+                else "all experts must share one set"
+            )
+            raise UsageError(f"{what} has {k} classes but {first} has {count}: {fix}.")
+    for what, _, names in models:
+        if names and names != named[1]:
+            order = "another order of" if sorted(names) == sorted(named[1]) else "other"
+            raise UsageError(
+                f"{what} names {order} classes than {named[0]} ({', '.join(names[:3])}, … vs "
+                f"{', '.join(named[1][:3])}, …): re-export it with --class-names in that order."
+            )
+
+
 def _shards(size: int, shard_size: int) -> list[tuple[int, tuple[int, int]]]:
     """(shard number, (start, end) positions) of every shard of ``size`` inputs."""
     return [
@@ -182,14 +217,15 @@ def _compute_shard(
 def _write(path: Path, tensors: dict[str, torch.Tensor], metadata: dict) -> None:
     """Same tensors and metadata, same file bytes (a sorted header)."""
     meta = {"format": FORMAT, "meta": json.dumps(metadata, sort_keys=True)}
-    save_safetensors(path, tensors, meta)
+    write_safetensors(path, tensors, meta)
 
 
 def read_column(path: str | Path) -> Column:
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"radius table column {path} does not exist.")
-    with safe_open(str(path), framework="pt") as fh:
+    fix = "delete it and run `router tables` to recompute it"
+    with reading(path, fix), safe_open(str(path), framework="pt") as fh:
         meta = fh.metadata() or {}
         if meta.get("format") != FORMAT:
             raise UsageError(f"{path} is not an rsrouter radius table column.")
@@ -271,7 +307,7 @@ def build_column(
 
 def _shard_counts(path: Path, positions) -> torch.Tensor | None:
     """A shard's counts if it exists and covers ``positions`` (another shard size: None)."""
-    if not path.is_file():
+    if not safetensors_readable(path):  # absent, or cut short by a kill or a full disk
         return None
     with safe_open(str(path), framework="pt") as fh:
         meta = json.loads((fh.metadata() or {}).get("meta", "{}"))
@@ -281,6 +317,7 @@ def _shard_counts(path: Path, positions) -> torch.Tensor | None:
 
 
 def _columns(experts: Mapping, dataset, artifacts, n, alpha, seed, subset):
+    check_classes(experts, dataset)
     out = []
     for name, expert in experts.items():
         _check_expert(name, expert, dataset)
@@ -331,19 +368,28 @@ def build_tables(
     world: int = 1,
     barrier: Callable[[], None] | None = None,
     channels_last: bool = False,
+    on_plan: Callable[[TablePlan], None] | None = None,
 ) -> RadiusTable | None:
     """Build the missing columns for ``experts`` (name -> Expert, router output order).
 
     With ``world`` > 1 each rank computes the shards ``s % world == rank``; after ``barrier``
     rank 0 merges. Returns the table on every rank whose merged columns are readable
-    (all ranks after the final barrier), else None.
+    (all ranks after the final barrier), else None. ``on_plan`` is shown the TablePlan (with a
+    time estimate from a short calibration) before any column is computed.
     """
     _validate(experts, n, alpha, seed, subset)
     check_count("shard_size", shard_size)
     device = torch.device(device) if device is not None else torch.device("cpu")
     indices = subset_indices(len(dataset.labels), subset, seed)
     columns = _columns(experts, dataset, artifacts, n, alpha, seed, subset)
-    missing = [c for c in columns if not c[2].is_file()]
+    missing = [c for c in columns if not safetensors_readable(c[2])]  # a corrupt one is redone
+    shards = _shards(len(indices), shard_size)
+    mine = sum(end - start for s, (start, end) in shards if s % world == rank)
+    if on_plan is not None:
+        on_plan(
+            _plan(columns, missing, dataset, indices, mine, n, alpha, subset,
+                  batch_size=batch_size, device=device, channels_last=channels_last)
+        )  # fmt: skip
     if missing:
         shards = [(s, span) for s, span in _shards(len(indices), shard_size) if s % world == rank]
         mine = sum(end - start for _, (start, end) in shards)
@@ -393,16 +439,16 @@ def build_tables(
 
 
 def _cached_columns(experts, dataset, artifacts, n, alpha, seed, subset):
-    """The columns for these settings, and the names of those not on disk yet."""
+    """The columns for these settings, and the names of those not cached (or unreadable)."""
     _validate(experts, n, alpha, seed, subset)
     columns = _columns(experts, dataset, artifacts, n, alpha, seed, subset)
-    return columns, [name for name, _, path, _ in columns if not path.is_file()]
+    return columns, [name for name, _, path, _ in columns if not safetensors_readable(path)]
 
 
 def missing_columns(
     experts: Mapping, dataset, artifacts, *, n=100, alpha=0.001, seed=0, subset=1.0
 ):
-    """Names of the experts whose column is not cached yet."""
+    """Names of the experts whose column is not cached yet (or whose file is unreadable)."""
     return _cached_columns(experts, dataset, artifacts, n, alpha, seed, subset)[1]
 
 
@@ -448,6 +494,46 @@ def _assemble(columns, dataset, indices, n, alpha, seed, subset) -> RadiusTable:
         seed=int(seed),
         subset=float(subset),
         dataset_fingerprint=dataset.fingerprint,
+    )
+
+
+@dataclass(frozen=True)
+class TablePlan:
+    """What `build_tables` is about to compute, and an estimate of how long it takes."""
+
+    inputs: int  # rows of the table
+    n: int
+    alpha: float
+    subset: float
+    compute: tuple[str, ...]  # columns to compute (this process's shards)
+    cached: tuple[str, ...]
+    corrupt: dict[str, Path]  # of ``compute``: cached files found truncated or corrupt
+    samples: int  # noisy forward passes
+    seconds: float  # from a short calibration of each model (0 when nothing is computed)
+
+
+def _plan(columns, missing, dataset, indices, mine, n, alpha, subset, **calibration):
+    from rsrouter.runtime import seconds_per_sample
+
+    x = torch.as_tensor(np.asarray(dataset.images[int(indices[0])])) if len(indices) else None
+    seconds = 0.0
+    for _name, expert, _path, _meta in missing:
+        if mine:
+            expert.to(calibration["device"])
+            per = seconds_per_sample(
+                expert, x, expert.sigma, num_classes=int(expert.num_classes), **calibration
+            )
+            seconds += per * mine * n
+    return TablePlan(
+        inputs=len(indices),
+        n=int(n),
+        alpha=float(alpha),
+        subset=float(subset),
+        compute=tuple(c[0] for c in missing),
+        cached=tuple(c[0] for c in columns if c not in missing),
+        corrupt={c[0]: c[2] for c in missing if c[2].exists()},
+        samples=mine * n * len(missing),
+        seconds=seconds,
     )
 
 
@@ -498,6 +584,7 @@ def workspace_tables(
     device: str | torch.device | None = None,
     progress: bool = True,
     ctx=None,
+    on_plan: Callable[[TablePlan], None] | None = None,
     **overrides,
 ):
     """Build (or load) the workspace's table: returns (RadiusTable or None off rank 0, dataset).
@@ -526,5 +613,6 @@ def workspace_tables(
         rank=ctx.rank if ctx is not None else 0,
         world=ctx.world if ctx is not None else 1,
         barrier=ctx.barrier if ctx is not None else None,
+        on_plan=on_plan,
     )
     return table, dataset

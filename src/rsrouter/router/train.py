@@ -10,17 +10,18 @@ checkpoint each epoch; a rerun resumes and gives bit-identical weights on CPU.
 
 from __future__ import annotations
 
+import io
+import pickle
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch.nn import functional as F
 
 from rsrouter.errors import UsageError
 from rsrouter.experts.train import consistency_terms
-from rsrouter.io import atomic_path, sha256_json
+from rsrouter.io import atomic_path, safetensors_readable, sha256_json, write_safetensors
 from rsrouter.progress import note, progress_bar
 from rsrouter.router import gate as gates
 from rsrouter.router.model import RouterModel
@@ -172,7 +173,7 @@ def _checkpoint_paths(folder: Path, epoch: int) -> tuple[Path, Path]:
 def _latest_checkpoint(folder: Path, run_key: str, epochs: int):
     for epoch in range(epochs, 0, -1):
         weights, state = _checkpoint_paths(folder, epoch)
-        if weights.is_file() and state.is_file():
+        if safetensors_readable(weights) and state.is_file():  # a corrupt one: not resumed
             with safe_open(str(weights), framework="pt") as fh:
                 if (fh.metadata() or {}).get("run") == run_key:
                     return epoch, weights, state
@@ -181,12 +182,13 @@ def _latest_checkpoint(folder: Path, run_key: str, epochs: int):
 
 def _save_checkpoint(folder, run_key, epoch, router, opt, sched, history):
     weights, state = _checkpoint_paths(folder, epoch)
+    buffer = io.BytesIO()  # serialised first and written by Python: a full disk is an OSError
+    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "history": history}, buffer)  # fmt: skip
     with atomic_path(state) as tmp:  # the weights file, written last, marks a whole checkpoint
-        torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "history": history}, tmp)  # fmt: skip
-    tensors = {k: v.detach().cpu().contiguous() for k, v in router.classifier.state_dict().items()}
-    with atomic_path(weights) as tmp:
-        save_file(tensors, str(tmp), metadata={"run": run_key, "epoch": str(epoch)})
+        tmp.write_bytes(buffer.getvalue())
+    metadata = {"run": run_key, "epoch": str(epoch)}
+    write_safetensors(weights, router.classifier.state_dict(), metadata=metadata)
     for old in (folder / "checkpoints").glob("epoch-*"):
         if not old.name.startswith(f"epoch-{epoch:04d}."):
             old.unlink(missing_ok=True)
@@ -196,7 +198,12 @@ def _load_checkpoint(router, opt, sched, weights: Path, state: Path) -> list[dic
     from safetensors.torch import load_file
 
     router.classifier.load_state_dict(load_file(str(weights)))
-    saved = torch.load(state, weights_only=True)  # our own file, and still weights_only
+    try:
+        saved = torch.load(state, weights_only=True)  # our own file, and still weights_only
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+        raise UsageError(
+            f"{state} is truncated or corrupt; delete it to restart training from the start."
+        ) from exc
     opt.load_state_dict(saved["optimizer"])
     sched.load_state_dict(saved["scheduler"])
     return list(saved["history"])
@@ -413,9 +420,12 @@ def init_from_expert(router: RouterModel, expert, name: str, *, head: bool = Fal
     differ = sorted(k for k in mine if k in theirs and theirs[k].shape != mine[k].shape)
     last = [] if head else list(mine)[-2:]  # the output layer's weight and bias
     if set(theirs) != set(mine) or differ != sorted(last):
+        config = getattr(expert, "config", None)
+        theirs_arch = f"{config.arch} {config.arch_args}" if config is not None else "another"
         raise UsageError(
-            f"router init {name!r}: its classifier is not the router's architecture "
-            f"({router.arch} {router.arch_args})" + ("." if head else " with another output layer.")
+            f"router init {name!r} is a {theirs_arch} classifier but the router's architecture is "
+            f"{router.arch} {router.arch_args}: set [router] arch and arch_args in router.toml "
+            "(or --arch) to the expert's, or leave out --init."
         )
     with torch.no_grad():
         for key, value in mine.items():
