@@ -149,7 +149,9 @@ def experts_cmd(
     if verify and ws.experts:
         console.print(f"verified: every file of the {len(ws.experts)} experts matches its sha256")
     if not ws.experts:
-        console.print("no experts yet: `router add-expert FOLDER_OR_REPO --sigma S`")
+        console.print(
+            "no experts yet: add one with `router add-expert` (see `router add-expert --help`)"
+        )
 
 
 @app.command("remove-expert")

@@ -479,8 +479,8 @@ def refuse_pickles(folder: Path, wanted: str) -> None:
     if pickles:
         raise UsageError(
             f"{folder} has no {wanted}, only pickle checkpoints ({', '.join(pickles[:3])}); "
-            "rsrouter loads safetensors only: convert one explicitly with "
-            "`router convert-checkpoint`."
+            "rsrouter loads safetensors only: convert one explicitly (`router convert-checkpoint "
+            "--help` shows how; `--format cohen` reads a Cohen et al. checkpoint)."
         )
     raise UsageError(f"{folder} has no {wanted}: it is not an rsrouter expert folder.")
 
