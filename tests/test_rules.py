@@ -348,7 +348,7 @@ def test_pairwise_samples_only_the_routed_expert_and_predict_route_set():
     far = float(world.t[-1] + 3.0)  # deep in the last bucket: route 2 for sure
     dual = DualSmoothed(Bucket(world), world.sigma_e, [counted(i) for i in range(3)],
                         rule="pairwise")  # fmt: skip
-    c = dual.certify(torch.tensor([far, 0.0]), n0=10, n=100, alpha=0.01, seed=0)
+    c = dual.certify(torch.tensor([far, 0.0]), n0=10, n=100, alpha=0.01, seed=0, index=0)
     assert c.expert == 2 and calls == [0, 0, 110]
     assert predict_route_set([0, 0, 1000], 0.01) == (2, [2])
     assert predict_route_set([480, 520, 0], 0.01) == (ABSTAIN, [1, 0])
