@@ -8,6 +8,7 @@
 #   scripts/gpu_session.sh example   # examples/fashion_mnist (Gaussian experts, full size);
 #                                    # resumable: call it again until it prints the report
 #   scripts/gpu_session.sh study     # router variants on the example's workspace
+#   scripts/gpu_session.sh routing   # routing designs tuned on val (benchmarks/routing_study.py)
 #
 # Needs: .data/fashion-mnist (the four IDX files) for example/study, and .whl/ (diffusers and
 # importlib_metadata wheels) where diffusers is not installed. Results go to $OUT (default
@@ -16,7 +17,7 @@
 # PYTHON picks the interpreter (default python3). SMOKE=1 runs every step at its tiny CPU size
 # (a check of this script, not a measurement). WORKSPACE moves the example's workspace.
 set -euo pipefail
-step=${1:?usage: scripts/gpu_session.sh bench|compiled|example|study}
+step=${1:?usage: scripts/gpu_session.sh bench|compiled|example|study|routing}
 out=${OUT:-runs/gpu-session}
 budget=${STEP_SECONDS:-540} # each step stops itself before the device call's 600 s limit
 mkdir -p "$out"
@@ -84,8 +85,16 @@ study)
   save_workspace
   exit "$status"
   ;;
+routing)
+  log "routing designs (learned, learned-bias, gate) on $ws/gaussian: tuned on val, test once"
+  status=0
+  timeout "$budget" "$py" benchmarks/routing_study.py "$ws/gaussian" --device "$device" \
+    --out "$out/routing.json" | tee "$out/routing.txt" || status=$?
+  save_workspace
+  exit "$status"
+  ;;
 *)
-  echo "error: unknown step '$step' (bench, compiled, example or study)" >&2
+  echo "error: unknown step '$step' (bench, compiled, example, study or routing)" >&2
   exit 2
   ;;
 esac

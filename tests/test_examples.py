@@ -174,6 +174,13 @@ def test_gpu_session_script_smoke_runs_example_then_study(tmp_path):
     rows = json.loads((tmp_path / "out" / "study.json").read_text())
     assert [r["variant"] for r in rows][:2] == ["base", "T0.1"] and len(rows) == 8
     assert all(0.0 <= r["router_abstain"] <= 1.0 for r in rows)
+    done = step("routing")
+    assert done.returncode == 0, done.stderr[-2000:]
+    designs = json.loads((tmp_path / "out" / "routing.json").read_text())["designs"]
+    assert {(d["design"], d["rule"]) for d in designs} >= {
+        ("gate", "agreement"),
+        ("learned", "min"),
+    }
     bad = step("nope")
     assert bad.returncode == 2 and "unknown step" in bad.stderr
 
