@@ -309,3 +309,33 @@ def test_new_attention_order_is_the_same_model_with_qkv_regrouped(tmp_path):
     a, b, c = (load_file(tmp_path / d / weights) for d in ("legacy", "n", "wrong"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_improved_diffusion_with_the_vit_reproduces_carlinis_cifar10_logits(tmp_path):
+    """The paper's CIFAR-10 set-up end to end, one public command per model: the
+    improved-diffusion denoiser and the transformers ViT, registered at the three sigmas, give
+    DiffusionRobustModel.forward's logits (t*, rescaled timesteps, learned variance, the
+    bicubic-antialias 32 -> 224 resize, mean/std 0.5)."""
+    fix = fixture("carlini-cifar10-improved-diffusion")
+    ref = reference(fix)
+    checkpoint = COMPAT / next(f["path"] for f in fix["files"] if f["role"] != "reference")
+    vit = tmp_path / "vit"
+    assert run(["convert-checkpoint", str(COMPAT / "carlini-cifar10-vit-hf"), str(vit)]) == 0
+    den = tmp_path / "denoiser"
+    assert (
+        run(["convert-denoiser", str(checkpoint), str(den), "--format", "improved-diffusion"]) == 0
+    )
+    ws = tmp_path / "ws"
+    assert run(["init", str(ws)]) == 0
+    argv = ["add-expert", "--denoiser", str(den), "--classifier", str(vit), "--name", "dds"]
+    assert run([*argv, "--sigma", "0.25,0.5,1.0", "-w", str(ws)]) == 0
+    loaded = Workspace.open(ws)
+    for key in fix["reference"]["per_sigma"]:
+        expert = loaded.load_expert(f"dds-sigma{float(key.removeprefix('sigma')):g}")
+        with torch.no_grad():
+            logits = expert(ref["x"] + ref[f"{key}/delta"])
+        want = ref[f"{key}/logits"]
+        assert torch.allclose(logits, want, **fix["tolerance"]["logits"]), (
+            key,
+            max_err(logits, want),
+        )
