@@ -59,6 +59,7 @@ class PipelineConfig:
     table_subset: float = 1.0
     # router
     router_kind: str = "learned"  # learned (the paper's), or gate (fitted on the val split)
+    gate_bins: int = 20  # score bins of a gate router's fit: its thresholds lie on their edges
     router_arch: str = "small_cnn"
     router_arch_args: dict = field(default_factory=lambda: {"width": 8})
     router_denoiser: bool = False  # put the trained DDPM in front of the router (denoised kind)
@@ -175,6 +176,7 @@ def configure_workspace(ws, config: PipelineConfig, experts: Sequence[str]) -> N
             "arch_args": config.router_arch_args,
             "denoiser": experts[0] if config.router_denoiser else None,
         },
+        "tune": {"bins": config.gate_bins} if config.router_kind == "gate" else {},
         "train": {
             "epochs": config.router_epochs,
             "batch_size": config.router_batch_size,
@@ -404,18 +406,22 @@ def demo_config(**overrides) -> PipelineConfig:
     return with_overrides(DEMO, **overrides)
 
 
-# The router settings are the defaults on purpose: docs/results/cpu-demo-router-study.md tried
-# epochs, lr, T, lambda, eta, balance, width, sigma_e, a warm start and more table rows; on this
-# toy every router that really routes loses more to its own certificate (abstentions, R_sigma
-# cap) than its routing gains, and the constant sigma = 1 router had the best dual ACR.
+# The demo's router is the design that measured best in docs/results/routing.md: a gate router
+# (the sigma = 1 expert's own entropy picks the expert; thresholds fitted on a val split of 300
+# training images) with the agreement-aware composition rule. The paper's learned router stays
+# available (`router train --kind learned`); docs/results/cpu-demo-router-study.md has its study.
 DEMO = PipelineConfig(
     workspace=Path("demo-output"),
     dataset="fashion-mnist-subset",
+    validation=300,
     expert_arch_args={"width": 16},
     expert_epochs=10,
     table_subset=0.3,
+    router_kind="gate",
+    gate_bins=10,
     router_epochs=10,
     certify_limit=200,
     n0=32,
     n=200,
+    rule="agreement",
 )

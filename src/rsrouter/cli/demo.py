@@ -24,8 +24,10 @@ def demo(
     seed: int = typer.Option(0, help="Seed of training and of every noise draw."),
     quiet: bool = typer.Option(False, help="No progress bars."),
 ) -> None:
-    """Train three experts (σ = 0.25, 0.5, 1.0), build the radius tables, train the router,
-    certify test images and report: every expert, Multiscale, dual RS, and the oracle.
+    """Train three experts (σ = 0.25, 0.5, 1.0), fit a gate router on a val split (the σ = 1
+    expert's own uncertainty picks the expert), certify test images and report: dual RS under
+    every composition rule (headline: agreement-aware), every expert, Multiscale and the oracle,
+    each with its regret to the best single expert.
 
     A rerun reuses what the workspace holds (experts, tables, router, certificates).
     """
