@@ -231,11 +231,11 @@ def fit_biases(
     if rule == "min":
         raise UsageError("biases need the pairwise or agreement rule: min ignores them.")
     a_router, a_expert = split_alpha(alpha, alpha_router)
+    alphas = {"alpha_router": a_router, "alpha_expert": a_expert}
     grid, env = envelope_of(vc, alpha, step)
     tried = []
     for rest in itertools.product(grid_values, repeat=len(vc.sigmas) - 1):
         biases = [0.0, *map(float, rest)]
-        alphas = {"alpha_router": a_router, "alpha_expert": a_expert}
         decided = decide_all(rule, router_sel, router_est, vc, sigma_e=sigma_e, biases=biases,
                              **alphas)  # fmt: skip
         tried.append({"biases": biases, **_candidate(*decided, vc, grid, env)})
