@@ -10,6 +10,8 @@ Designs (names for --only):
   learned-bias   the same router with per-expert biases on Phi^-1(q) fitted on val (design b)
   gate           experts that gate themselves: the sigma_e expert's entropy, thresholds fitted
                  on val (design a, `router train --kind gate`)
+  class-gate     the same with one threshold row per class the copy predicts on the draw
+                 (`router train --kind class-gate`)
 
     python benchmarks/routing_study.py runs/fm/gaussian --out docs/results/routing-fm.json
 
@@ -39,7 +41,7 @@ from rsrouter.router.model import RouterModel
 from rsrouter.router.tables import workspace_dataset
 from rsrouter.runtime import resolve_device
 
-DESIGNS = ("learned", "learned-bias", "gate")
+DESIGNS = ("learned", "learned-bias", "gate", "class-gate")
 RADII = ("0", "0.5", "1", "1.5")
 GRID = [0.0, 0.5, 1.0, 1.5]
 
@@ -94,9 +96,10 @@ def main(argv=None) -> int:
             dual = DualSmoothed(learned, learned.sigma_e, list(experts.values()),
                                 rule=args.rule, biases=biases)  # fmt: skip
         else:
-            folder = Path(ws.artifacts) / "study" / f"gate-{args.rule}"
+            folder = Path(ws.artifacts) / "study" / f"{design}-{args.rule}"
             gate, tried, _ = train_gate_workspace(ws, device=device, progress=progress,
-                                                  folder=folder, rule=args.rule)  # fmt: skip
+                                                  folder=folder, rule=args.rule,
+                                                  router_overrides={"kind": design})  # fmt: skip
             fit = {"gate": gate.gate, "tried": tried}
             dual = DualSmoothed(gate.to(device), gate.sigma_e, list(experts.values()),
                                 rule=args.rule)  # fmt: skip

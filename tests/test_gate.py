@@ -14,12 +14,15 @@ from rsrouter.router.model import RouterModel
 from rsrouter.smoothing import ROUTER_ESTIMATION, sample_counts
 
 
-def gate_router(thresholds, order=(1, 0), seed=0) -> RouterModel:
+def gate_router(thresholds, order=(1, 0), seed=0, class_thresholds=None) -> RouterModel:
     expert = small_cnn_expert(0.5, num_classes=3, seed=seed)
+    gate = {"thresholds": list(thresholds), "order": list(order), "classes": 3}
+    if class_thresholds is not None:
+        gate["class_thresholds"] = [list(row) for row in class_thresholds]
     router = RouterModel(
         arch="small_cnn", arch_args={"width": 2}, expert_names=["a", "b"], sigmas=[0.25, 0.5],
         fingerprints=["x", "y"], in_chans=1, input_size=[8, 8], mean=[0.0], std=[1.0],
-        gate={"thresholds": list(thresholds), "order": list(order), "classes": 3},
+        gate=gate,
     )  # fmt: skip
     router.classifier.load_state_dict(expert.classifier.state_dict())
     return router.eval()
@@ -50,6 +53,56 @@ def test_gate_counts_from_score_bins_equal_the_gate_routers_own_counts():
         assert np.array_equal(gates.counts_for(bins, [cut], [1, 0]), own), cut
 
 
+def test_class_gate_counts_from_class_bins_equal_the_class_gate_routers_own_counts():
+    """The same for a class gate: (predicted class, score bin) counts split by each class's own
+    cut give the counts of the class-gate router with those rows, under the same noise."""
+    torch.manual_seed(2)
+    xs = torch.rand(6, 1, 8, 8)
+    edges = gates.bin_edges(5)
+    kw = {"seed": 4, "indices": list(range(6)), "stage": ROUTER_ESTIMATION}
+    binner = gates.ScoreBins(gate_router([1.0]), edges, per_class=True)
+    assert binner.num_classes == 15
+    bins = sample_counts(binner, xs, 0.5, 64, num_classes=15, **kw).numpy()
+    plain = sample_counts(gates.ScoreBins(gate_router([1.0]), edges), xs, 0.5, 64,
+                          num_classes=5, **kw).numpy()  # fmt: skip
+    assert np.array_equal(bins.reshape(6, 3, 5).sum(axis=1), plain)  # same draws, same bins
+    for cuts in ([(0,), (5,), (2,)], [(3,), (1,), (4,)]):
+        rows = [gates.cut_thresholds(c, edges) for c in cuts]
+        router = gate_router([0.5], class_thresholds=rows)
+        assert router.kind == "class-gate"
+        own = sample_counts(router, xs, 0.5, 64, num_classes=2, **kw).numpy()
+        assert np.array_equal(gates.class_counts_for(bins, cuts, [1, 0]), own), cuts
+
+
+def test_fit_class_gate_gives_each_class_its_own_threshold():
+    """Inputs predicted as class 0 need the small sigma when uncertain, inputs of class 1 do
+    not: a shared threshold must trade one against the other, a row per class need not."""
+    from rsrouter.composition.tuning import ValidationCounts, fit_class_gate, fit_gate
+
+    n = 400
+    labels = np.zeros(8, dtype=np.int64)
+    # inputs 0-3 predicted class 0, 4-7 class 1; all draws of each in the middle score bin (1)
+    mid = np.zeros((8, 2, 3), dtype=np.int64)
+    mid[:4, 0, 1] = n
+    mid[4:, 1, 1] = n
+    est_bins = mid.reshape(8, 6)
+    right, wrong = [n, 0], [0, n]
+    # class-0 inputs: only expert 0 (sigma 0.25) is right; class-1 inputs: only expert 1
+    est = [np.array([right] * 4 + [wrong] * 4), np.array([wrong] * 4 + [right] * 4)]
+    vc = ValidationCounts(labels, [e // 4 for e in est], est, [0.25, 1.0])
+    fit = {"sigma_e": 1.0, "alpha": 0.01, "rule": "min"}
+    gate, tried = fit_class_gate(est_bins // 4, est_bins, vc, classes=2, **fit)
+    shared, _ = fit_gate(mid.sum(axis=1) // 4, mid.sum(axis=1), vc, **fit)
+    assert gate["thresholds"] == shared["thresholds"]  # the start: the best shared row
+    rows = gate["class_thresholds"]
+    assert rows[0][0] < gates.bin_edges(3)[1] <= rows[1][0]  # class 0 -> sigma 0.25 band
+    best = min(tried, key=lambda t: (round(t["regret"], 2), -t["acr"]))
+    assert best["routed"] == [0.5, 0.5]
+    start = [t for t in tried if t["class"] is None]
+    assert len(start) == 4
+    assert all(t["regret"] >= best["regret"] and t["acr"] < best["acr"] for t in start)
+
+
 def test_gate_spec_is_checked():
     from rsrouter.errors import UsageError
 
@@ -57,9 +110,24 @@ def test_gate_spec_is_checked():
         gates.check_gate({"thresholds": [0.5, 0.2], "order": [0, 1, 2], "classes": 3}, [1, 2, 3])
     with pytest.raises(UsageError, match="each of the 2 experts once"):
         gates.check_gate({"thresholds": [0.5], "order": [0, 0], "classes": 3}, [1, 2])
+    with pytest.raises(UsageError, match="needs 3 rows"):
+        gates.check_gate(
+            {"thresholds": [0.5], "order": [0, 1], "classes": 3, "class_thresholds": [[0.1]]},
+            [1, 2],
+        )
+    with pytest.raises(UsageError, match="row 1 must have 1 values"):
+        gates.check_gate(
+            {"thresholds": [0.5], "order": [0, 1], "classes": 2,
+             "class_thresholds": [[0.1], [0.1, 0.2]]},
+            [1, 2],
+        )  # fmt: skip
     router = gate_router([0.4])
     again = RouterModel.from_config(json.loads(json.dumps(router.config())))
     assert again.gate == router.gate and again.kind == "gate"
+    router = gate_router([0.4], class_thresholds=[[0.1], [0.5], [0.9]])
+    again = RouterModel.from_config(json.loads(json.dumps(router.config())))
+    assert again.gate == router.gate and again.kind == "class-gate"
+    assert router.fingerprint != gate_router([0.4]).fingerprint  # the rows are in the config
 
 
 def test_fit_gate_picks_the_thresholds_with_least_val_regret():
@@ -115,6 +183,16 @@ def test_router_train_kind_gate_end_to_end(tmp_path, monkeypatch, capsys):
     assert router.kind == "gate" and router.info["tuning"]["split"] == "val"
     tried = json.loads((ws.artifacts / "router" / "tuning.json").read_text())["tried"]
     assert len(tried) == 5  # one cut among the 5 bin boundaries
+    assert run(["certify", *w]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    read.clear()
+    assert run(["train", "--kind", "class-gate", *w]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "class-gate router: a copy of g0.5" in out, out
+    assert "entropy thresholds per predicted class" in out and "on 12 val inputs" in out, out
+    assert read == ["train"]
+    router = RouterModel.from_pretrained(ws.artifacts / "router")
+    assert router.kind == "class-gate" and len(router.gate["class_thresholds"]) == 10
     assert run(["certify", *w]) == 0, capsys.readouterr().err
 
 

@@ -26,6 +26,7 @@ from rsrouter.experts.train import (
     train_expert,
 )
 from rsrouter.io import read_json
+from rsrouter.router.train import GATE_KINDS
 from rsrouter.runtime import resolve_device
 from rsrouter.smoothing import check_count, check_sigma
 
@@ -95,9 +96,11 @@ class PipelineConfig:
                 check_count(name, getattr(self, name))
         if self.classifier_noise < 0:
             raise UsageError("classifier_noise must be non-negative (0 = clean training).")
-        if self.router_kind not in ("learned", "gate"):
-            raise UsageError(f"router_kind must be learned or gate, got {self.router_kind!r}.")
-        if self.router_kind == "gate" and not self.validation:
+        if self.router_kind not in ("learned", *GATE_KINDS):
+            raise UsageError(
+                f"router_kind must be learned, gate or class-gate, got {self.router_kind!r}."
+            )
+        if self.router_kind in GATE_KINDS and not self.validation:
             raise UsageError("a gate router is fitted on a val split: set validation > 0.")
         if self.router_denoiser and self.expert_kind != "denoised":
             raise UsageError("router_denoiser needs expert_kind='denoised' (the trained DDPM).")
@@ -176,7 +179,7 @@ def configure_workspace(ws, config: PipelineConfig, experts: Sequence[str]) -> N
             "arch_args": config.router_arch_args,
             "denoiser": experts[0] if config.router_denoiser else None,
         },
-        "tune": {"bins": config.gate_bins} if config.router_kind == "gate" else {},
+        "tune": {"bins": config.gate_bins} if config.router_kind in GATE_KINDS else {},
         "train": {
             "epochs": config.router_epochs,
             "batch_size": config.router_batch_size,
@@ -330,7 +333,7 @@ def build_radius_tables(ws, config: PipelineConfig, device):
 def train_the_router(ws, config: PipelineConfig, device):
     """Train the router on the tables (resumes from its last epoch checkpoint), or fit a gate
     router on the val split."""
-    if config.router_kind == "gate":
+    if config.router_kind in GATE_KINDS:
         from rsrouter.composition.tuning import train_gate_workspace
 
         return train_gate_workspace(ws, device=device, progress=config.progress)[0]

@@ -117,9 +117,10 @@ def train_cmd(
     ),
     kind: str = typer.Option(
         None,
-        help="Router design: learned (the paper's, trained on the tables), class-map, or gate "
+        help="Router design: learned (the paper's, trained on the tables), class-map, gate "
         "(the sigma_e expert's own uncertainty picks the expert; thresholds fitted on the val "
-        "split). Default: workspace [router] kind, else learned.",
+        "split) or class-gate (a gate with thresholds per predicted class). Default: workspace "
+        "[router] kind, else learned.",
     ),
     class_map: str = typer.Option(
         None,
@@ -131,7 +132,7 @@ def train_cmd(
     workspace: Path = WORKSPACE,
 ) -> None:
     """Train the router on the radius tables (missing columns are built first); resumes."""
-    from rsrouter.router.train import router_kind, router_settings, train_workspace
+    from rsrouter.router.train import GATE_KINDS, router_kind, router_settings, train_workspace
 
     ws = Workspace.open(workspace)
     hold_lock(ctx, ws, "train")
@@ -149,7 +150,7 @@ def train_cmd(
         init=init,
         class_map=_parse_class_map(class_map),
     )
-    if router_kind(router_settings(ws, **router_overrides)) == "gate":
+    if router_kind(router_settings(ws, **router_overrides)) in GATE_KINDS:
         _train_gate(ws, device, router_overrides)
         return
     from rsrouter import distributed
@@ -185,13 +186,22 @@ def _train_gate(ws, device: str, router_overrides: dict) -> None:
         f"{name} {100 * share:.0f} %"
         for name, share in zip(router.expert_names, chosen["routed"], strict=True)
     )
+    rows = router.gate.get("class_thresholds")
+    fitted = (
+        f"entropy thresholds {_thresholds(router.gate['thresholds'])}"
+        if rows is None
+        else f"entropy thresholds per predicted class ({'; '.join(map(_thresholds, rows))})"
+    )
     console.print(
-        f"gate router: a copy of {router.info['init']}; entropy thresholds "
-        f"{', '.join(f'{t:g}' for t in router.gate['thresholds'])} chosen among {len(tried)} "
-        f"on {router.info['tuning']['inputs']} val inputs (val regret "
+        f"{router.kind} router: a copy of {router.info['init']}; {fitted} chosen among "
+        f"{len(tried)} on {router.info['tuning']['inputs']} val inputs (val regret "
         f"{chosen['regret']:.1f} points, ACR {chosen['acr']:.3f}; routed {shares}).\n"
         f"saved to {folder} (every candidate in tuning.json)\nnext: `router certify`."
     )
+
+
+def _thresholds(row) -> str:
+    return ", ".join(f"{t:g}" for t in row)
 
 
 def _parse_class_map(text: str | None) -> dict | None:

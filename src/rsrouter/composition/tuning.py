@@ -66,11 +66,17 @@ def envelope_of(vc: ValidationCounts, alpha: float, step: float = 0.25):
 
 
 def decide_all(rule, router_sel, router_est, vc: ValidationCounts, *, sigma_e, alpha_router,
-               alpha_expert, biases=None):  # fmt: skip
+               alpha_expert, biases=None, memo: dict | None = None):  # fmt: skip
     """``rule`` decided for every val input from counts, exactly as a certify run decides it:
-    (prediction, radius, routed expert or -1) arrays."""
+    (prediction, radius, routed expert or -1) arrays. ``memo`` (one dict per fit: the rule,
+    sigma_e, alphas and biases must not change) keeps each input's decision by its router
+    counts, so candidates that change few inputs' counts cost little."""
     out = []
     for i in range(len(vc.labels)):
+        key = (i, tuple(router_sel[i]), tuple(router_est[i]))
+        if memo is not None and key in memo:
+            out.append(memo[key])
+            continue
         cert = decide(
             rule, (router_sel[i], router_est[i]),
             [(s[i], e[i]) for s, e in zip(vc.selection, vc.estimation, strict=True)],
@@ -78,6 +84,8 @@ def decide_all(rule, router_sel, router_est, vc: ValidationCounts, *, sigma_e, a
             alpha_expert=alpha_expert, biases=biases,
         )  # fmt: skip
         out.append((cert.prediction, cert.radius, cert.expert))
+        if memo is not None:
+            memo[key] = out[-1]
     pred, radius, routed = (np.array(v) for v in zip(*out, strict=True))
     return pred, radius.astype(float), routed
 
@@ -169,14 +177,17 @@ def validation_counts(
 ROUTER_TUNING_STAGES = (TUNING_STAGE + ROUTER_SELECTION, TUNING_STAGE + ROUTER_ESTIMATION)
 
 
-def bin_counts(router, dataset, artifacts, *, size: int, bins: int = gates.BINS, **counting):
+def bin_counts(router, dataset, artifacts, *, size: int, bins: int = gates.BINS,
+               per_class: bool = False, **counting):  # fmt: skip
     """(selection, estimation) counts (N, bins) of the gate router's score bins in the router's
-    tuning stages: the gate's counts for thresholds on the bin edges are their sums."""
-    model = gates.ScoreBins(router, gates.bin_edges(bins)).eval()
-    path = _tuning_path(artifacts, f"gate-bins{bins}", router.fingerprint, dataset,
-                        counting["n0"], counting["n"], counting["seed"], counting)  # fmt: skip
-    return tuning_counts(model, dataset, path, sigma=router.sigma_e, width=bins, size=size,
-                         stages=ROUTER_TUNING_STAGES, **counting)  # fmt: skip
+    tuning stages (per_class: (N, classes * bins), class-major): the gate's counts for
+    thresholds on the bin edges are their sums."""
+    model = gates.ScoreBins(router, gates.bin_edges(bins), per_class=per_class).eval()
+    what = f"gate-{'class-' if per_class else ''}bins{bins}"
+    path = _tuning_path(artifacts, what, router.fingerprint, dataset, counting["n0"],
+                        counting["n"], counting["seed"], counting)  # fmt: skip
+    return tuning_counts(model, dataset, path, sigma=router.sigma_e, width=model.num_classes,
+                         size=size, stages=ROUTER_TUNING_STAGES, **counting)  # fmt: skip
 
 
 # ---------------------------------------------------------------- fitting
@@ -200,15 +211,84 @@ def fit_gate(
     order = list(order if order is not None else gates.default_order(vc.sigmas))
     grid, env = envelope_of(vc, alpha, step)
     edges = gates.bin_edges(sel_bins.shape[1])
+    memo: dict = {}
     tried = []
     for cuts in gates.threshold_grid(sel_bins.shape[1], len(order)):
         rs, re = gates.counts_for(sel_bins, cuts, order), gates.counts_for(est_bins, cuts, order)
         decided = decide_all(rule, rs, re, vc, sigma_e=sigma_e, alpha_router=a_router,
-                             alpha_expert=a_expert)  # fmt: skip
+                             alpha_expert=a_expert, memo=memo)  # fmt: skip
         tried.append({"thresholds": gates.cut_thresholds(cuts, edges),
                       **_candidate(*decided, vc, grid, env)})  # fmt: skip
     best = _best(tried)
     return {"score": "entropy", "thresholds": best["thresholds"], "order": order}, tried
+
+
+def _rank(t: dict) -> tuple:
+    return (round(t["regret"], 2), -t["acr"])
+
+
+def fit_class_gate(
+    sel_bins: np.ndarray,
+    est_bins: np.ndarray,
+    vc: ValidationCounts,
+    *,
+    classes: int,
+    sigma_e: float,
+    alpha: float,
+    alpha_router: float | None = None,
+    rule: str = "min",
+    order: Sequence[int] | None = None,
+    step: float = 0.25,
+    sweeps: int = 2,
+) -> tuple[dict, list[dict]]:
+    """Class-gate thresholds from (N, classes * bins) class-major bin counts of the val split.
+
+    Coordinate descent on the val regret (ties to the larger ACR): it starts from the best
+    thresholds shared by every class, then, class by class, tries every threshold row for that
+    class with the others held, keeping a row only if it scores strictly better; ``sweeps``
+    passes over the classes at most. Returns (gate spec without "classes", every candidate:
+    the shared rows first, then {"class", "thresholds"} per row tried).
+    """
+    a_router, a_expert = split_alpha(alpha, alpha_router)
+    order = list(order if order is not None else gates.default_order(vc.sigmas))
+    bins = sel_bins.shape[1] // classes
+    if bins * classes != sel_bins.shape[1] or bins < 2:
+        raise UsageError(f"class-gate bin counts of width {sel_bins.shape[1]} do not split into "
+                         f"{classes} classes of score bins.")  # fmt: skip
+    grid, env = envelope_of(vc, alpha, step)
+    edges = gates.bin_edges(bins)
+    memo: dict = {}
+
+    def score(class_cuts) -> dict:
+        rs = gates.class_counts_for(sel_bins, class_cuts, order)
+        re = gates.class_counts_for(est_bins, class_cuts, order)
+        decided = decide_all(rule, rs, re, vc, sigma_e=sigma_e, alpha_router=a_router,
+                             alpha_expert=a_expert, memo=memo)  # fmt: skip
+        return _candidate(*decided, vc, grid, env)
+
+    candidates = list(gates.threshold_grid(bins, len(order)))
+    tried = [{"class": None, "thresholds": gates.cut_thresholds(cuts, edges),
+              **score([cuts] * classes)} for cuts in candidates]  # fmt: skip
+    best = _best(tried)
+    shared = next(c for c, t in zip(candidates, tried, strict=False) if t is best)
+    current = [shared] * classes
+    for _ in range(sweeps):
+        changed = False
+        for c in range(classes):
+            for cuts in candidates:
+                if cuts == current[c]:
+                    continue
+                trial = [*current[:c], cuts, *current[c + 1 :]]
+                t = {"class": c, "thresholds": gates.cut_thresholds(cuts, edges), **score(trial)}
+                tried.append(t)
+                if _rank(t) < _rank(best):
+                    best, current, changed = t, trial, True
+        if not changed:
+            break
+    rows = [gates.cut_thresholds(cuts, edges) for cuts in current]
+    spec = {"score": "entropy", "thresholds": gates.cut_thresholds(shared, edges),
+            "class_thresholds": rows, "order": order}  # fmt: skip
+    return spec, tried
 
 
 BIAS_GRID = tuple(np.round(np.arange(-1.5, 1.51, 0.25), 2))
@@ -247,6 +327,14 @@ def fit_biases(
 TUNE_DEFAULTS = {"limit": 500, "bins": gates.BINS, "step": 0.25}
 
 
+def _chosen(tried: list[dict], gate: dict) -> dict:
+    """The scores of the fitted gate: the best candidate tried (for a class gate, the last row
+    kept)."""
+    if "class_thresholds" in gate:
+        return _best(tried)
+    return next(t for t in tried if t["thresholds"] == gate["thresholds"])
+
+
 def _val_setup(ws, device):
     """([tune] settings, [certify] settings, the val split, the sampling keywords)."""
     from rsrouter.composition.certify_run import certify_settings
@@ -282,15 +370,24 @@ def train_gate_workspace(
     folder: str | Path | None = None,
     rule: str | None = None,
 ):
-    """`router train --kind gate`: copy the sigma_e expert, fit its thresholds on the val split
-    ([tune] limit inputs; [certify] n0 / n / alpha / seed; ``rule``, default [certify] rule),
-    save the router (default: the workspace's router folder) and ``tuning.json`` (every
-    candidate tried). Returns (router, tried, folder)."""
+    """`router train --kind gate` (or ``class-gate``): copy the sigma_e expert, fit its
+    thresholds on the val split ([tune] limit inputs; [certify] n0 / n / alpha / seed; ``rule``,
+    default [certify] rule), save the router (default: the workspace's router folder) and
+    ``tuning.json`` (every candidate tried). Returns (router, tried, folder)."""
     from rsrouter.io import write_json
-    from rsrouter.router.train import build_router, router_folder, router_settings
+    from rsrouter.router.train import (
+        GATE_KINDS,
+        build_router,
+        router_folder,
+        router_kind,
+        router_settings,
+    )
 
     device = resolve_device(device)
-    settings = {**router_settings(ws, **(router_overrides or {})), "kind": "gate", "gate": None}
+    settings = router_settings(ws, **(router_overrides or {}))
+    kind = router_kind(settings)
+    kind = kind if kind in GATE_KINDS else "gate"
+    settings = {**settings, "kind": kind, "gate": None}
     tune, c, val, common = _val_setup(ws, device)
     rule = check_rule(rule or c.get("rule") or "min")
     experts = ws.load_experts(device=device)
@@ -298,18 +395,22 @@ def train_gate_workspace(
     router = build_router(experts, settings, info=info).to(device).eval()
     vc = validation_counts(list(experts.values()), val, ws.artifacts, limit=tune["limit"],
                            progress=progress, **common)  # fmt: skip
+    per_class = kind == "class-gate"
     sel, est = bin_counts(router, val, ws.artifacts, size=len(vc.labels), bins=tune["bins"],
-                          **common)  # fmt: skip
-    alphas = {"alpha": c["alpha"], "alpha_router": c["alpha_router"]}
-    gate, tried = fit_gate(sel, est, vc, sigma_e=router.sigma_e, rule=rule, step=tune["step"],
-                           **alphas)  # fmt: skip
+                          per_class=per_class, **common)  # fmt: skip
+    fit = {"sigma_e": router.sigma_e, "rule": rule, "step": tune["step"], "alpha": c["alpha"],
+           "alpha_router": c["alpha_router"]}  # fmt: skip
+    if per_class:
+        gate, tried = fit_class_gate(sel, est, vc, classes=router.gate["classes"], **fit)
+    else:
+        gate, tried = fit_gate(sel, est, vc, **fit)
     info["tuning"] = {
         "split": "val",
         "inputs": len(vc.labels),
         "dataset": val.fingerprint,
         "rule": rule,
         "objective": "least worst-case regret to the single-expert envelope, then ACR",
-        "chosen": next(t for t in tried if t["thresholds"] == gate["thresholds"]),
+        "chosen": _chosen(tried, gate),
     }
     router = build_router(experts, {**settings, "gate": gate}, info=info).eval()
     folder = Path(folder) if folder is not None else router_folder(ws)

@@ -31,7 +31,12 @@ from rsrouter.experts.denoiser import OneStepDenoiser
 from rsrouter.experts.expert import load_denoiser
 from rsrouter.experts.nets import build_classifier, normalize
 from rsrouter.io import read_json, reading, sha256_json, write_json, write_safetensors
-from rsrouter.router.gate import check_gate, normalized_entropy, route_by_score
+from rsrouter.router.gate import (
+    check_gate,
+    normalized_entropy,
+    route_by_class_score,
+    route_by_score,
+)
 from rsrouter.smoothing import check_sigma
 
 FORMAT = "rsrouter.router/1"
@@ -102,6 +107,9 @@ class RouterModel(nn.Module):
                 "_thresholds", torch.tensor(self.gate["thresholds"]), persistent=False
             )
             self.register_buffer("_order", torch.tensor(self.gate["order"]), persistent=False)
+            rows = self.gate.get("class_thresholds")
+            if rows is not None:
+                self.register_buffer("_rows", torch.tensor(rows), persistent=False)
             outputs = self.gate["classes"]
         elif self.class_map is not None:
             outputs = len(self.class_map)
@@ -131,8 +139,10 @@ class RouterModel(nn.Module):
 
     @property
     def kind(self) -> str:
-        """learned (the paper's), class-map or gate."""
-        return "gate" if self.gate else "class-map" if self.class_map is not None else "learned"
+        """learned (the paper's), class-map, gate or class-gate."""
+        if self.gate:
+            return "class-gate" if "class_thresholds" in self.gate else "gate"
+        return "class-map" if self.class_map is not None else "learned"
 
     def expert_logits(self, x: torch.Tensor) -> torch.Tensor:
         """The classifier's logits on x (after the denoiser, if any)."""
@@ -142,7 +152,10 @@ class RouterModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.expert_logits(x)
-        if self.gate is not None:
+        if self.gate is not None and "class_thresholds" in self.gate:
+            score = normalized_entropy(logits)
+            routes = route_by_class_score(score, logits.argmax(dim=-1), self._rows, self._order)
+        elif self.gate is not None:
             routes = route_by_score(normalized_entropy(logits), self._thresholds, self._order)
         elif self.class_map is not None:
             routes = self._routes[logits.argmax(dim=1)]  # one vote for the mapped expert

@@ -349,12 +349,14 @@ def train_router(
 
 # ---------------------------------------------------------------- workspace level
 
-KINDS = ("learned", "class-map", "gate")
+GATE_KINDS = ("gate", "class-gate")  # fitted on the val split, not trained on the tables
+KINDS = ("learned", "class-map", *GATE_KINDS)
 
 ROUTER_DEFAULTS = {
     # learned: the paper's router, trained on the radius tables; class-map: see class_map;
     # gate: a copy of the sigma_e expert whose own uncertainty on x + δ picks the expert through
-    # thresholds fitted on the val split (router/gate.py, composition/tuning.py)
+    # thresholds fitted on the val split (router/gate.py, composition/tuning.py); class-gate: a
+    # gate with one threshold row per class the copy predicts on the draw
     "kind": None,  # None = class-map when class_map is set, else learned
     "arch": "small_cnn",
     "arch_args": {},
@@ -483,7 +485,7 @@ def build_router(experts: dict, settings: dict, *, seed: int = 0, info=None) -> 
         raise UsageError("no experts are registered: add one with `router add-expert` first.")
     kind = router_kind(settings)
     class_map = settings.get("class_map")
-    copy = kind in ("class-map", "gate")  # a whole copy of one classifier expert
+    copy = kind in ("class-map", *GATE_KINDS)  # a whole copy of one classifier expert
     init = class_map_source(experts, settings) if copy else settings.get("init")
     if init and init not in experts:
         raise UsageError(f"router init {init!r} is not a registered expert.")
@@ -491,7 +493,7 @@ def build_router(experts: dict, settings: dict, *, seed: int = 0, info=None) -> 
     config = getattr(first, "config", None)
     if copy and settings.get("denoiser"):
         raise UsageError(f"a {kind} router takes no denoiser: it copies a classifier expert.")
-    if kind == "gate":
+    if kind in GATE_KINDS:
         sigmas = [e.sigma for e in experts.values()]
         gate = settings.get("gate") or {
             "thresholds": [1.0] * (len(experts) - 1),  # unfitted: all to the largest sigma
@@ -560,7 +562,7 @@ def train_workspace(
     device = ctx.device(device) if ctx is not None else resolve_device(device)
     config = RouterTrainConfig.from_settings(ws.settings("train"), **(train_overrides or {}))
     settings = router_settings(ws, **(router_overrides or {}))
-    if router_kind(settings) == "gate":
+    if router_kind(settings) in GATE_KINDS:
         raise UsageError(
             "a gate router is fitted on the val split: use `router train --kind gate` "
             "(rsrouter.composition.tuning.train_gate_workspace)."
