@@ -17,6 +17,7 @@ from rsrouter.router.train import (
     RouterTrainConfig,
     balance_weights,
     consistency_weights,
+    radius_utility,
     router_loss,
     soft_labels,
     train_router,
@@ -43,6 +44,25 @@ def test_soft_labels_and_balance_weights():
     # best experts 0, 1, 1, 1: q = (1/4, 3/4) -> w_e = 4, 4/3, 4/3, 4/3
     w = balance_weights(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.2, 0.3], [0.0, 0.5]]))
     assert w.tolist() == pytest.approx([4.0, 4 / 3, 4 / 3, 4 / 3])
+
+
+def test_utility_target_values_rare_radii_and_is_sharp_where_radii_are_small():
+    # rows: only expert 0 certifies (0.4); only expert 2 (1.0); all three, 2 the furthest
+    radii = torch.tensor([[0.4, 0.0, 0.0], [0.0, 0.0, 1.0], [0.3, 0.3, 1.2]])
+    u = radius_utility(radii, step=0.25)
+    # grid r = 0, .25, .5, .75, 1: the best expert certifies 2 of the 3 rows at every r (expert 2;
+    # expert 0 too at r = 0 and .25), so env = 2/3 and each certified r is worth 1.5
+    assert u[0].tolist() == pytest.approx([2 * 1.5, 0.0, 0.0])  # r = 0, 0.25
+    assert u[1].tolist() == pytest.approx([0.0, 0.0, 5 * 1.5])  # r = 0 ... 1
+    assert u[2].tolist() == pytest.approx([2 * 1.5, 2 * 1.5, 5 * 1.5])  # 1.2: r <= 1 counts
+    y = soft_labels(u[:1], 1.0)[0]
+    assert y[0] > 0.9 > 0.43 > soft_labels(radii[:1], 1.0)[0, 0]  # the paper's: (.43, .29, .29)
+    sparse = radius_utility(torch.tensor([[0.0, 2.0], [0.6, 0.0], [0.6, 0.0], [0.6, 0.0]]))
+    assert sparse[0, 1] == pytest.approx(3 * 4 / 3 + 6 * 4.0)  # r > 0.6: env 1/4, worth 4
+    with pytest.raises(UsageError, match="target must be one of"):
+        RouterTrainConfig(target="margin")
+    assert "target" not in RouterTrainConfig().to_dict()  # old run keys unchanged
+    assert RouterTrainConfig(target="utility").to_dict()["target"] == "utility"
 
 
 def test_consistency_weights_pick_the_smallest_or_largest_routed_sigma():
@@ -125,16 +145,16 @@ def make_router(experts, seed=0, **kw):
 FAST = dict(epochs=6, batch_size=32, lr=0.01, consistency_lambda=1.0, soft_label_scale=0.05, seed=0)
 
 
-def test_trained_router_sends_inputs_to_the_right_expert(tmp_path: Path):
+@pytest.mark.parametrize("target", ["radius", "utility"])
+def test_trained_router_sends_inputs_to_the_right_expert(tmp_path: Path, target: str):
     experts = {"dark": GroupExpert(0), "bright": GroupExpert(1, sigma=0.5)}
     data = group_data(192, seed=0)
     table = build_tables(experts, data, tmp_path / "art", n=20, progress=False)
     assert torch.equal(table.best, data.group)  # the best expert is known by construction
     router = make_router(experts)
     assert router.sigma_e == 0.5  # default: the largest expert sigma
-    history = train_router(
-        router, table, data.images, tmp_path / "router", RouterTrainConfig(**FAST), progress=False
-    )
+    config = RouterTrainConfig(**{**FAST, "target": target})
+    history = train_router(router, table, data.images, tmp_path / "router", config, progress=False)
     assert history[-1]["loss"] < history[0]["loss"]
     test = group_data(100, seed=1)
     counts = sample_counts(router, test.images, router.sigma_e, 20, seed=5, num_classes=2)
@@ -142,6 +162,7 @@ def test_trained_router_sends_inputs_to_the_right_expert(tmp_path: Path):
     loaded = RouterModel.from_pretrained(tmp_path / "router")
     assert loaded.fingerprint == router.fingerprint
     assert loaded.config()["training"]["epochs"] == 6 and loaded.config()["table"]["n"] == 20
+    assert loaded.config()["training"].get("target", "radius") == target
     assert torch.equal(loaded(test.images), router(test.images))
     loaded.check_experts(list(experts), [e.fingerprint for e in experts.values()])
     with pytest.raises(UsageError, match="order"):

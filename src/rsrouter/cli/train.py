@@ -103,6 +103,11 @@ def train_cmd(
     weighting: str = typer.Option(None, help="Consistency weight w_r: none, weak or strong."),
     balance: bool = typer.Option(None, "--balance/--no-balance", help="Class balance w_e."),
     label_scale: float = typer.Option(None, "--label-scale", help="T in softmax(R / T) (1)."),
+    target: str = typer.Option(
+        None,
+        help="Soft labels of a learned router: radius (softmax(R / T), the paper's) or utility "
+        "(softmax(U / T), each radius valued by how rare it is among the experts).",
+    ),
     seed: int = typer.Option(None, help="Initialisation, shuffling and noise seed (0)."),
     arch: str = typer.Option(None, help="Router architecture (built-in or timm; small_cnn)."),
     sigma_e: float = typer.Option(None, "--sigma-e", help="Router sigma (largest expert σ)."),
@@ -140,7 +145,7 @@ def train_cmd(
         epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
         consistency_lambda=lam, consistency_eta=eta, noise_copies=copies,
         consistency_weight=weighting, balance=balance, soft_label_scale=label_scale, seed=seed,
-        head_only=head_only,
+        head_only=head_only, target=target,
     )  # fmt: skip
     router_overrides = dict(
         kind=kind,

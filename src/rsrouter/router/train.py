@@ -1,7 +1,9 @@
 """Training the router on radius tables (the paper's §5.2.1 objective).
 
-L = E_x[ w_e(x) · ( softCE(x) + w_r(x) · L_con(x) ) ] with soft labels softmax(R / T), class
-balance w_e = 1/q_best(x), and the consistency term of Jeong & Shin (2020) over m noisy copies,
+L = E_x[ w_e(x) · ( softCE(x) + w_r(x) · L_con(x) ) ] with soft labels softmax(R / T) (or,
+with ``target = "utility"``, softmax(U / T) where U values each radius by how rare it is: see
+``radius_utility``), class balance w_e = 1/q_best(x), and the consistency term of Jeong & Shin
+(2020) over m noisy copies,
 L_con = λ · mean_j KL(p̄ ‖ p_j) + η · H(p̄), weighted per input by w_r (none = 1, weak / strong =
 the radius of the smallest / largest sigma the router picks among the copies, over C). Inputs
 that no expert certifies are dropped. AdamW with lr × gamma every ``lr_step`` epochs; an atomic
@@ -29,6 +31,7 @@ from rsrouter.router.tables import TABLE_STAGE, RadiusTable
 from rsrouter.smoothing import check_count
 
 WEIGHTINGS = ("none", "weak", "strong")
+TARGETS = ("radius", "utility")  # what the soft labels are a softmax of
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,7 @@ class RouterTrainConfig:
     soft_label_scale: float = 1.0  # T in softmax(R / T)
     seed: int = 0
     head_only: bool = False  # train the output layer only: a probe on [router] init's features
+    target: str = "radius"  # soft labels softmax(R / T) (the paper's) or softmax(U / T) (utility)
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "noise_copies"):
@@ -63,6 +67,8 @@ class RouterTrainConfig:
             raise UsageError(f"consistency_weight must be one of {', '.join(WEIGHTINGS)}.")
         if self.soft_label_scale <= 0:
             raise UsageError("soft_label_scale must be positive.")
+        if self.target not in TARGETS:
+            raise UsageError(f"target must be one of {', '.join(TARGETS)}, got {self.target!r}.")
 
     @classmethod
     def from_settings(cls, settings: dict, **overrides) -> RouterTrainConfig:
@@ -82,6 +88,8 @@ class RouterTrainConfig:
         d = asdict(self)
         if not self.head_only:  # keeps the run keys of routers trained before it existed
             del d["head_only"]
+        if self.target == "radius":  # the same
+            del d["target"]
         return d
 
 
@@ -91,6 +99,24 @@ class RouterTrainConfig:
 def soft_labels(radii: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     """y_i = softmax_i(R_i / T) per row of (B, E) radii."""
     return torch.softmax(radii / scale, dim=-1)
+
+
+UTILITY_STEP = 0.25  # the radius grid of the utility target (the report's regret grid)
+
+
+def radius_utility(radii: torch.Tensor, step: float = UTILITY_STEP) -> torch.Tensor:
+    """U_i(x) = sum over r = 0, step, ... of [expert i certifies x at r] / env(r) per row.
+
+    env(r) is the best single expert's certified share at r over the table's rows (the
+    envelope the regret is measured against). An expert that certifies x to a radius few
+    experts reach earns much; the softmax of U is sharp where the paper's softmax(R) is flat
+    (radii (0.4, 0, 0) give targets (0.43, 0.29, 0.29)).
+    """
+    radii = radii.float()
+    grid = torch.arange(0.0, float(radii.max()) + 1e-9, step, device=radii.device)
+    certified = ((radii.unsqueeze(-1) >= grid) & (radii.unsqueeze(-1) > 0)).float()  # (N, E, G)
+    env = certified.mean(0).max(0).values.clamp_min(1.0 / len(radii))  # (G,)
+    return (certified / env).sum(-1)
 
 
 def balance_weights(radii: torch.Tensor) -> torch.Tensor:
@@ -131,8 +157,10 @@ def router_loss(
     weighting: str = "strong",
     radius_scale: float = 1.0,
     label_scale: float = 1.0,
+    targets: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The router objective on (m, B, E) logits of m noisy copies and (B, E) radii.
+    """The router objective on (m, B, E) logits of m noisy copies and (B, E) radii (the soft
+    labels are softmax(targets / T), targets = the radii unless given).
 
     Returns the loss and its parts (batch means, detached 0-d tensors on the logits' device, so
     that logging them does not wait for the device): soft_ce, kl, entropy, consistency, w_r.
@@ -141,7 +169,7 @@ def router_loss(
         raise UsageError(f"logits {tuple(logits.shape)} do not fit radii {tuple(radii.shape)}.")
     logits, radii = logits.float(), radii.float()
     log_p = F.log_softmax(logits, dim=-1)
-    y = soft_labels(radii, label_scale)
+    y = soft_labels(radii if targets is None else targets.float(), label_scale)
     soft_ce = -(y.unsqueeze(0) * log_p).sum(-1).mean(0)  # (B,)
     kl, entropy = consistency_terms(logits)
     con = lam * kl + eta * entropy
@@ -250,11 +278,12 @@ def train_router(
         raise UsageError(
             f"images have shape {tuple(images.shape[1:])}, the router takes {router.input_shape}."
         )
-    w_e = balance_weights(radii) if config.balance else torch.ones(len(radii))
+    targets = radii if config.target == "radius" else radius_utility(radii)
+    w_e = balance_weights(targets) if config.balance else torch.ones(len(radii))
     scale = float(radii.max())
     sigmas = torch.tensor(router.sigmas)
     device = torch.device(device)
-    best = radii.argmax(dim=1).to(device)
+    best = targets.argmax(dim=1).to(device)
     bf16 = device.type == "cuda"
     out_dir = Path(out_dir)
     table_info = {
@@ -327,6 +356,7 @@ def train_router(
                     weighting=config.consistency_weight,
                     radius_scale=scale,
                     label_scale=config.soft_label_scale,
+                    targets=None if targets is radii else targets[batch].to(device),
                 )
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
