@@ -41,10 +41,13 @@ TOL = 1e-7
 class World:
     """A random bucket router (E outputs, biased) over E threshold experts, all along s."""
 
-    def __init__(self, seed: int, width: int = 3, sigma_e: float = 0.5, biased: bool = True):
+    def __init__(self, seed: int, width: int = 3, sigma_e: float = 0.5, biased: bool = True,
+                 mapping=None):  # fmt: skip
         rng = np.random.default_rng(seed)
         self.width, self.sigma_e = width, sigma_e
-        self.t = np.sort(rng.uniform(-0.8, 0.8, width - 1))
+        # bucket k of s votes for expert mapping[k] (default: bucket j for expert j)
+        self.mapping = np.arange(width) if mapping is None else np.asarray(mapping)
+        self.t = np.sort(rng.uniform(-0.8, 0.8, len(self.mapping) - 1))
         self.b = rng.normal(0, 0.4, width) if biased else np.zeros(width)
         self.sigmas = rng.choice([0.25, 0.5, 1.0], width)
         self.a = rng.choice([-1.0, 1.0], width)
@@ -62,7 +65,8 @@ class World:
         s = np.atleast_1d(np.asarray(s, dtype=np.float64))[:, None]
         edges = np.concatenate([[-np.inf], self.t, [np.inf]])
         lo, hi = (edges[None, :-1] - s) / self.sigma_e, (edges[None, 1:] - s) / self.sigma_e
-        return np.where(lo > 0, ndtr(-lo) - ndtr(-hi), ndtr(hi) - ndtr(lo))
+        buckets = np.where(lo > 0, ndtr(-lo) - ndtr(-hi), ndtr(hi) - ndtr(lo))
+        return np.stack([buckets[:, self.mapping == j].sum(1) for j in range(self.width)], 1)
 
     def route(self, s) -> np.ndarray:
         with np.errstate(divide="ignore"):
@@ -118,15 +122,38 @@ def _cases(biased: bool = True, worlds: int = 20, per_world: int = 60, seed: int
     return tuple(out)
 
 
+def gate_world(seed: int, width: int = 3) -> World:
+    """A class gate along s: the sigma_e copy predicts class [s' > c] on a draw and is less sure
+    near c, so its per-class entropy thresholds cut s' into bands (far left, near left, near
+    right, far right, ...), each sent to some expert; several bands may share one."""
+    rng = np.random.default_rng(10_000 + seed)
+    bands = width + 1 + seed % 2
+    mapping = rng.permutation(
+        np.concatenate([np.arange(width), rng.integers(0, width, bands - width)])
+    )
+    return World(seed, width=width, biased=False, mapping=mapping)
+
+
+@cache
+def _gate_cases(worlds: int = 20, per_world: int = 60, seed: int = 5):
+    rng = np.random.default_rng(seed)
+    out = []
+    for w in range(worlds):
+        world = gate_world(seed + w, width=2 + w % 2)
+        for s in rng.uniform(world.t[0] - 0.6, world.t[-1] + 0.6, per_world):
+            out.append((world, float(s), int(world.h(s)[0]), world.h_radius(float(s))))
+    return tuple(out)
+
+
 N0, N, ALPHA = 30, 300, 0.02
 A_ROUTER, A_EXPERT = split_alpha(ALPHA)
 
 
-def _run(decider, seed=1, biased=True):
+def _run(decider, seed=1, biased=True, cases=None):
     """Failures, certified inputs, mean certified / true radius, and the decisions."""
     rng = np.random.default_rng(seed)
     failures, certified, ratios, out = 0, 0, [], []
-    for world, s, cls, truth in _cases(biased):
+    for world, s, cls, truth in _cases(biased) if cases is None else cases:
         router, experts = world.counts(s, N0, N, rng)
         pred, radius, extra = decider(world, router, experts)
         if pred != ABSTAIN:
@@ -163,6 +190,17 @@ def test_every_rule_is_sound_on_ground_truth(rule):
     if rule == "agreement":  # it certifies where the router cannot tell the route
         rescued = [c for *_, c in out if c.radius_router == 0 and not c.abstained]
         assert len(rescued) > 20
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_every_rule_is_sound_for_class_gates_on_ground_truth(rule):
+    """Gate and class-gate routers send several bands of their score to one expert: the votes
+    for an expert are a sum over bands, and every rule must stay sound on them."""
+    cases = _gate_cases()
+    assert any(len(set(w.mapping)) < len(w.mapping) for w, *_ in cases)  # bands shared
+    failures, certified, ratio, _ = _run(_rule(rule), seed=3, cases=cases)
+    assert failures <= _limit(len(cases))
+    assert certified > len(cases) / 2 and ratio > 0.3
 
 
 def test_pairwise_router_radius_is_sound_and_beats_the_majority_radius():
@@ -217,6 +255,8 @@ def _pairwise_without_halving(world, router, experts):
 )
 def test_the_check_fails_deliberately_unsound_rules(unsound):
     failures, *_ = _run(unsound)
+    assert failures > _limit(CASES)
+    failures, *_ = _run(unsound, seed=3, cases=_gate_cases())  # and on the class gates
     assert failures > _limit(CASES)
 
 
