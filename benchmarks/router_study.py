@@ -145,22 +145,32 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
 # Pullover, Coat: split; the other classes: 1)
 TOPS = ("T-shirt/top", "Pullover", "Coat", "Shirt")
 VARIANTS |= {
-    "classmap-shirt0.25": ({}, {"class_map": {"Shirt": "gauss-sigma0.25"}}),
+    "classmap-shirt0.25": ({}, {"kind": "class-map", "class_map": {"Shirt": "gauss-sigma0.25"}}),
     "classmap-shirt0.25-pullcoat0.5": (
         {},
         {
+            "kind": "class-map",
             "class_map": {
                 "Shirt": "gauss-sigma0.25",
                 "Pullover": "gauss-sigma0.5",
                 "Coat": "gauss-sigma0.5",
-            }
+            },
         },
     ),  # fmt: skip
-    "classmap-tops0.5": ({}, {"class_map": dict.fromkeys(TOPS, "gauss-sigma0.5")}),
-    "classmap-tops0.25": ({}, {"class_map": dict.fromkeys(TOPS, "gauss-sigma0.25")}),
+    "classmap-tops0.5": (
+        {},
+        {"kind": "class-map", "class_map": dict.fromkeys(TOPS, "gauss-sigma0.5")},
+    ),
+    "classmap-tops0.25": (
+        {},
+        {"kind": "class-map", "class_map": dict.fromkeys(TOPS, "gauss-sigma0.25")},
+    ),
     "classmap-shirt0.25-tops0.5": (
         {},
-        {"class_map": {**dict.fromkeys(TOPS, "gauss-sigma0.5"), "Shirt": "gauss-sigma0.25"}},
+        {
+            "kind": "class-map",
+            "class_map": {**dict.fromkeys(TOPS, "gauss-sigma0.5"), "Shirt": "gauss-sigma0.25"},
+        },
     ),
 }
 

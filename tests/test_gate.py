@@ -196,6 +196,20 @@ def test_router_train_kind_gate_end_to_end(tmp_path, monkeypatch, capsys):
     assert run(["certify", *w]) == 0, capsys.readouterr().err
 
 
+def test_router_train_defaults_to_the_gate_where_there_is_a_val_split(tmp_path):
+    from rsrouter.registry import Workspace
+    from rsrouter.router.train import router_kind, router_settings
+
+    ws = Workspace.init(tmp_path / "ws")
+    assert router_kind(router_settings(ws)) == "learned"  # nothing to fit a gate on
+    ws.update_settings("data", validation=30)
+    assert router_kind(router_settings(ws)) == "gate"
+    assert router_kind(router_settings(ws, kind="learned")) == "learned"
+    assert router_kind(router_settings(ws, kind="class-map", class_map={"0": "a"})) == "class-map"
+    ws.update_settings("router", kind="learned")  # what the pipeline writes for the paper's
+    assert router_kind(router_settings(ws)) == "learned"
+
+
 def test_fit_biases_moves_the_route_where_val_says_it_pays():
     """The router leans to expert 1 on the inputs only expert 0 gets right: a negative bias on
     expert 1 (fitted on val) sends them back, while its confident votes stay with expert 1."""

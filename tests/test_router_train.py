@@ -300,6 +300,7 @@ def test_cli_tables_train_finetune_retrain(tmp_path: Path, capsys):
     assert "nothing to compute" in capsys.readouterr().out
     train = ["train", "--epochs", "2", "--batch-size", "16", "--device", "cpu", *w]
     assert run(train) == 0
+    assert "no val split in router.toml" in capsys.readouterr().out  # so: the learned router
     router = RouterModel.from_pretrained(tmp_path / "ws" / ".rsrouter" / "router")
     assert router.expert_names == ("dds-sigma0.25", "dds-sigma0.5") and router.sigma_e == 0.5
     tune = ["finetune-expert", "dds-sigma0.25", "dds-sigma0.5", "--epochs", "1", "--lr", "0.01",

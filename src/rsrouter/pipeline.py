@@ -174,7 +174,7 @@ def configure_workspace(ws, config: PipelineConfig, experts: Sequence[str]) -> N
             "batch_size": config.batch_size,
         },
         "router": {
-            "kind": config.router_kind if config.router_kind != "learned" else None,
+            "kind": config.router_kind,
             "arch": config.router_arch,
             "arch_args": config.router_arch_args,
             "denoiser": experts[0] if config.router_denoiser else None,

@@ -33,7 +33,8 @@ def certify_cmd(
     p_skip: float = typer.Option(None, "--p-skip", help="Multiscale baseline threshold (0.5)."),
     batch_size: int = typer.Option(None, "--batch-size", help="Forward batch size (1000)."),
     rule: str = typer.Option(
-        None, help="Headline composition rule: min (default), pairwise or agreement."
+        None,
+        help="Headline composition rule: agreement (default), min (the paper's) or pairwise.",
     ),
     device: str = DEVICE,
     workspace: Path = WORKSPACE,
@@ -177,7 +178,9 @@ def predict_cmd(
     alpha: float = typer.Option(0.001, help="Total failure probability."),
     alpha_router: float = typer.Option(None, "--alpha-router", help="Router share (alpha / 2)."),
     seed: int = typer.Option(0, help="Noise seed."),
-    rule: str = typer.Option(None, help="Composition rule (default: [certify] rule, or min)."),
+    rule: str = typer.Option(
+        None, help="Composition rule (default: [certify] rule, or agreement)."
+    ),
     device: str = DEVICE,
     workspace: Path = WORKSPACE,
 ) -> None:

@@ -125,7 +125,8 @@ def train_cmd(
         help="Router design: learned (the paper's, trained on the tables), class-map, gate "
         "(the sigma_e expert's own uncertainty picks the expert; thresholds fitted on the val "
         "split) or class-gate (a gate with thresholds per predicted class). Default: workspace "
-        "[router] kind, else learned.",
+        "[router] kind, else gate when the workspace has a val split ([data] validation), else "
+        "learned.",
     ),
     class_map: str = typer.Option(
         None,
@@ -147,15 +148,22 @@ def train_cmd(
         consistency_weight=weighting, balance=balance, soft_label_scale=label_scale, seed=seed,
         head_only=head_only, target=target,
     )  # fmt: skip
+    class_map = _parse_class_map(class_map)
     router_overrides = dict(
-        kind=kind,
+        kind=kind or ("class-map" if class_map else None),  # --class-map alone means class-map
         arch=arch,
         sigma_e=sigma_e,
         denoiser=denoiser,
         init=init,
-        class_map=_parse_class_map(class_map),
+        class_map=class_map,
     )
-    if router_kind(router_settings(ws, **router_overrides)) in GATE_KINDS:
+    chosen = router_kind(router_settings(ws, **router_overrides))
+    if kind is None and ws.settings("router").get("kind") is None and chosen == "learned":
+        console.print(
+            "no val split in router.toml ([data] validation = K): training the paper's learned "
+            "router; with one, `router train` fits a gate router (the best design measured)."
+        )
+    if chosen in GATE_KINDS:
         _train_gate(ws, device, router_overrides)
         return
     from rsrouter import distributed

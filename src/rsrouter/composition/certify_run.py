@@ -548,7 +548,9 @@ CERTIFY_DEFAULTS = {
     "alpha_router": None,  # alpha / 2
     "seed": 0,
     "p_skip": 0.5,
-    "rule": DEFAULT_RULE,
+    # the headline rule of a workspace's runs (every run decides every rule): agreement, the
+    # best measured (docs/results/routing.md); DualSmoothed's own default stays the paper's min
+    "rule": "agreement",
     "batch_size": 1000,
     "limit": None,
     "chunk": 32,

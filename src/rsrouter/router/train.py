@@ -387,7 +387,9 @@ ROUTER_DEFAULTS = {
     # gate: a copy of the sigma_e expert whose own uncertainty on x + δ picks the expert through
     # thresholds fitted on the val split (router/gate.py, composition/tuning.py); class-gate: a
     # gate with one threshold row per class the copy predicts on the draw
-    "kind": None,  # None = class-map when class_map is set, else learned
+    # None = class-map when class_map is set, else gate when the workspace has a val split (the
+    # best design measured, docs/results/routing.md), else learned (the paper's)
+    "kind": None,
     "arch": "small_cnn",
     "arch_args": {},
     "sigma_e": None,  # None = the largest expert sigma
@@ -414,12 +416,22 @@ def router_kind(settings: dict) -> str:
     return kind
 
 
+def has_validation(ws) -> bool:
+    """Whether the workspace holds out a val split ([data] validation = K > 0)."""
+    return bool(ws.settings("data").get("validation"))
+
+
 def router_settings(ws, **overrides) -> dict:
+    """[router] over the defaults, then the overrides that are not None. With no kind and no
+    class map, the kind is gate when the workspace has a val split, else learned."""
     settings = ws.settings("router")
     unknown = sorted(set(settings) - set(ROUTER_DEFAULTS))
     if unknown:
         raise UsageError(f"unknown [router] setting(s) in {ws.path}: {', '.join(unknown)}.")
-    return {**ROUTER_DEFAULTS, **settings, **{k: v for k, v in overrides.items() if v is not None}}
+    out = {**ROUTER_DEFAULTS, **settings, **{k: v for k, v in overrides.items() if v is not None}}
+    if out["kind"] is None and not out.get("class_map"):
+        out["kind"] = "gate" if has_validation(ws) else "learned"
+    return out
 
 
 def _router_denoiser(spec, experts: dict):
