@@ -196,6 +196,24 @@ def test_router_train_kind_gate_end_to_end(tmp_path, monkeypatch, capsys):
     assert run(["certify", *w]) == 0, capsys.readouterr().err
 
 
+def test_card_of_a_gate_router_states_its_bands():
+    from rsrouter.composition.card import render_card
+
+    pins = [{"name": n, "sigma": s} for n, s in (("s25", 0.25), ("s50", 0.5), ("s1", 1.0))]
+    config = {
+        "arch": "small_cnn", "sigma_e": 1.0, "in_chans": 1, "input_size": [8, 8], "init": "s1",
+        "class_names": ["Coat", "Shirt"], "bundle": {"experts": pins},
+        "gate": {"score": "entropy", "thresholds": [0.55, 0.55], "order": [2, 1, 0],
+                 "classes": 2},
+    }  # fmt: skip
+    text = str(render_card(config))
+    assert "a copy of expert s1 whose normalised entropy h on each noisy draw" in text
+    assert "h ≤ 0.55 → s1; h > 0.55 → s25." in text  # the empty band of s50 is left out
+    config["gate"]["class_thresholds"] = [[1.0, 1.0], [0.2, 0.7]]
+    text = str(render_card(config))
+    assert "Coat: every draw → s1; Shirt: h ≤ 0.2 → s1; 0.2 < h ≤ 0.7 → s50; h > 0.7 → s25" in text
+
+
 def test_router_train_defaults_to_the_gate_where_there_is_a_val_split(tmp_path):
     from rsrouter.registry import Workspace
     from rsrouter.router.train import router_kind, router_settings

@@ -37,13 +37,49 @@ DATA_LICENCES = {
 # Config keys the card shows in their own sections (everything else goes to "Training").
 _SHOWN = {
     "format", "arch", "arch_args", "sigma_e", "experts", "sigmas", "fingerprints", "in_chans",
-    "input_size", "mean", "std", "denoiser", "bundle", "class_map",
+    "input_size", "mean", "std", "denoiser", "bundle", "class_map", "gate",
 }  # fmt: skip
 
 
 def _cell(value) -> str:
     text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
     return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _bands(row, order, names) -> str:
+    """'h ≤ t1 → A; t1 < h ≤ t2 → B; h > t2 → C' for one threshold row (empty bands left out)."""
+    bounds, out = [-1.0, *row, 1.0], []
+    for k, e in enumerate(order):
+        lo, hi = bounds[k], bounds[k + 1]
+        if hi <= lo or hi < 0 or lo >= 1:
+            continue
+        if lo < 0 and hi >= 1:
+            text = "every draw"
+        elif lo < 0:
+            text = f"h ≤ {hi:g}"
+        else:
+            text = f"h > {lo:g}" if hi >= 1 else f"{lo:g} < h ≤ {hi:g}"
+        out.append(f"{text} → {_cell(names[e] if e < len(names) else e)}")
+    return "; ".join(out)
+
+
+def _gate_routes(config: dict, names: list[str]) -> str:
+    gate, labels = config["gate"], config.get("class_names") or []
+    head = (
+        f", a copy of expert {_cell(config.get('init', '—'))} whose normalised entropy h on each "
+        "noisy draw picks the expert (a gate, thresholds fitted on a validation split): "
+    )
+    rows = gate.get("class_thresholds")
+    if rows is None:
+        return head + _bands(gate["thresholds"], gate["order"], names)
+    return (
+        head
+        + "per class the copy predicts on the draw, "
+        + "; ".join(
+            f"{_cell(labels[c]) if c < len(labels) else c}: {_bands(row, gate['order'], names)}"
+            for c, row in enumerate(rows)
+        )
+    )
 
 
 def _experts_table(config: dict) -> str:
@@ -109,7 +145,9 @@ def render_card(
     sigmas = ", ".join(f"{p['sigma']:g}" for p in pins)
     denoiser = "a one-step diffusion denoiser, then " if config.get("denoiser") else ""
     routes = ""
-    if config.get("class_map"):
+    if config.get("gate"):
+        routes = _gate_routes(config, [p["name"] for p in pins])
+    elif config.get("class_map"):
         names = [p["name"] for p in pins]
         labels = config.get("class_names") or []
         groups = {}
