@@ -35,7 +35,13 @@ from rsrouter.composition.certify_run import certify_run, certify_settings, run_
 from rsrouter.composition.dual import DualSmoothed
 from rsrouter.composition.report import summarize
 from rsrouter.composition.rules import RULES
-from rsrouter.composition.tuning import fit_biases, router_val_counts, train_gate_workspace
+from rsrouter.composition.tuning import (
+    best_candidate,
+    candidate_rank,
+    fit_biases,
+    router_val_counts,
+    train_gate_workspace,
+)
 from rsrouter.registry import Workspace
 from rsrouter.router.model import RouterModel
 from rsrouter.router.tables import workspace_dataset
@@ -100,7 +106,7 @@ def main(argv=None) -> int:
             gate, tried, _ = train_gate_workspace(ws, device=device, progress=progress,
                                                   folder=folder, rule=args.rule,
                                                   router_overrides={"kind": design})  # fmt: skip
-            fit = {"gate": gate.gate, "tried": tried}
+            fit = {"gate": gate.gate, "tried": kept(tried), "tried_count": len(tried)}
             dual = DualSmoothed(gate.to(device), gate.sigma_e, list(experts.values()),
                                 rule=args.rule)  # fmt: skip
         summary = certify_test(ws, dual, names, device, progress)
@@ -122,6 +128,20 @@ def main(argv=None) -> int:
         args.out.write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
     print(markdown(report, names))
     return 0
+
+
+def kept(tried: list[dict]) -> list[dict]:
+    """Every candidate of a gate fit; of a class-gate fit (thousands of rows) the shared rows
+    and the descent's accepted steps (the router's tuning.json keeps them all)."""
+    if not tried or "class" not in tried[0]:
+        return tried
+    shared = [t for t in tried if t["class"] is None]
+    steps, best = [], best_candidate(shared)
+    for t in tried[len(shared) :]:
+        if candidate_rank(t) < candidate_rank(best):
+            steps.append(t)
+            best = t
+    return shared + steps
 
 
 def _alphas(ws) -> dict:

@@ -100,9 +100,14 @@ def _candidate(pred, radius, routed, vc: ValidationCounts, grid, env) -> dict:
     }
 
 
-def _best(tried: list[dict]) -> dict:
-    """The least val regret, ties (to 0.01 point) to the larger ACR."""
-    return min(tried, key=lambda t: (round(t["regret"], 2), -t["acr"]))
+def candidate_rank(t: dict) -> tuple:
+    """Smaller is better: the val regret (to 0.01 point), then the larger ACR."""
+    return (round(t["regret"], 2), -t["acr"])
+
+
+def best_candidate(tried: list[dict]) -> dict:
+    """The least val regret, ties (to 0.01 point) to the larger ACR (the first of equals)."""
+    return min(tried, key=candidate_rank)
 
 
 # ---------------------------------------------------------------- counts of the val split
@@ -219,12 +224,8 @@ def fit_gate(
                              alpha_expert=a_expert, memo=memo)  # fmt: skip
         tried.append({"thresholds": gates.cut_thresholds(cuts, edges),
                       **_candidate(*decided, vc, grid, env)})  # fmt: skip
-    best = _best(tried)
+    best = best_candidate(tried)
     return {"score": "entropy", "thresholds": best["thresholds"], "order": order}, tried
-
-
-def _rank(t: dict) -> tuple:
-    return (round(t["regret"], 2), -t["acr"])
 
 
 def fit_class_gate(
@@ -269,7 +270,7 @@ def fit_class_gate(
     candidates = list(gates.threshold_grid(bins, len(order)))
     tried = [{"class": None, "thresholds": gates.cut_thresholds(cuts, edges),
               **score([cuts] * classes)} for cuts in candidates]  # fmt: skip
-    best = _best(tried)
+    best = best_candidate(tried)
     shared = next(c for c, t in zip(candidates, tried, strict=False) if t is best)
     current = [shared] * classes
     for _ in range(sweeps):
@@ -281,7 +282,7 @@ def fit_class_gate(
                 trial = [*current[:c], cuts, *current[c + 1 :]]
                 t = {"class": c, "thresholds": gates.cut_thresholds(cuts, edges), **score(trial)}
                 tried.append(t)
-                if _rank(t) < _rank(best):
+                if candidate_rank(t) < candidate_rank(best):
                     best, current, changed = t, trial, True
         if not changed:
             break
@@ -319,7 +320,7 @@ def fit_biases(
         decided = decide_all(rule, router_sel, router_est, vc, sigma_e=sigma_e, biases=biases,
                              **alphas)  # fmt: skip
         tried.append({"biases": biases, **_candidate(*decided, vc, grid, env)})
-    return _best(tried)["biases"], tried
+    return best_candidate(tried)["biases"], tried
 
 
 # ---------------------------------------------------------------- workspace level
@@ -331,7 +332,7 @@ def _chosen(tried: list[dict], gate: dict) -> dict:
     """The scores of the fitted gate: the best candidate tried (for a class gate, the last row
     kept)."""
     if "class_thresholds" in gate:
-        return _best(tried)
+        return best_candidate(tried)
     return next(t for t in tried if t["thresholds"] == gate["thresholds"])
 
 
