@@ -86,7 +86,7 @@ study)
   exit "$status"
   ;;
 routing)
-  log "routing designs (learned, learned-bias, gate) on $ws/gaussian: tuned on val, test once"
+  log "routing designs (learned, learned-bias, gate, class-gate) on $ws/gaussian: tuned on val, test once"
   status=0
   timeout "$budget" "$py" benchmarks/routing_study.py "$ws/gaussian" --device "$device" \
     --out "$out/routing.json" | tee "$out/routing.txt" || status=$?
