@@ -258,6 +258,20 @@ def test_tables_of_a_dataset_without_its_files(capsys, monkeypatch, ws):
     refused(capsys, ["tables", "-w", ws], ws, r"'mnist' needs its files: set root = .*\[data\]")
 
 
+@pytest.mark.parametrize(
+    "command, section, key, value",
+    [("certify", "certify", "n", 0), ("certify", "certify", "seed", -1),
+     ("train", "train", "epochs", 0)],
+)  # fmt: skip
+def test_a_bad_value_in_router_toml_names_the_file_and_table(capsys, ws, command, section, key,
+                                                             value):  # fmt: skip
+    from rsrouter.registry import Workspace
+
+    Workspace.open(ws).update_settings(section, **{key: value})
+    refused(capsys, [command, "-w", ws, "--device", "cpu"], ws,
+            rf"router\.toml: \[{section}\] {key} must be .*got {value}\.")  # fmt: skip
+
+
 def test_tables_with_unreadable_router_toml(capsys, ws):
     (ws / "router.toml").write_text("[data\n")
     refused(capsys, ["tables", "-w", ws], ws, r"router\.toml is not valid TOML")

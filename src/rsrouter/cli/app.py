@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import errno
+import re
 import sys
+import tomllib
 from pathlib import Path
 
 import typer
@@ -43,7 +45,8 @@ def run(argv: list[str] | None = None) -> int:
     try:
         code = app(args=argv, prog_name="router", standalone_mode=False)
     except UsageError as exc:
-        _error(name_the_flag(str(exc), sys.argv[1:] if argv is None else argv))
+        args = sys.argv[1:] if argv is None else argv
+        _error(name_the_setting(name_the_flag(str(exc), args), args))
         return 1
     except typer.Abort:  # Ctrl-C
         _error("aborted.")
@@ -86,6 +89,38 @@ def name_the_flag(message: str, argv: list[str]) -> str:
     flag = "--" + head.replace("_", "-")
     typed = any(a == flag or a.startswith(flag + "=") for a in argv)
     return f"{flag}{sep}{rest}" if head.isidentifier() and typed else message
+
+
+def _workspace_arg(argv: list[str]) -> Path:
+    for i, a in enumerate(argv):
+        if a in ("-w", "--workspace") and i + 1 < len(argv):
+            return Path(argv[i + 1])
+        if a.startswith("--workspace="):
+            return Path(a.split("=", 1)[1])
+    return Path(".")
+
+
+def name_the_setting(message: str, argv: list[str]) -> str:
+    """ "n must be …, got 0." reads "<ws>/router.toml: [certify] n must be …" when exactly one
+    table of the workspace's router.toml sets ``n`` to the value the sentence names: the
+    sentence then says where to change it. Anything else is left as it is."""
+    head, sep, rest = message.partition(" ")
+    got = re.search(r"got (.+?)\.?$", rest)
+    if not head.isidentifier() or got is None:
+        return message
+    path = _workspace_arg(argv) / "router.toml"
+    try:
+        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return message
+    tables = [
+        name
+        for name, table in doc.items()
+        if isinstance(table, dict) and head in table and repr(table[head]) == got.group(1)
+    ]
+    if len(tables) != 1:
+        return message
+    return f"{path}: [{tables[0]}] {head}{sep}{rest}"
 
 
 def os_error_sentence(exc: OSError) -> str:
