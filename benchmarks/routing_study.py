@@ -35,13 +35,7 @@ from rsrouter.composition.certify_run import certify_run, certify_settings, run_
 from rsrouter.composition.dual import DualSmoothed
 from rsrouter.composition.report import summarize
 from rsrouter.composition.rules import RULES
-from rsrouter.composition.tuning import (
-    best_candidate,
-    candidate_rank,
-    fit_biases,
-    router_val_counts,
-    train_gate_workspace,
-)
+from rsrouter.composition.tuning import fit_biases, router_val_counts, train_gate_workspace
 from rsrouter.registry import Workspace
 from rsrouter.router.model import RouterModel
 from rsrouter.router.tables import workspace_dataset
@@ -132,16 +126,10 @@ def main(argv=None) -> int:
 
 def kept(tried: list[dict]) -> list[dict]:
     """Every candidate of a gate fit; of a class-gate fit (thousands of rows) the shared rows
-    and the descent's accepted steps (the router's tuning.json keeps them all)."""
+    and the descent's kept steps (the router's tuning.json keeps them all)."""
     if not tried or "class" not in tried[0]:
         return tried
-    shared = [t for t in tried if t["class"] is None]
-    steps, best = [], best_candidate(shared)
-    for t in tried[len(shared) :]:
-        if candidate_rank(t) < candidate_rank(best):
-            steps.append(t)
-            best = t
-    return shared + steps
+    return [t for t in tried if t["class"] is None or t["kept"]]
 
 
 def _alphas(ws) -> dict:

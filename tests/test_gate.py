@@ -98,6 +98,8 @@ def test_fit_class_gate_gives_each_class_its_own_threshold():
     assert rows[0][0] < gates.bin_edges(3)[1] <= rows[1][0]  # class 0 -> sigma 0.25 band
     best = min(tried, key=lambda t: (round(t["regret"], 2), -t["acr"]))
     assert best["routed"] == [0.5, 0.5]
+    kept = [t for t in tried if t["class"] is not None and t["kept"]]
+    assert kept and kept[-1] is best  # the rows kept are the descent's strict improvements
     start = [t for t in tried if t["class"] is None]
     assert len(start) == 4
     assert all(t["regret"] >= best["regret"] and t["acr"] < best["acr"] for t in start)

@@ -100,14 +100,14 @@ def _candidate(pred, radius, routed, vc: ValidationCounts, grid, env) -> dict:
     }
 
 
-def candidate_rank(t: dict) -> tuple:
+def _rank(t: dict) -> tuple:
     """Smaller is better: the val regret (to 0.01 point), then the larger ACR."""
     return (round(t["regret"], 2), -t["acr"])
 
 
-def best_candidate(tried: list[dict]) -> dict:
+def _best(tried: list[dict]) -> dict:
     """The least val regret, ties (to 0.01 point) to the larger ACR (the first of equals)."""
-    return min(tried, key=candidate_rank)
+    return min(tried, key=_rank)
 
 
 # ---------------------------------------------------------------- counts of the val split
@@ -198,6 +198,22 @@ def bin_counts(router, dataset, artifacts, *, size: int, bins: int = gates.BINS,
 # ---------------------------------------------------------------- fitting
 
 
+def _scorer(vc: ValidationCounts, *, sigma_e, alpha, alpha_router=None, rule="min", step=0.25):
+    """score(router selection counts, router estimation counts) -> a candidate's val scores,
+    each input decided under ``rule`` exactly as a certify run decides it (the decisions are
+    memoised across the candidates of one fit)."""
+    a_router, a_expert = split_alpha(alpha, alpha_router)
+    grid, env = envelope_of(vc, alpha, step)
+    memo: dict = {}
+
+    def score(router_sel, router_est) -> dict:
+        decided = decide_all(rule, router_sel, router_est, vc, sigma_e=sigma_e,
+                             alpha_router=a_router, alpha_expert=a_expert, memo=memo)  # fmt: skip
+        return _candidate(*decided, vc, grid, env)
+
+    return score
+
+
 def fit_gate(
     sel_bins: np.ndarray,
     est_bins: np.ndarray,
@@ -212,19 +228,16 @@ def fit_gate(
 ) -> tuple[dict, list[dict]]:
     """The gate thresholds (on the bin edges) with the least val regret under ``rule``, ties to
     the larger ACR: (gate spec without "classes", every candidate's scores)."""
-    a_router, a_expert = split_alpha(alpha, alpha_router)
     order = list(order if order is not None else gates.default_order(vc.sigmas))
-    grid, env = envelope_of(vc, alpha, step)
+    score = _scorer(vc, sigma_e=sigma_e, alpha=alpha, alpha_router=alpha_router, rule=rule,
+                    step=step)  # fmt: skip
     edges = gates.bin_edges(sel_bins.shape[1])
-    memo: dict = {}
-    tried = []
-    for cuts in gates.threshold_grid(sel_bins.shape[1], len(order)):
-        rs, re = gates.counts_for(sel_bins, cuts, order), gates.counts_for(est_bins, cuts, order)
-        decided = decide_all(rule, rs, re, vc, sigma_e=sigma_e, alpha_router=a_router,
-                             alpha_expert=a_expert, memo=memo)  # fmt: skip
-        tried.append({"thresholds": gates.cut_thresholds(cuts, edges),
-                      **_candidate(*decided, vc, grid, env)})  # fmt: skip
-    best = best_candidate(tried)
+    tried = [
+        {"thresholds": gates.cut_thresholds(cuts, edges),
+         **score(gates.counts_for(sel_bins, cuts, order), gates.counts_for(est_bins, cuts, order))}
+        for cuts in gates.threshold_grid(sel_bins.shape[1], len(order))
+    ]  # fmt: skip
+    best = _best(tried)
     return {"score": "entropy", "thresholds": best["thresholds"], "order": order}, tried
 
 
@@ -234,45 +247,33 @@ def fit_class_gate(
     vc: ValidationCounts,
     *,
     classes: int,
-    sigma_e: float,
-    alpha: float,
-    alpha_router: float | None = None,
-    rule: str = "min",
-    order: Sequence[int] | None = None,
-    step: float = 0.25,
     sweeps: int = 2,
+    **fit,
 ) -> tuple[dict, list[dict]]:
-    """Class-gate thresholds from (N, classes * bins) class-major bin counts of the val split.
+    """Class-gate thresholds from (N, classes * bins) class-major bin counts of the val split;
+    ``fit``: the options of ``fit_gate`` (sigma_e, alpha, alpha_router, rule, order, step).
 
     Coordinate descent on the val regret (ties to the larger ACR): it starts from the best
-    thresholds shared by every class, then, class by class, tries every threshold row for that
-    class with the others held, keeping a row only if it scores strictly better; ``sweeps``
-    passes over the classes at most. Returns (gate spec without "classes", every candidate:
-    the shared rows first, then {"class", "thresholds"} per row tried).
+    thresholds shared by every class (``fit_gate`` on the bins summed over the classes), then,
+    class by class, tries every threshold row for that class with the others held, keeping a
+    row only if it scores strictly better (marked ``"kept"``); ``sweeps`` passes over the
+    classes at most. Returns (gate spec without "classes", every candidate: the shared rows
+    first, then {"class", "thresholds", "kept"} per row tried).
     """
-    a_router, a_expert = split_alpha(alpha, alpha_router)
-    order = list(order if order is not None else gates.default_order(vc.sigmas))
     bins = sel_bins.shape[1] // classes
     if bins * classes != sel_bins.shape[1] or bins < 2:
         raise UsageError(f"class-gate bin counts of width {sel_bins.shape[1]} do not split into "
                          f"{classes} classes of score bins.")  # fmt: skip
-    grid, env = envelope_of(vc, alpha, step)
+    per_class = (np.asarray(c).reshape(len(c), classes, bins) for c in (sel_bins, est_bins))
+    sel_shared, est_shared = (c.sum(axis=1) for c in per_class)
+    start, shared_tried = fit_gate(sel_shared, est_shared, vc, **fit)
+    order = start["order"]
+    score = _scorer(vc, **{k: v for k, v in fit.items() if k != "order"})
     edges = gates.bin_edges(bins)
-    memo: dict = {}
-
-    def score(class_cuts) -> dict:
-        rs = gates.class_counts_for(sel_bins, class_cuts, order)
-        re = gates.class_counts_for(est_bins, class_cuts, order)
-        decided = decide_all(rule, rs, re, vc, sigma_e=sigma_e, alpha_router=a_router,
-                             alpha_expert=a_expert, memo=memo)  # fmt: skip
-        return _candidate(*decided, vc, grid, env)
-
     candidates = list(gates.threshold_grid(bins, len(order)))
-    tried = [{"class": None, "thresholds": gates.cut_thresholds(cuts, edges),
-              **score([cuts] * classes)} for cuts in candidates]  # fmt: skip
-    best = best_candidate(tried)
-    shared = next(c for c, t in zip(candidates, tried, strict=False) if t is best)
-    current = [shared] * classes
+    tried = [{"class": None, **t} for t in shared_tried]
+    best = _best(tried)
+    current = [candidates[next(i for i, t in enumerate(tried) if t is best)]] * classes
     for _ in range(sweeps):
         changed = False
         for c in range(classes):
@@ -280,16 +281,17 @@ def fit_class_gate(
                 if cuts == current[c]:
                     continue
                 trial = [*current[:c], cuts, *current[c + 1 :]]
-                t = {"class": c, "thresholds": gates.cut_thresholds(cuts, edges), **score(trial)}
+                t = {"class": c, "thresholds": gates.cut_thresholds(cuts, edges),
+                     **score(gates.class_counts_for(sel_bins, trial, order),
+                             gates.class_counts_for(est_bins, trial, order))}  # fmt: skip
+                t["kept"] = _rank(t) < _rank(best)
                 tried.append(t)
-                if candidate_rank(t) < candidate_rank(best):
+                if t["kept"]:
                     best, current, changed = t, trial, True
         if not changed:
             break
     rows = [gates.cut_thresholds(cuts, edges) for cuts in current]
-    spec = {"score": "entropy", "thresholds": gates.cut_thresholds(shared, edges),
-            "class_thresholds": rows, "order": order}  # fmt: skip
-    return spec, tried
+    return {**start, "class_thresholds": rows}, tried
 
 
 BIAS_GRID = tuple(np.round(np.arange(-1.5, 1.51, 0.25), 2))
@@ -320,7 +322,7 @@ def fit_biases(
         decided = decide_all(rule, router_sel, router_est, vc, sigma_e=sigma_e, biases=biases,
                              **alphas)  # fmt: skip
         tried.append({"biases": biases, **_candidate(*decided, vc, grid, env)})
-    return best_candidate(tried)["biases"], tried
+    return _best(tried)["biases"], tried
 
 
 # ---------------------------------------------------------------- workspace level
@@ -332,7 +334,7 @@ def _chosen(tried: list[dict], gate: dict) -> dict:
     """The scores of the fitted gate: the best candidate tried (for a class gate, the last row
     kept)."""
     if "class_thresholds" in gate:
-        return best_candidate(tried)
+        return _best(tried)
     return next(t for t in tried if t["thresholds"] == gate["thresholds"])
 
 
