@@ -12,6 +12,9 @@ Designs (names for --only):
                  on val (design a, `router train --kind gate`)
   class-gate     the same with one threshold row per class the copy predicts on the draw
                  (`router train --kind class-gate`)
+  abstain-gate   the gate whose copy of the sigma_e expert was first taught to abstain where a
+                 smaller sigma is right (design e; the experts routed to are unchanged). With the
+                 expert itself replaced: `router finetune-expert NAME --abstain`, then `gate`.
 
     python benchmarks/routing_study.py runs/fm/gaussian --out docs/results/routing-fm.json
 
@@ -24,6 +27,7 @@ figure is measured in this run on this machine; the JSON keeps the val fits (eve
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import time
@@ -37,11 +41,14 @@ from rsrouter.composition.report import summarize
 from rsrouter.composition.rules import RULES
 from rsrouter.composition.tuning import fit_biases, router_val_counts, train_gate_workspace
 from rsrouter.registry import Workspace
+from rsrouter.router.finetune import FinetuneConfig, abstain_in_workspace
 from rsrouter.router.model import RouterModel
 from rsrouter.router.tables import workspace_dataset
 from rsrouter.runtime import resolve_device
 
-DESIGNS = ("learned", "learned-bias", "gate", "class-gate")
+DESIGNS = ("learned", "learned-bias", "gate", "class-gate", "abstain-gate")
+# the abstain-gate copy's training (Adam: AdamW without decay), chosen on val
+ABSTAIN = FinetuneConfig(epochs=10, batch_size=128, lr=1e-3, weight_decay=0.0)
 RADII = ("0", "0.5", "1", "1.5")
 GRID = [0.0, 0.5, 1.0, 1.5]
 
@@ -97,10 +104,14 @@ def main(argv=None) -> int:
                                 rule=args.rule, biases=biases)  # fmt: skip
         else:
             folder = Path(ws.artifacts) / "study" / f"{design}-{args.rule}"
+            kind, source, taught = design, None, None
+            if design == "abstain-gate":
+                kind, source, taught = "gate", *abstain_copy(ws, experts, device, progress)
             gate, tried, _ = train_gate_workspace(ws, device=device, progress=progress,
-                                                  folder=folder, rule=args.rule,
-                                                  router_overrides={"kind": design})  # fmt: skip
-            fit = {"gate": gate.gate, "tried": kept(tried), "tried_count": len(tried)}
+                                                  folder=folder, rule=args.rule, copy=source,
+                                                  router_overrides={"kind": kind})  # fmt: skip
+            fit = {"gate": gate.gate, "tried": kept(tried), "tried_count": len(tried),
+                   **({"abstain": taught} if taught else {})}  # fmt: skip
             dual = DualSmoothed(gate.to(device), gate.sigma_e, list(experts.values()),
                                 rule=args.rule)  # fmt: skip
         summary = certify_test(ws, dual, names, device, progress)
@@ -122,6 +133,14 @@ def main(argv=None) -> int:
         args.out.write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
     print(markdown(report, names))
     return 0
+
+
+def abstain_copy(ws, experts: dict, device, progress: bool):
+    """A copy of the sigma_e expert taught to abstain on the workspace's table: (copy, record)."""
+    name = max(experts, key=lambda n: experts[n].sigma)
+    taught = {**experts, name: copy.deepcopy(experts[name])}
+    _, record = abstain_in_workspace(ws, name, taught, ABSTAIN, device, progress)
+    return taught[name], record
 
 
 def kept(tried: list[dict]) -> list[dict]:

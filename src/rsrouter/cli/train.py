@@ -248,7 +248,9 @@ def _print_history(history: list[dict]) -> None:
 @app.command("finetune-expert")
 def finetune_cmd(
     ctx: typer.Context,
-    names: list[str] = typer.Argument(..., help="The family: one model registered at several σ."),
+    names: list[str] = typer.Argument(
+        ..., help="The family: one model registered at several σ (with --abstain: one expert)."
+    ),
     epochs: int = typer.Option(15, help="Finetuning epochs."),
     batch_size: int = typer.Option(128, "--batch-size", help="Batch size."),
     lr: float = typer.Option(2e-5, help="AdamW learning rate."),
@@ -260,25 +262,41 @@ def finetune_cmd(
         True, "--replace/--keep", help="Replace the family in the workspace (same positions)."
     ),
     retrain: bool = typer.Option(
-        False, "--retrain", help="Then build the new columns and retrain the router."
+        False, "--retrain", help="Then build the new columns and retrain (or refit) the router."
+    ),
+    abstain: bool = typer.Option(
+        False,
+        "--abstain",
+        help="Teach one expert to abstain (uniform target) on the table rows where it is wrong "
+        "and a smaller σ certifies, label cross-entropy elsewhere; no router needed. A gate "
+        "router copying it then sends those inputs to the smaller σ.",
     ),
     device: str = DEVICE,
     workspace: Path = WORKSPACE,
 ) -> None:
-    """Finetune a classifier under the router's σ(x) (paper §5.2.2) and register it."""
+    """Finetune a classifier under the router's σ(x) (paper §5.2.2), or teach one to abstain
+    where a smaller σ is right (--abstain), and register it."""
     from rsrouter.router.finetune import FinetuneConfig, finetune_workspace
+    from rsrouter.router.train import GATE_KINDS, router_kind, router_settings
 
     ws = Workspace.open(workspace)
     hold_lock(ctx, ws, "finetune-expert")
     config = FinetuneConfig(epochs=epochs, batch_size=batch_size, lr=lr,
                             weight_decay=weight_decay, route_n=route_n, seed=seed)  # fmt: skip
-    result = finetune_workspace(
-        ws, list(names), config, name=name, replace=replace, retrain=retrain, device=device
-    )
-    console.print(f"inputs routed to each expert: {json.dumps(result['routed'])}")
+    refit = retrain and router_kind(router_settings(ws)) in GATE_KINDS
+    result = finetune_workspace(ws, list(names), config, name=name, replace=replace,
+                                retrain=retrain and not refit, abstain=abstain,
+                                device=device)  # fmt: skip
+    if abstain:
+        console.print(f"abstain target on {result['abstain']} of {result['rows']} table rows "
+                      "(wrong here, certified by a smaller σ)")  # fmt: skip
+    else:
+        console.print(f"inputs routed to each expert: {json.dumps(result['routed'])}")
     console.print(f"loss per epoch: {', '.join(f'{v:.4f}' for v in result['history'])}")
     console.print(f"saved {result['folder']}; registered {', '.join(result['registered'])}.")
-    if retrain:
+    if refit:
+        _train_gate(ws, device, {})
+    elif retrain:
         _print_history(result["router_history"])
         console.print(f"router retrained: {result['router']}")
     else:

@@ -364,6 +364,16 @@ def router_val_counts(ws, router, experts: dict, *, device=None, progress: bool 
     return vc, sel, est
 
 
+def _with_copy(router, copy):
+    """The gate ``router`` with every weight of ``copy`` (None: unchanged)."""
+    from rsrouter.router.train import init_from_expert
+
+    if copy is not None:
+        init_from_expert(router, copy, "the gate's copy", head=True)
+        router.info["copy"] = copy.fingerprint
+    return router
+
+
 def train_gate_workspace(
     ws,
     *,
@@ -372,11 +382,15 @@ def train_gate_workspace(
     router_overrides=None,
     folder: str | Path | None = None,
     rule: str | None = None,
+    copy=None,
 ):
     """`router train --kind gate` (or ``class-gate``): copy the sigma_e expert, fit its
     thresholds on the val split ([tune] limit inputs; [certify] n0 / n / alpha / seed; ``rule``,
     default [certify] rule), save the router (default: the workspace's router folder) and
-    ``tuning.json`` (every candidate tried). Returns (router, tried, folder)."""
+    ``tuning.json`` (every candidate tried). Returns (router, tried, folder).
+
+    ``copy``: an expert of the same architecture whose weights the gate copies instead (say,
+    the sigma_e expert taught to abstain); the experts routed to are the workspace's."""
     from rsrouter.io import write_json
     from rsrouter.router.train import (
         GATE_KINDS,
@@ -395,7 +409,7 @@ def train_gate_workspace(
     rule = check_rule(rule or c.get("rule") or "min")
     experts = ws.load_experts(device=device)
     info = {"dataset": val.name, "class_names": list(val.class_names)}
-    router = build_router(experts, settings, info=info).to(device).eval()
+    router = _with_copy(build_router(experts, settings, info=info), copy).to(device).eval()
     vc = validation_counts(list(experts.values()), val, ws.artifacts, limit=tune["limit"],
                            progress=progress, **common)  # fmt: skip
     per_class = kind == "class-gate"
@@ -415,7 +429,7 @@ def train_gate_workspace(
         "objective": "least worst-case regret to the single-expert envelope, then ACR",
         "chosen": _chosen(tried, gate),
     }
-    router = build_router(experts, {**settings, "gate": gate}, info=info).eval()
+    router = _with_copy(build_router(experts, {**settings, "gate": gate}, info=info), copy).eval()
     folder = Path(folder) if folder is not None else router_folder(ws)
     router.save_pretrained(folder)
     write_json(folder / "tuning.json", {"objective": info["tuning"]["objective"], "rule": rule,

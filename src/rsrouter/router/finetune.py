@@ -5,6 +5,12 @@ several σ shares its UNet and classifier). Each training input x goes to the si
 router picks for it (its smoothed majority vote); the shared classifier is trained with
 cross-entropy on expert_σ(x)(x + δ), δ ~ N(0, σ(x)²I), i.e. on the denoised image at that
 sigma. The denoiser stays frozen. Inputs routed outside the family are not used.
+
+Taught to abstain (``teach_abstain``, design e of the routing issue): the sigma_max expert is
+trained at its own sigma on the radius table's rows, with cross-entropy on the label, except on
+the rows where it is wrong (R = 0) and an expert of a smaller sigma certifies: there the target
+is the uniform distribution, so its votes scatter and its entropy rises. A gate router copies
+that expert and routes by its entropy, so those inputs go to the smaller sigma.
 """
 
 from __future__ import annotations
@@ -148,11 +154,8 @@ def finetune_family(
     steps = config.epochs * -(-len(rows) // config.batch_size)
     with progress_bar("finetune", steps, enabled=progress) as advance:
         for epoch in range(1, config.epochs + 1):
-            seeds = [int(sha256_json([config.seed, epoch, s])[:15], 16) for s in (0, 1)]
-            order = rows[
-                torch.randperm(len(rows), generator=torch.Generator().manual_seed(seeds[0]))
-            ]
-            noise_gen = torch.Generator().manual_seed(seeds[1])
+            shuffle, noise_gen = _epoch_generators(config.seed, epoch)
+            order = rows[torch.randperm(len(rows), generator=shuffle)]
             total = 0.0
             classifier.train()  # the frozen denoiser stays in eval mode
             for batch in order.split(config.batch_size):
@@ -180,14 +183,91 @@ def finetune_family(
     return {"routed": routed, "history": history}
 
 
+def smaller_sigmas(sigmas, expert: int) -> list[int]:
+    """The experts of a smaller sigma than ``expert``'s (refused when there is none)."""
+    smaller = [j for j, s in enumerate(sigmas) if s < sigmas[expert]]
+    if not smaller:
+        raise UsageError(
+            f"no expert has a smaller sigma than {sigmas[expert]:g}: an expert is taught to "
+            "abstain where a smaller sigma is right."
+        )
+    return smaller
+
+
+def abstain_rows(radii: torch.Tensor, sigmas, expert: int) -> torch.Tensor:
+    """Rows (of a radius table) where ``expert`` is wrong or abstains (R = 0) and an expert of a
+    smaller sigma certifies (R > 0): the inputs it should leave to a smaller sigma."""
+    smaller = smaller_sigmas(sigmas, expert)
+    return (radii[:, expert] == 0) & (radii[:, smaller] > 0).any(dim=1)
+
+
+def _epoch_generators(seed: int, epoch: int) -> tuple[torch.Generator, torch.Generator]:
+    """(shuffling, noise) generators of one epoch."""
+    seeds = [int(sha256_json([seed, epoch, s])[:15], 16) for s in (0, 1)]
+    return tuple(torch.Generator().manual_seed(s) for s in seeds)
+
+
+def teach_abstain(
+    expert,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    abstain: torch.Tensor,
+    config: FinetuneConfig = FinetuneConfig(),  # noqa: B008 (frozen)
+    *,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> dict:
+    """Train ``expert``'s classifier in place on x + δ, δ ~ N(0, sigma^2 I): cross-entropy on
+    the label, and on the ``abstain`` rows cross-entropy to the uniform distribution.
+
+    Returns {"rows": inputs, "abstain": abstain rows, "history": mean loss per epoch}.
+    """
+    images, labels = torch.as_tensor(images).float(), torch.as_tensor(labels).long()
+    abstain = torch.as_tensor(abstain, dtype=torch.bool)
+    if not len(images) == len(labels) == len(abstain):
+        raise UsageError("images, labels and abstain rows must have one entry per input.")
+    if not abstain.any():
+        raise UsageError("no input to abstain on: every table row it gets wrong, no smaller "
+                         "sigma certifies either.")  # fmt: skip
+    device = torch.device(device)
+    expert = expert.to(device)
+    if getattr(expert, "denoiser", None) is not None:
+        expert.denoiser.requires_grad_(False)
+    classifier = expert.classifier
+    opt = torch.optim.AdamW(classifier.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    history = []
+    steps = config.epochs * -(-len(images) // config.batch_size)
+    with progress_bar("teach to abstain", steps, enabled=progress) as advance:
+        for epoch in range(1, config.epochs + 1):
+            shuffle, noise_gen = _epoch_generators(config.seed, epoch)
+            order = torch.randperm(len(images), generator=shuffle)
+            total = 0.0
+            classifier.train()
+            for batch in order.split(config.batch_size):
+                x = images[batch]
+                noisy = (x + expert.sigma * torch.randn(x.shape, generator=noise_gen)).to(device)
+                logp = F.log_softmax(expert(noisy).float(), dim=-1)
+                label_ce = F.nll_loss(logp, labels[batch].to(device), reduction="none")
+                uniform_ce = -logp.mean(dim=-1)
+                loss = torch.where(abstain[batch].to(device), uniform_ce, label_ce).mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += float(loss.detach()) * len(batch)
+                advance(1)
+            history.append(total / len(images))
+    classifier.eval()
+    return {"rows": len(images), "abstain": int(abstain.sum()), "history": history}
+
+
 # ---------------------------------------------------------------- workspace level
 
 
-def family_name(names) -> str:
+def family_name(names, suffix: str = "ft") -> str:
     """The common stem of a family's names ("dds-sigma0.25", "dds-sigma1" -> "dds") + "-ft"."""
     stems = {re.sub(r"-sigma[0-9.e+-]+$", "", n) for n in names}
     stem = stems.pop() if len(stems) == 1 else "family"
-    return f"{stem}-ft"
+    return f"{stem}-{suffix}"
 
 
 def finetune_workspace(
@@ -198,34 +278,42 @@ def finetune_workspace(
     name: str | None = None,
     replace: bool = True,
     retrain: bool = False,
+    abstain: bool = False,
     device: str | torch.device | None = None,
     progress: bool = True,
     train_overrides: dict | None = None,
 ) -> dict:
     """Finetune the family ``names`` under the workspace router; register the result.
 
+    With ``abstain``, ``names`` is one expert, taught to abstain where a smaller sigma is right
+    (``teach_abstain`` on the workspace's radius table; no router needed).
+
     The new expert folder goes to ``<artifacts>/experts/<name>``, registered at the family's
     sigmas (replacing the old entries in place when ``replace``). With ``retrain``, the table
     columns of the new experts are built and the router retrained: router → finetune → router.
     """
-    from rsrouter.router.tables import subset_indices, table_settings, workspace_dataset
-    from rsrouter.router.train import router_folder, train_workspace
+    from rsrouter.router.train import GATE_KINDS, router_kind, router_settings, train_workspace
     from rsrouter.runtime import resolve_device
 
     if not names or len(set(names)) != len(names):
         raise UsageError("name each expert of the family once.")
+    if abstain and len(names) != 1:
+        raise UsageError("--abstain teaches one expert to abstain: name exactly one.")
+    if retrain and router_kind(router_settings(ws)) in GATE_KINDS:
+        raise UsageError("a gate router is refitted on the val split, not retrained here: run "
+                         "`router train` after finetuning.")  # fmt: skip
     device = resolve_device(device)
-    folder = router_folder(ws)
-    if not (folder / "config.json").is_file():
-        raise UsageError("no trained router in this workspace: run `router train` first.")
-    router = RouterModel.from_pretrained(folder, device=device)
+    router = None if abstain else _workspace_router(ws, device)
     experts = ws.load_experts(device=device)
-    router.check_experts(list(experts), [e.fingerprint for e in experts.values()])
+    if router is not None:
+        router.check_experts(list(experts), [e.fingerprint for e in experts.values()])
     family = {n: experts[n] for n in names if n in experts}
     missing = [n for n in names if n not in experts]
     if missing:
         raise UsageError(f"no expert named {', '.join(missing)} in {ws.path}.")
-    new = name or family_name(names)
+    if abstain:  # before the table's columns are built
+        smaller_sigmas([e.sigma for e in experts.values()], list(experts).index(names[0]))
+    new = name or family_name(names, "abstain" if abstain else "ft")
     if not NAME.match(new):  # it names a folder too: checked before anything is written
         raise UsageError(
             f"expert name {new!r} must start with a letter or digit and use only letters, "
@@ -235,22 +323,11 @@ def finetune_workspace(
     taken = [n for n in stay if n == new or n.startswith(f"{new}-sigma")]
     if taken:  # refused before finetuning, and before <artifacts>/experts/<new> is overwritten
         raise UsageError(f"expert(s) {', '.join(taken)} already registered: choose another --name.")
-    t = table_settings(ws)
-    dataset = workspace_dataset(ws, t["split"])
-    rows = subset_indices(len(dataset.labels), t["subset"], t["seed"])
-    result = finetune_family(
-        family,
-        router,
-        dataset.images[rows],
-        dataset.labels[rows],
-        config,
-        device=device,
-        progress=progress,
-        indices=[int(i) for i in rows],
-    )
+    if abstain:
+        result, record = abstain_in_workspace(ws, names[0], experts, config, device, progress)
+    else:
+        result, record = _finetune_in_workspace(ws, family, router, config, device, progress)
     first = next(iter(family.values()))
-    record = {"finetuned_from": names, "router": router.fingerprint, **config.to_dict(),
-              "routed": result["routed"], "loss": result["history"]}  # fmt: skip
     first.config = dataclasses.replace(first.config, training={**first.config.training,
                                                                "finetune": record})  # fmt: skip
     out = first.save_pretrained(Path(ws.artifacts) / "experts" / new)
@@ -281,3 +358,50 @@ def finetune_workspace(
         result["router_history"] = history
         result["router"] = str(router_dir)
     return result
+
+
+def _workspace_router(ws, device) -> RouterModel:
+    from rsrouter.router.train import router_folder
+
+    folder = router_folder(ws)
+    if not (folder / "config.json").is_file():
+        raise UsageError("no trained router in this workspace: run `router train` first.")
+    return RouterModel.from_pretrained(folder, device=device)
+
+
+def _finetune_in_workspace(ws, family, router, config, device, progress):
+    """finetune_family on the table rows of the [tables] split: (result, provenance record)."""
+    from rsrouter.router.tables import subset_indices, table_settings, workspace_dataset
+
+    t = table_settings(ws)
+    dataset = workspace_dataset(ws, t["split"])
+    rows = subset_indices(len(dataset.labels), t["subset"], t["seed"])
+    result = finetune_family(
+        family,
+        router,
+        dataset.images[rows],
+        dataset.labels[rows],
+        config,
+        device=device,
+        progress=progress,
+        indices=[int(i) for i in rows],
+    )
+    record = {"finetuned_from": list(family), "router": router.fingerprint, **config.to_dict(),
+              "routed": result["routed"], "loss": result["history"]}  # fmt: skip
+    return result, record
+
+
+def abstain_in_workspace(ws, name, experts, config, device=None, progress=True):
+    """teach_abstain ``experts[name]`` in place on the workspace's radius table (missing columns
+    of ``experts`` are built first): (result, provenance record)."""
+    from rsrouter.router.tables import workspace_tables
+
+    table, dataset = workspace_tables(ws, experts=experts, device=device, progress=progress)
+    mask = abstain_rows(table.radii, table.sigmas, table.names.index(name))
+    result = teach_abstain(experts[name], dataset.images[table.indices], table.labels, mask,
+                           config, device=device, progress=progress)  # fmt: skip
+    record = {"finetuned_from": [name], "abstain": {"rows": result["rows"],
+              "abstain_rows": result["abstain"], "table": {"n": table.n, "alpha": table.alpha,
+              "subset": table.subset, "seed": table.seed}}, **config.to_dict(),
+              "loss": result["history"]}  # fmt: skip
+    return result, record
