@@ -227,8 +227,8 @@ def teach_abstain(
     if not len(images) == len(labels) == len(abstain):
         raise UsageError("images, labels and abstain rows must have one entry per input.")
     if not abstain.any():
-        raise UsageError("no input to abstain on: every table row it gets wrong, no smaller "
-                         "sigma certifies either.")  # fmt: skip
+        raise UsageError("no input to abstain on: no table row is wrong for this expert and "
+                         "certified by a smaller sigma.")  # fmt: skip
     device = torch.device(device)
     expert = expert.to(device)
     if getattr(expert, "denoiser", None) is not None:
