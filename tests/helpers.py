@@ -30,6 +30,24 @@ def small_cnn_expert(
     )  # fmt: skip
 
 
+def val_split_workspace(root: Path, sigmas, name=lambda sigma: f"g{sigma}"):
+    """A workspace of random Fashion-MNIST-shaped small-CNN experts at ``sigmas`` with a val
+    split of 30 and tiny certify / tune sizes."""
+    from rsrouter.data import FASHION_MNIST_CLASSES
+    from rsrouter.registry import Workspace
+
+    ws = Workspace.init(root / "ws")
+    for sigma in sigmas:
+        e = small_cnn_expert(sigma, num_classes=10, input_size=[28, 28], seed=int(sigma * 8),
+                             class_names=list(FASHION_MNIST_CLASSES))  # fmt: skip
+        e.save_pretrained(root / f"e{sigma}")
+        ws.add_expert(root / f"e{sigma}", sigma, name=name(sigma))
+    ws.update_settings("data", validation=30)
+    ws.update_settings("certify", n0=8, n=32, batch_size=256, limit=6)
+    ws.update_settings("tune", limit=12, bins=4)
+    return ws
+
+
 def fill_hub_cache(cache: Path, repo_id: str, folder: Path, commit: str = "a" * 40) -> None:
     """The cache layout snapshot_download reads: refs/main → snapshots/<commit>/<files>."""
     repo = cache / f"models--{repo_id.replace('/', '--')}"

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import small_cnn_expert
+from helpers import val_split_workspace
 from rsrouter.errors import UsageError
 from rsrouter.router.finetune import FinetuneConfig, abstain_rows, teach_abstain
 from rsrouter.router.gate import normalized_entropy
@@ -63,20 +63,12 @@ def test_teach_abstain_scatters_the_votes_on_the_abstain_rows_only():
 
 def test_cli_finetune_expert_abstain_then_the_gate_copies_it(tmp_path: Path, capsys):
     from rsrouter.cli.main import run
-    from rsrouter.data import FASHION_MNIST_CLASSES
     from rsrouter.registry import Workspace
+    from rsrouter.router.finetune import abstain_in_workspace
     from rsrouter.router.model import RouterModel
 
-    ws = Workspace.init(tmp_path / "ws")
-    for sigma in (0.25, 1.0):
-        e = small_cnn_expert(sigma, num_classes=10, input_size=[28, 28], seed=int(sigma * 8),
-                             class_names=list(FASHION_MNIST_CLASSES))  # fmt: skip
-        e.save_pretrained(tmp_path / f"e{sigma}")
-        ws.add_expert(tmp_path / f"e{sigma}", sigma, name=f"g{sigma:g}")
-    ws.update_settings("data", validation=30)
+    ws = val_split_workspace(tmp_path, (0.25, 1.0), name=lambda sigma: f"g{sigma:g}")
     ws.update_settings("tables", n=12, alpha=0.05, subset=0.05)
-    ws.update_settings("certify", n0=8, n=32, batch_size=256, limit=6)
-    ws.update_settings("tune", limit=12, bins=4)
     w = ["-w", str(ws.root), "--device", "cpu"]
     toml = (ws.root / "router.toml").read_text()
     assert run(["finetune-expert", "g0.25", "--abstain", *w]) == 1
@@ -106,3 +98,6 @@ def test_cli_finetune_expert_abstain_then_the_gate_copies_it(tmp_path: Path, cap
     copied = router.classifier.state_dict()
     assert all(torch.equal(copied[k], changed[k]) for k in changed)
     assert json.loads((ws.artifacts / "router" / "tuning.json").read_text())["tried"]
+    config = FinetuneConfig(epochs=1, batch_size=16)
+    again, _ = abstain_in_workspace(ws, "g1-abstain", ws.load_experts(), config, progress=False)
+    assert again["rows"] == record["abstain"]["rows"]  # the device left to its default

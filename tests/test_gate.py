@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import small_cnn_expert
+from helpers import small_cnn_expert, val_split_workspace
 from rsrouter.router import gate as gates
 from rsrouter.router.model import RouterModel
 from rsrouter.smoothing import ROUTER_ESTIMATION, sample_counts
@@ -157,18 +157,8 @@ def test_fit_gate_picks_the_thresholds_with_least_val_regret():
 def test_router_train_kind_gate_end_to_end(tmp_path, monkeypatch, capsys):
     """`router train --kind gate` fits on the val split only, then certify routes with it."""
     from rsrouter.cli.main import run
-    from rsrouter.data import FASHION_MNIST_CLASSES
-    from rsrouter.registry import Workspace
 
-    ws = Workspace.init(tmp_path / "ws")
-    for sigma in (0.25, 0.5):
-        e = small_cnn_expert(sigma, num_classes=10, input_size=[28, 28], seed=int(sigma * 8),
-                             class_names=list(FASHION_MNIST_CLASSES))  # fmt: skip
-        e.save_pretrained(tmp_path / f"e{sigma}")
-        ws.add_expert(tmp_path / f"e{sigma}", sigma, name=f"g{sigma}")
-    ws.update_settings("data", validation=30)
-    ws.update_settings("certify", n0=8, n=32, batch_size=256, limit=6)
-    ws.update_settings("tune", limit=12, bins=4)
+    ws = val_split_workspace(tmp_path, (0.25, 0.5))
     read = []
     import rsrouter.data as data
 

@@ -148,39 +148,50 @@ def finetune_family(
     for e in experts.values():
         if e.denoiser is not None:
             e.denoiser.requires_grad_(False)
-    opt = torch.optim.AdamW(classifier.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     bf16 = device.type == "cuda"
+
+    def batch_loss(positions, noise_gen):
+        batch = rows[positions]
+        x, y, c = images[batch], labels[batch], choice[batch]
+        noise = torch.randn(x.shape, generator=noise_gen)
+        loss = torch.zeros((), device=device)
+        for i, expert in experts.items():
+            mask = c == i
+            if not mask.any():
+                continue
+            noisy = (x[mask] + expert.sigma * noise[mask]).to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                logits = expert(noisy)
+            loss = loss + F.cross_entropy(logits.float(), y[mask].to(device), reduction="sum")
+        return loss / len(batch)
+
+    history = _train(classifier, len(rows), batch_loss, config, "finetune", progress)
+    return {"routed": routed, "history": history}
+
+
+def _train(classifier, size: int, batch_loss, config: FinetuneConfig, what: str, progress):
+    """AdamW on ``classifier`` over ``size`` inputs for config.epochs, in batches shuffled per
+    epoch; ``batch_loss(positions, noise generator)`` is a batch's mean loss. The shuffle and the
+    noise of each epoch are seeded by (config.seed, epoch). Returns the mean loss per epoch."""
+    opt = torch.optim.AdamW(classifier.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     history = []
-    steps = config.epochs * -(-len(rows) // config.batch_size)
-    with progress_bar("finetune", steps, enabled=progress) as advance:
+    steps = config.epochs * -(-size // config.batch_size)
+    with progress_bar(what, steps, enabled=progress) as advance:
         for epoch in range(1, config.epochs + 1):
-            shuffle, noise_gen = _epoch_generators(config.seed, epoch)
-            order = rows[torch.randperm(len(rows), generator=shuffle)]
+            seeds = [int(sha256_json([config.seed, epoch, s])[:15], 16) for s in (0, 1)]
+            shuffle, noise = (torch.Generator().manual_seed(seed) for seed in seeds)
             total = 0.0
-            classifier.train()  # the frozen denoiser stays in eval mode
-            for batch in order.split(config.batch_size):
-                x, y, c = images[batch], labels[batch], choice[batch]
-                noise = torch.randn(x.shape, generator=noise_gen)
-                loss = torch.zeros((), device=device)
-                for i, expert in experts.items():
-                    mask = c == i
-                    if not mask.any():
-                        continue
-                    noisy = (x[mask] + expert.sigma * noise[mask]).to(device)
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                        logits = expert(noisy)
-                    loss = loss + F.cross_entropy(
-                        logits.float(), y[mask].to(device), reduction="sum"
-                    )
-                loss = loss / len(batch)
+            classifier.train()  # a frozen denoiser stays in eval mode
+            for positions in torch.randperm(size, generator=shuffle).split(config.batch_size):
+                loss = batch_loss(positions, noise)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                total += float(loss.detach()) * len(batch)
+                total += float(loss.detach()) * len(positions)
                 advance(1)
-            history.append(total / len(rows))
+            history.append(total / size)
     classifier.eval()
-    return {"routed": routed, "history": history}
+    return history
 
 
 def smaller_sigmas(sigmas, expert: int) -> list[int]:
@@ -199,12 +210,6 @@ def abstain_rows(radii: torch.Tensor, sigmas, expert: int) -> torch.Tensor:
     smaller sigma certifies (R > 0): the inputs it should leave to a smaller sigma."""
     smaller = smaller_sigmas(sigmas, expert)
     return (radii[:, expert] == 0) & (radii[:, smaller] > 0).any(dim=1)
-
-
-def _epoch_generators(seed: int, epoch: int) -> tuple[torch.Generator, torch.Generator]:
-    """(shuffling, noise) generators of one epoch."""
-    seeds = [int(sha256_json([seed, epoch, s])[:15], 16) for s in (0, 1)]
-    return tuple(torch.Generator().manual_seed(s) for s in seeds)
 
 
 def teach_abstain(
@@ -233,30 +238,17 @@ def teach_abstain(
     expert = expert.to(device)
     if getattr(expert, "denoiser", None) is not None:
         expert.denoiser.requires_grad_(False)
-    classifier = expert.classifier
-    opt = torch.optim.AdamW(classifier.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    history = []
-    steps = config.epochs * -(-len(images) // config.batch_size)
-    with progress_bar("teach to abstain", steps, enabled=progress) as advance:
-        for epoch in range(1, config.epochs + 1):
-            shuffle, noise_gen = _epoch_generators(config.seed, epoch)
-            order = torch.randperm(len(images), generator=shuffle)
-            total = 0.0
-            classifier.train()
-            for batch in order.split(config.batch_size):
-                x = images[batch]
-                noisy = (x + expert.sigma * torch.randn(x.shape, generator=noise_gen)).to(device)
-                logp = F.log_softmax(expert(noisy).float(), dim=-1)
-                label_ce = F.nll_loss(logp, labels[batch].to(device), reduction="none")
-                uniform_ce = -logp.mean(dim=-1)
-                loss = torch.where(abstain[batch].to(device), uniform_ce, label_ce).mean()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total += float(loss.detach()) * len(batch)
-                advance(1)
-            history.append(total / len(images))
-    classifier.eval()
+
+    def batch_loss(batch, noise_gen):
+        x = images[batch]
+        noisy = (x + expert.sigma * torch.randn(x.shape, generator=noise_gen)).to(device)
+        logp = F.log_softmax(expert(noisy).float(), dim=-1)
+        label_ce = F.nll_loss(logp, labels[batch].to(device), reduction="none")
+        uniform_ce = -logp.mean(dim=-1)
+        return torch.where(abstain[batch].to(device), uniform_ce, label_ce).mean()
+
+    history = _train(expert.classifier, len(images), batch_loss, config, "teach to abstain",
+                     progress)  # fmt: skip
     return {"rows": len(images), "abstain": int(abstain.sum()), "history": history}
 
 
@@ -395,7 +387,9 @@ def abstain_in_workspace(ws, name, experts, config, device=None, progress=True):
     """teach_abstain ``experts[name]`` in place on the workspace's radius table (missing columns
     of ``experts`` are built first): (result, provenance record)."""
     from rsrouter.router.tables import workspace_tables
+    from rsrouter.runtime import resolve_device
 
+    device = resolve_device(device)
     table, dataset = workspace_tables(ws, experts=experts, device=device, progress=progress)
     mask = abstain_rows(table.radii, table.sigmas, table.names.index(name))
     result = teach_abstain(experts[name], dataset.images[table.indices], table.labels, mask,
