@@ -40,6 +40,7 @@ from rsrouter.composition.dual import DualSmoothed
 from rsrouter.composition.report import summarize
 from rsrouter.composition.rules import RULES
 from rsrouter.composition.tuning import fit_biases, router_val_counts, train_gate_workspace
+from rsrouter.io import write_json
 from rsrouter.registry import Workspace
 from rsrouter.router.finetune import FinetuneConfig, abstain_in_workspace
 from rsrouter.router.model import RouterModel
@@ -117,20 +118,21 @@ def main(argv=None) -> int:
         summary = certify_test(ws, dual, names, device, progress)
         reference = reference or summary
         rows += rows_of(design, summary, time.perf_counter() - start, fit)
-    report = {
-        "workspace": str(args.workspace),
-        "machine": f"{platform.node()} {platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} threads, torch {torch.__version__}, device {device}",
-        "fit_rule": args.rule,
-        "designs": rows,
-        "reference": {k: m for k, m in reference["methods"].items() if not k.startswith("dual")},
-        "envelope": reference["envelope"],
-        "inputs": reference["inputs"],
-        "n": reference["n"],
-    }
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
+        report = {
+            "workspace": str(args.workspace),
+            "machine": f"{platform.node()} {platform.processor() or platform.machine()}, "
+            f"{torch.get_num_threads()} threads, torch {torch.__version__}, device {device}",
+            "fit_rule": args.rule,
+            "designs": rows,
+            "reference": {
+                k: m for k, m in reference["methods"].items() if not k.startswith("dual")
+            },
+            "envelope": reference["envelope"],
+            "inputs": reference["inputs"],
+            "n": reference["n"],
+        }
+        if args.out:  # after every design: a long study killed later keeps what it measured
+            write_json(args.out, report)
     print(markdown(report, names))
     return 0
 

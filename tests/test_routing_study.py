@@ -1,0 +1,48 @@
+"""benchmarks/routing_study.py end to end on a tiny workspace: every design, every rule."""
+
+from __future__ import annotations
+
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import torch
+
+from helpers import val_split_workspace
+
+SCRIPT = Path(__file__).parents[1] / "benchmarks" / "routing_study.py"
+
+
+def test_routing_study_runs_every_design_and_writes_every_rule(tmp_path, monkeypatch, capsys):
+    from rsrouter.cli.main import run
+
+    ws = val_split_workspace(tmp_path, (0.25, 1.0))
+    ws.update_settings("tables", n=12, alpha=0.05, subset=0.05)
+    w = ["-w", str(ws.root), "--device", "cpu"]
+    train = ["train", "--kind", "learned", "--epochs", "1", "--batch-size", "16", *w]
+    assert run(train) == 0, capsys.readouterr().err
+    out = tmp_path / "study.json"
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT), str(ws.root), "--out", str(out), "--quiet"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: more threads only spin on a shared 2-core runner
+    try:
+        try:
+            runpy.run_path(str(SCRIPT), run_name="__main__")
+        except SystemExit as exit_:
+            assert exit_.code == 0
+    finally:
+        torch.set_num_threads(threads)
+    report = json.loads(out.read_text())
+    designs = ("learned", "learned-bias", "gate", "class-gate", "abstain-gate")
+    rows = {(r["design"], r["rule"]): r for r in report["designs"]}
+    assert set(rows) == {(d, r) for d in designs for r in ("min", "pairwise", "agreement")}
+    assert report["inputs"] == 6 and report["n"] == 32
+    for row in rows.values():
+        assert row["regret"] >= 0 and row["acr"] >= 0
+        assert abs(sum(row["routing"].values()) + row["abstention"]["router"] - 1) < 1e-9
+    taught = rows[("abstain-gate", "agreement")]["fit"]["abstain"]
+    assert taught["finetuned_from"] == ["g1.0"] and taught["abstain"]["table"]["n"] == 12
+    assert rows[("learned-bias", "min")]["fit"]["biases"] is not None
+    table = capsys.readouterr().out
+    assert "| abstain-gate | agreement |" in table and "alone" in table
