@@ -259,9 +259,31 @@ def test_finetune_uses_the_sigma_the_router_picks():
         assert len(seen) == 2 * groups[name]  # each routed input once per epoch
         assert ((seen > 0.6 * member.sigma) & (seen < 1.5 * member.sigma)).all()
     assert not torch.equal(shared.weight, before) and result["history"][1] < result["history"][0]
-    with pytest.raises(UsageError, match="share one classifier"):
-        split = {"dark": Member(nn.Linear(64, 2), 0.25), "bright": Member(nn.Linear(64, 2), 1.0)}
-        finetune_family(split, router, data.images, data.labels, config, progress=False)
+    assert result["groups"] == [["dark", "bright"]]
+
+
+def test_finetune_trains_experts_of_their_own_each_on_its_inputs():
+    from rsrouter.router.finetune import FinetuneConfig, finetune_family
+
+    torch.manual_seed(0)
+    split = {"dark": Member(nn.Linear(64, 2), 0.25), "bright": Member(nn.Linear(64, 2), 1.0)}
+    router = make_router(split, seed=0)
+    router.classifier = GroupRule()
+    data = group_data(96, seed=3)
+    before = {n: m.classifier.weight.detach().clone() for n, m in split.items()}
+    config = FinetuneConfig(epochs=2, batch_size=32, lr=1e-2, route_n=8)
+    result = finetune_family(split, router, data.images, data.labels, config, progress=False)
+    assert result["groups"] == [["dark"], ["bright"]]
+    assert split["dark"].classifier is not split["bright"].classifier
+    for name, member in split.items():
+        assert not torch.equal(member.classifier.weight, before[name])
+        seen = torch.cat(member.seen)  # only its own inputs, at its own sigma
+        assert len(seen) == 2 * result["routed"][name]
+        assert ((seen > 0.6 * member.sigma) & (seen < 1.5 * member.sigma)).all()
+    dark = group_data(96, seed=3)
+    keep = dark.group == 0
+    with pytest.raises(UsageError, match="sends no training input to bright"):
+        finetune_family(split, router, dark.images[keep], dark.labels[keep], config, progress=False)
 
 
 # ---------------------------------------------------------------- the CLI on a real workspace
@@ -324,6 +346,37 @@ def test_cli_tables_train_finetune_retrain(tmp_path: Path, capsys):
     assert "expert name '../x'" in capsys.readouterr().err
     assert (tmp_path / "ws" / "router.toml").read_text() == toml  # nothing lost or added
     assert not (tmp_path / "ws" / ".rsrouter" / "x").exists()
+
+
+def test_cli_finetune_gaussian_experts_registers_one_expert_each(tmp_path: Path, capsys):
+    from helpers import val_split_workspace
+    from rsrouter.cli.main import run
+    from rsrouter.registry import Workspace
+
+    ws = val_split_workspace(tmp_path, (0.25, 1.0), name=lambda sigma: f"g{sigma:g}")
+    ws.update_settings("tables", n=12, alpha=0.05, subset=0.05)
+    ws.update_settings("router", arch_args={"width": 2})
+    w = ["-w", str(ws.root), "--device", "cpu"]
+    half = "0=g0.25"  # the copy of g1 predicts class 0 or 1 on the draws (random weights)
+    assert run(["train", "--class-map", half, *w]) == 0
+    old = Workspace.open(ws.root).load_experts()
+    tune = ["finetune-expert", "g0.25", "g1", "--name", "gft", "--epochs", "1", "--lr", "0.01",
+            "--route-n", "4", "--batch-size", "16", "--retrain", *w]  # fmt: skip
+    assert run(tune) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "registered gft-sigma0.25, gft-sigma1" in out, out
+    ws = Workspace.open(ws.root)
+    assert ws.names == ["gft-sigma0.25", "gft-sigma1"]
+    tuned = ws.load_experts()
+    assert tuned["gft-sigma0.25"].classifier is not tuned["gft-sigma1"].classifier
+    routed = tuned["gft-sigma1"].config.training["finetune"]["routed"]
+    for new, before in (("gft-sigma0.25", "g0.25"), ("gft-sigma1", "g1")):
+        assert tuned[new].sigma == old[before].sigma
+        a, b = tuned[new].classifier.state_dict(), old[before].classifier.state_dict()
+        assert any(not torch.equal(a[k], b[k]) for k in a) == (routed[before] > 0)
+    assert min(routed.values()) > 0  # both trained
+    router = RouterModel.from_pretrained(ws.artifacts / "router")
+    router.check_experts(ws.names, [e.fingerprint for e in tuned.values()])
 
 
 def test_router_with_a_denoiser_round_trips(tmp_path: Path):

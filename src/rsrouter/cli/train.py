@@ -249,7 +249,10 @@ def _print_history(history: list[dict]) -> None:
 def finetune_cmd(
     ctx: typer.Context,
     names: list[str] = typer.Argument(
-        ..., help="The family: one model registered at several σ (with --abstain: one expert)."
+        ...,
+        help="The experts: Gaussian experts (each trained on the inputs routed to it, "
+        "registered as <name>-sigma<σ>), or one model registered at several σ (with --abstain: "
+        "one expert).",
     ),
     epochs: int = typer.Option(15, help="Finetuning epochs."),
     batch_size: int = typer.Option(128, "--batch-size", help="Batch size."),

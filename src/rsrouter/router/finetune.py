@@ -4,7 +4,9 @@ An expert family is one classifier used at several sigma (a "denoised" expert re
 several σ shares its UNet and classifier). Each training input x goes to the sigma σ(x) the
 router picks for it (its smoothed majority vote); the shared classifier is trained with
 cross-entropy on expert_σ(x)(x + δ), δ ~ N(0, σ(x)²I), i.e. on the denoised image at that
-sigma. The denoiser stays frozen. Inputs routed outside the family are not used.
+sigma. The denoiser stays frozen. Inputs routed outside the family are not used. Gaussian
+experts (a classifier of their own each, one sigma) are finetuned together the same way: each
+classifier on the inputs routed to it, at its sigma (registered as <name>-sigma<σ>).
 
 Taught to abstain (``teach_abstain``, design e of the routing issue): the sigma_max expert is
 trained at its own sigma on the radius table's rows, with cross-entropy on the label, except on
@@ -84,26 +86,26 @@ def route(
     return counts.argmax(dim=1)
 
 
-def shared_classifier(family: Mapping) -> torch.nn.Module:
-    """The one classifier module every member of ``family`` uses; else a UsageError."""
+def classifier_groups(family: Mapping) -> list[tuple[torch.nn.Module, list[str]]]:
+    """The family's classifiers, each with the members that use it: members whose classifiers
+    hold equal weights are tied to one module (one model registered at several sigma); the
+    others (Gaussian experts, one sigma each) keep their own."""
     if not family:
         raise UsageError("name at least one expert to finetune.")
-    classifiers = {id(e.classifier): e.classifier for e in family.values()}
-    if len(classifiers) > 1:
-        first = next(iter(family.values())).classifier.state_dict()
-        for e in family.values():
-            other = e.classifier.state_dict()
-            if other.keys() != first.keys() or not all(
-                torch.equal(first[k], other[k]) for k in first
+    groups: list[tuple[torch.nn.Module, list[str]]] = []
+    for name, expert in family.items():
+        state = expert.classifier.state_dict()
+        for module, members in groups:
+            other = module.state_dict()
+            if module is expert.classifier or (
+                other.keys() == state.keys() and all(torch.equal(other[k], state[k]) for k in state)
             ):
-                raise UsageError(
-                    f"experts {', '.join(family)} do not share one classifier: finetune-expert "
-                    "trains one classifier used at several sigma."
-                )
-        shared = next(iter(family.values())).classifier
-        for e in family.values():
-            e.classifier = shared
-    return next(iter(family.values())).classifier
+                expert.classifier = module
+                members.append(name)
+                break
+        else:
+            groups.append((expert.classifier, [name]))
+    return groups
 
 
 def finetune_family(
@@ -117,16 +119,20 @@ def finetune_family(
     progress: bool = True,
     indices=None,
 ) -> dict:
-    """Train the family's shared classifier in place on the inputs routed to it.
+    """Train the family's classifiers in place, each on the inputs routed to its members.
 
-    ``indices`` (dataset indices of ``images``) seed the router's votes per input.
+    A classifier shared by several members (one model at several sigma) is trained on all their
+    inputs, each at its member's sigma; experts with classifiers of their own (Gaussian experts)
+    are each trained on theirs, in the same batches. ``indices`` (dataset indices of
+    ``images``) seed the router's votes per input.
 
-    Returns {"routed": inputs per member, "history": mean loss per epoch}.
+    Returns {"routed": inputs per member, "groups": the members of each classifier,
+    "history": mean loss per epoch}.
     """
     unknown = [name for name in family if name not in router.expert_names]
     if unknown:
         raise UsageError(f"the router does not route to {', '.join(unknown)}.")
-    classifier = shared_classifier(family)
+    groups = classifier_groups(family)
     device = torch.device(device)
     images, labels = torch.as_tensor(images).float(), torch.as_tensor(labels).long()
     with progress_bar("route inputs", len(images) * config.route_n, enabled=progress) as adv:
@@ -142,8 +148,10 @@ def finetune_family(
     member_of = {router.expert_names.index(name): name for name in family}
     rows = torch.nonzero(torch.isin(choice, torch.tensor(list(member_of)))).flatten()
     routed = {name: int((choice == i).sum()) for i, name in member_of.items()}
-    if len(rows) == 0:
-        raise UsageError(f"the router sends no training input to {', '.join(family)}.")
+    idle = [", ".join(m) for _, m in groups if not sum(routed[n] for n in m)]
+    if idle:
+        raise UsageError(f"the router sends no training input to {'; '.join(idle)}: leave "
+                         "it out of the experts to finetune.")  # fmt: skip
     experts = {i: family[name].to(device) for i, name in member_of.items()}
     for e in experts.values():
         if e.denoiser is not None:
@@ -165,8 +173,9 @@ def finetune_family(
             loss = loss + F.cross_entropy(logits.float(), y[mask].to(device), reduction="sum")
         return loss / len(batch)
 
-    history = _train(classifier, len(rows), batch_loss, config, "finetune", progress)
-    return {"routed": routed, "history": history}
+    classifiers = torch.nn.ModuleList(module for module, _ in groups)
+    history = _train(classifiers, len(rows), batch_loss, config, "finetune", progress)
+    return {"routed": routed, "groups": [m for _, m in groups], "history": history}
 
 
 def _train(classifier, size: int, batch_loss, config: FinetuneConfig, what: str, progress):
@@ -319,22 +328,31 @@ def finetune_workspace(
         result, record = abstain_in_workspace(ws, names[0], experts, config, device, progress)
     else:
         result, record = _finetune_in_workspace(ws, family, router, config, device, progress)
-    first = next(iter(family.values()))
-    first.config = dataclasses.replace(first.config, training={**first.config.training,
-                                                               "finetune": record})  # fmt: skip
-    out = first.save_pretrained(Path(ws.artifacts) / "experts" / new)
-    sigmas = [family[n].sigma for n in names]
+    groups = result.get("groups") or [list(names)]
+    # one classifier: registered as ``new`` (at each of its sigma); several: <new>-sigma<σ> each
+    targets = [(new, g) for g in groups] if len(groups) == 1 else [
+        (f"{new}-sigma{'-'.join(f'{family[n].sigma:g}' for n in g)}", g) for g in groups
+    ]  # fmt: skip
     positions = [ws.names.index(n) for n in names]
     before = list(ws.experts)
+    entries_of = {}
     try:
         if replace:
             for n in names:
                 ws.remove_expert(n)
-        entries = ws.add_expert(str(out), sigmas if len(sigmas) > 1 else sigmas[0], name=new)
+        for target, members in targets:
+            first = family[members[0]]
+            training = {**first.config.training, "finetune": record}
+            first.config = dataclasses.replace(first.config, training=training)
+            out = first.save_pretrained(Path(ws.artifacts) / "experts" / target)
+            sigmas = [family[n].sigma for n in members]
+            added = ws.add_expert(str(out), sigmas if len(sigmas) > 1 else sigmas[0], name=target)
+            entries_of.update(zip(members, added, strict=True))
     except UsageError:  # e.g. a bad name: the family must not stay removed
         ws.experts = before
         ws.save()
         raise
+    entries = [entries_of[n] for n in names]
     if replace:  # put the new experts where the old ones were: router output order is stable
         for entry in entries:
             ws.experts.remove(entry)
@@ -342,7 +360,7 @@ def finetune_workspace(
             ws.experts.insert(pos, entry)
         ws.save()
     result["registered"] = [e.name for e in entries]
-    result["folder"] = str(out)
+    result["folder"] = ", ".join(str(Path(ws.artifacts) / "experts" / t) for t, _ in targets)
     if retrain:
         _, history, router_dir = train_workspace(
             ws, device=device, progress=progress, train_overrides=train_overrides
