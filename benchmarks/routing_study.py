@@ -33,11 +33,12 @@ import platform
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from rsrouter.composition.certify_run import certify_run, certify_settings, run_options
 from rsrouter.composition.dual import DualSmoothed
-from rsrouter.composition.report import summarize
+from rsrouter.composition.report import methods, regret, summarize
 from rsrouter.composition.rules import RULES
 from rsrouter.composition.tuning import fit_biases, router_val_counts, train_gate_workspace
 from rsrouter.io import write_json
@@ -54,12 +55,21 @@ RADII = ("0", "0.5", "1", "1.5")
 GRID = [0.0, 0.5, 1.0, 1.5]
 
 
-def certify_test(ws, dual, names, device, progress):
+def certify_test(ws, dual, names, device, progress, envelope=None):
+    """The test run's summary; with ``envelope`` (another study's), each method's worst-case
+    regret against it too (``regret_reference``)."""
     s = certify_settings(ws)
     test = workspace_dataset(ws, s["split"])
     run = certify_run(dual, test, ws.artifacts, expert_names=names, device=device,
                       progress=progress, **run_options(s))  # fmt: skip
-    return summarize(json.loads(run.meta_path.read_text()), run.records, grid=GRID)
+    meta = json.loads(run.meta_path.read_text())
+    summary = summarize(meta, run.records, grid=GRID)
+    if envelope is not None:
+        grid, acc = (np.asarray(envelope[k], dtype=float) for k in ("grid", "certified_accuracy"))
+        for key, m in methods(meta, run.records).items():
+            summary["methods"][key]["regret_reference"] = regret(m["correct"], m["radius"], grid,
+                                                                 acc)  # fmt: skip
+    return summary
 
 
 def rows_of(design: str, summary: dict, seconds: float, fit: dict | None) -> list[dict]:
@@ -81,8 +91,11 @@ def main(argv=None) -> int:
     p.add_argument("--rule", choices=RULES, default="agreement", help="rule the fits optimise")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", type=Path, help="write every figure as JSON here")
+    p.add_argument("--envelope", type=Path, help="also score against this study JSON's "
+                   "envelope (e.g. the experts' before finetuning)")  # fmt: skip
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
+    envelope = json.loads(args.envelope.read_text())["envelope"] if args.envelope else None
     ws = Workspace.open(args.workspace)
     device = resolve_device(args.device)
     progress = not args.quiet
@@ -115,7 +128,7 @@ def main(argv=None) -> int:
                    **({"abstain": taught} if taught else {})}  # fmt: skip
             dual = DualSmoothed(gate.to(device), gate.sigma_e, list(experts.values()),
                                 rule=args.rule)  # fmt: skip
-        summary = certify_test(ws, dual, names, device, progress)
+        summary = certify_test(ws, dual, names, device, progress, envelope)
         reference = reference or summary
         rows += rows_of(design, summary, time.perf_counter() - start, fit)
         report = {
@@ -131,6 +144,8 @@ def main(argv=None) -> int:
             "inputs": reference["inputs"],
             "n": reference["n"],
         }
+        if envelope:
+            report["reference_envelope"] = {"file": str(args.envelope), **envelope}
         if args.out:  # after every design: a long study killed later keeps what it measured
             write_json(args.out, report)
     print(markdown(report, names))
@@ -165,14 +180,21 @@ def _fmt(m: dict, names) -> list[str]:
     fw = m.get("forwards_per_input")
     cost = f"{fw:,.0f} fwd, {m['seconds_per_input']:.2f} s" if fw else "—"
     acc = " / ".join(f"{100 * a:.1f}" for a in m["certified_accuracy"])
-    return [f"{max(m['regret'], 0):.1f}", at, acc, f"{m['acr']:.3f}", routed, abst, cost]
+    row = [f"{max(m['regret'], 0):.1f}", at, acc, f"{m['acr']:.3f}", routed, abst, cost]
+    if "regret_reference" in m:
+        row.append(f"{max(m['regret_reference'], 0):.1f}")
+    return row
 
 
 def markdown(report: dict, names) -> str:
     head = ("| design | rule | worst-case regret | gap at r=0 / 0.5 / 1 / 1.5 | certified at "
             "r=0 / 0.5 / 1 / 1.5 | ACR | routed " + " / ".join(names) + " (%) | router abst. (%)"
             " | cost per input |")  # fmt: skip
-    lines = [head, "|" + "---|" * 9]
+    columns = 9
+    if "reference_envelope" in report:
+        head += " regret to the reference envelope |"
+        columns += 1
+    lines = [head, "|" + "---|" * columns]
     for r in report["designs"]:
         lines.append("| " + " | ".join([r["design"], r["rule"], *_fmt(r, names)]) + " |")
     for m in report["reference"].values():

@@ -23,16 +23,7 @@ def test_routing_study_runs_every_design_and_writes_every_rule(tmp_path, monkeyp
     train = ["train", "--kind", "learned", "--epochs", "1", "--batch-size", "16", *w]
     assert run(train) == 0, capsys.readouterr().err
     out = tmp_path / "study.json"
-    monkeypatch.setattr(sys, "argv", [str(SCRIPT), str(ws.root), "--out", str(out), "--quiet"])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: more threads only spin on a shared 2-core runner
-    try:
-        try:
-            runpy.run_path(str(SCRIPT), run_name="__main__")
-        except SystemExit as exit_:
-            assert exit_.code == 0
-    finally:
-        torch.set_num_threads(threads)
+    study(monkeypatch, str(ws.root), "--out", str(out), "--quiet")
     report = json.loads(out.read_text())
     designs = ("learned", "learned-bias", "gate", "class-gate", "abstain-gate")
     rows = {(r["design"], r["rule"]): r for r in report["designs"]}
@@ -46,3 +37,24 @@ def test_routing_study_runs_every_design_and_writes_every_rule(tmp_path, monkeyp
     assert rows[("learned-bias", "min")]["fit"]["biases"] is not None
     table = capsys.readouterr().out
     assert "| abstain-gate | agreement |" in table and "alone" in table
+    # scored against a study's envelope too: its own, so both regrets agree (counts are cached)
+    again = tmp_path / "again.json"
+    study(monkeypatch, str(ws.root), "--only", "gate", "--envelope", str(out), "--out", str(again))
+    second = json.loads(again.read_text())
+    assert second["reference_envelope"]["grid"] == report["envelope"]["grid"]
+    for row in [*second["designs"], *second["reference"].values()]:
+        assert abs(row["regret_reference"] - row["regret"]) < 1e-9
+    assert "regret to the reference envelope" in capsys.readouterr().out
+
+
+def study(monkeypatch, *argv):
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT), *argv])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: more threads only spin on a shared 2-core runner
+    try:
+        try:
+            runpy.run_path(str(SCRIPT), run_name="__main__")
+        except SystemExit as exit_:
+            assert exit_.code == 0
+    finally:
+        torch.set_num_threads(threads)
