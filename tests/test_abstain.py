@@ -83,7 +83,7 @@ def test_cli_finetune_expert_abstain_then_the_gate_copies_it(tmp_path: Path, cap
     assert run(tune) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
     assert "abstain target on" in out and "registered g1-abstain" in out, out
-    assert "gate router: a copy of g1-abstain" in out, out  # --retrain refits the val gate
+    assert "class-gate router: a copy of g1-abstain" in out, out  # --retrain refits the gate
     ws = Workspace.open(ws.root)
     assert ws.names == ["g0.25", "g1-abstain"]
     taught = ws.load_experts()["g1-abstain"]
@@ -94,7 +94,7 @@ def test_cli_finetune_expert_abstain_then_the_gate_copies_it(tmp_path: Path, cap
     changed = taught.classifier.state_dict()
     assert any(not torch.equal(before[k], changed[k]) for k in before)
     router = RouterModel.from_pretrained(ws.artifacts / "router")
-    assert router.kind == "gate" and router.expert_names == ("g0.25", "g1-abstain")
+    assert router.kind == "class-gate" and router.expert_names == ("g0.25", "g1-abstain")
     copied = router.classifier.state_dict()
     assert all(torch.equal(copied[k], changed[k]) for k in changed)
     assert json.loads((ws.artifacts / "router" / "tuning.json").read_text())["tried"]

@@ -206,14 +206,15 @@ def test_card_of_a_gate_router_states_its_bands():
     assert "Coat: every draw → s1; Shirt: h ≤ 0.2 → s1; 0.2 < h ≤ 0.7 → s50; h > 0.7 → s25" in text
 
 
-def test_router_train_defaults_to_the_gate_where_there_is_a_val_split(tmp_path):
+def test_router_train_defaults_to_the_class_gate_where_there_is_a_val_split(tmp_path):
     from rsrouter.registry import Workspace
     from rsrouter.router.train import router_kind, router_settings
 
     ws = Workspace.init(tmp_path / "ws")
     assert router_kind(router_settings(ws)) == "learned"  # nothing to fit a gate on
     ws.update_settings("data", validation=30)
-    assert router_kind(router_settings(ws)) == "gate"
+    assert router_kind(router_settings(ws)) == "class-gate"
+    assert router_kind(router_settings(ws, kind="gate")) == "gate"
     assert router_kind(router_settings(ws, kind="learned")) == "learned"
     assert router_kind(router_settings(ws, kind="class-map", class_map={"0": "a"})) == "class-map"
     ws.update_settings("router", kind="learned")  # what the pipeline writes for the paper's

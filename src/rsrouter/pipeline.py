@@ -409,9 +409,10 @@ def demo_config(**overrides) -> PipelineConfig:
     return with_overrides(DEMO, **overrides)
 
 
-# The demo's router is the design that measured best in docs/results/routing.md: a gate router
-# (the sigma = 1 expert's own entropy picks the expert; thresholds fitted on a val split of 300
-# training images) with the agreement-aware composition rule. The paper's learned router stays
+# The demo's router is the design that measured best in docs/results/routing.md: a class-gate
+# router (the sigma = 1 expert's own entropy picks the expert, with a row of thresholds per class
+# it predicts on the draw, fitted on a val split of 300 training images) with the
+# agreement-aware composition rule. The paper's learned router stays
 # available (`router train --kind learned`); docs/results/cpu-demo-router-study.md has its study.
 DEMO = PipelineConfig(
     workspace=Path("demo-output"),
@@ -420,7 +421,7 @@ DEMO = PipelineConfig(
     expert_arch_args={"width": 16},
     expert_epochs=10,
     table_subset=0.3,
-    router_kind="gate",
+    router_kind="class-gate",
     gate_bins=10,
     router_epochs=10,
     certify_limit=200,

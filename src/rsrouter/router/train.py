@@ -423,14 +423,14 @@ def has_validation(ws) -> bool:
 
 def router_settings(ws, **overrides) -> dict:
     """[router] over the defaults, then the overrides that are not None. With no kind and no
-    class map, the kind is gate when the workspace has a val split, else learned."""
+    class map, the kind is class-gate when the workspace has a val split, else learned."""
     settings = ws.settings("router")
     unknown = sorted(set(settings) - set(ROUTER_DEFAULTS))
     if unknown:
         raise UsageError(f"unknown [router] setting(s) in {ws.path}: {', '.join(unknown)}.")
     out = {**ROUTER_DEFAULTS, **settings, **{k: v for k, v in overrides.items() if v is not None}}
     if out["kind"] is None and not out.get("class_map"):
-        out["kind"] = "gate" if has_validation(ws) else "learned"
+        out["kind"] = "class-gate" if has_validation(ws) else "learned"
     return out
 
 
