@@ -95,7 +95,12 @@ def main(argv=None) -> int:
                    "envelope (e.g. the experts' before finetuning)")  # fmt: skip
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
-    envelope = json.loads(args.envelope.read_text())["envelope"] if args.envelope else None
+    envelope = None
+    if args.envelope:
+        try:
+            envelope = json.loads(args.envelope.read_text())["envelope"]
+        except (OSError, ValueError, KeyError, TypeError):
+            p.error(f"--envelope {args.envelope}: not a routing study JSON with an envelope.")
     ws = Workspace.open(args.workspace)
     device = resolve_device(args.device)
     progress = not args.quiet

@@ -280,10 +280,9 @@ def test_finetune_trains_experts_of_their_own_each_on_its_inputs():
         seen = torch.cat(member.seen)  # only its own inputs, at its own sigma
         assert len(seen) == 2 * result["routed"][name]
         assert ((seen > 0.6 * member.sigma) & (seen < 1.5 * member.sigma)).all()
-    dark = group_data(96, seed=3)
-    keep = dark.group == 0
+    keep = data.group == 0  # dark inputs only: the router sends bright nothing
     with pytest.raises(UsageError, match="sends no training input to bright"):
-        finetune_family(split, router, dark.images[keep], dark.labels[keep], config, progress=False)
+        finetune_family(split, router, data.images[keep], data.labels[keep], config, progress=False)
 
 
 # ---------------------------------------------------------------- the CLI on a real workspace

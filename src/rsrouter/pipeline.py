@@ -59,7 +59,7 @@ class PipelineConfig:
     table_alpha: float = 0.001
     table_subset: float = 1.0
     # router
-    router_kind: str = "learned"  # learned (the paper's), or gate (fitted on the val split)
+    router_kind: str = "learned"  # learned (the paper's), or gate / class-gate (fitted on val)
     gate_bins: int = 20  # score bins of a gate router's fit: its thresholds lie on their edges
     router_arch: str = "small_cnn"
     router_arch_args: dict = field(default_factory=lambda: {"width": 8})

@@ -125,8 +125,8 @@ def train_cmd(
         help="Router design: learned (the paper's, trained on the tables), class-map, gate "
         "(the sigma_e expert's own uncertainty picks the expert; thresholds fitted on the val "
         "split) or class-gate (a gate with thresholds per predicted class). Default: workspace "
-        "[router] kind, else gate when the workspace has a val split ([data] validation), else "
-        "learned.",
+        "[router] kind, else class-gate when the workspace has a val split ([data] "
+        "validation), else learned.",
     ),
     class_map: str = typer.Option(
         None,
