@@ -335,7 +335,7 @@ def finetune_workspace(
     ]  # fmt: skip
     positions = [ws.names.index(n) for n in names]
     before = list(ws.experts)
-    entries_of = {}
+    entries_of, folders = {}, []
     try:
         if replace:
             for n in names:
@@ -345,6 +345,7 @@ def finetune_workspace(
             training = {**first.config.training, "finetune": record}
             first.config = dataclasses.replace(first.config, training=training)
             out = first.save_pretrained(Path(ws.artifacts) / "experts" / target)
+            folders.append(str(out))
             sigmas = [family[n].sigma for n in members]
             added = ws.add_expert(str(out), sigmas if len(sigmas) > 1 else sigmas[0], name=target)
             entries_of.update(zip(members, added, strict=True))
@@ -360,7 +361,7 @@ def finetune_workspace(
             ws.experts.insert(pos, entry)
         ws.save()
     result["registered"] = [e.name for e in entries]
-    result["folder"] = ", ".join(str(Path(ws.artifacts) / "experts" / t) for t, _ in targets)
+    result["folder"] = ", ".join(folders)
     if retrain:
         _, history, router_dir = train_workspace(
             ws, device=device, progress=progress, train_overrides=train_overrides
