@@ -15,6 +15,9 @@ Designs (names for --only):
   abstain-gate   the gate whose copy of the sigma_e expert was first taught to abstain where a
                  smaller sigma is right (design e; the experts routed to are unchanged). With the
                  expert itself replaced: `router finetune-expert NAME --abstain`, then `gate`.
+  cascade        no router: the experts gate themselves on their own smoothed confidence, a
+                 threshold per stage and class and the stage order fitted on val (the cascade
+                 rule, composition/cascade.py; `router train --kind gate` fits it too)
 
     python benchmarks/routing_study.py runs/fm/gaussian --out docs/results/routing-fm.json
 
@@ -39,8 +42,14 @@ import torch
 from rsrouter.composition.certify_run import certify_run, certify_settings, run_options
 from rsrouter.composition.dual import DualSmoothed
 from rsrouter.composition.report import methods, regret, summarize
-from rsrouter.composition.rules import RULES
-from rsrouter.composition.tuning import fit_biases, router_val_counts, train_gate_workspace
+from rsrouter.composition.rules import CASCADE, RULES
+from rsrouter.composition.tuning import (
+    experts_val_counts,
+    fit_biases,
+    fit_cascade,
+    router_val_counts,
+    train_gate_workspace,
+)
 from rsrouter.io import write_json
 from rsrouter.registry import Workspace
 from rsrouter.router.finetune import FinetuneConfig, abstain_in_workspace
@@ -48,7 +57,7 @@ from rsrouter.router.model import RouterModel
 from rsrouter.router.tables import workspace_dataset
 from rsrouter.runtime import resolve_device
 
-DESIGNS = ("learned", "learned-bias", "gate", "class-gate", "abstain-gate")
+DESIGNS = ("learned", "learned-bias", "gate", "class-gate", "abstain-gate", "cascade")
 # the abstain-gate copy's training (Adam: AdamW without decay), chosen on val
 ABSTAIN = FinetuneConfig(epochs=10, batch_size=128, lr=1e-3, weight_decay=0.0)
 RADII = ("0", "0.5", "1", "1.5")
@@ -78,6 +87,8 @@ def rows_of(design: str, summary: dict, seconds: float, fit: dict | None) -> lis
         if not key.startswith("dual"):
             continue
         rule = summary["rule"] if key == "dual" else key.split(":", 1)[1]
+        if (rule == CASCADE) != (design == "cascade"):  # the cascade reads no router
+            continue
         routing = summary["routing_by_method"][key]
         out.append({"design": design, "rule": rule, **m, **routing, "fit": fit,
                     "study_seconds": seconds})  # fmt: skip
@@ -113,6 +124,13 @@ def main(argv=None) -> int:
         fit = None
         if design == "learned":
             dual = DualSmoothed(learned, learned.sigma_e, list(experts.values()), rule=args.rule)
+        elif design == "cascade":
+            vc = experts_val_counts(ws, experts, device=device, progress=progress)
+            spec, tried = fit_cascade(vc, alpha=_alphas(ws)["alpha"])
+            fit = {"cascade": spec.to_dict(), "tried": [t for t in tried if t["kept"]],
+                   "tried_count": len(tried)}  # fmt: skip
+            dual = DualSmoothed(learned, learned.sigma_e, list(experts.values()), rule=CASCADE,
+                                cascade=spec)  # fmt: skip
         elif design == "learned-bias":
             vc, sel, est = router_val_counts(ws, learned, experts, device=device,
                                              progress=progress)  # fmt: skip

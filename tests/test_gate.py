@@ -186,6 +186,14 @@ def test_router_train_kind_gate_end_to_end(tmp_path, monkeypatch, capsys):
     router = RouterModel.from_pretrained(ws.artifacts / "router")
     assert router.kind == "class-gate" and len(router.gate["class_thresholds"]) == 10
     assert run(["certify", *w]) == 0, capsys.readouterr().err
+    # the same val counts fit the experts' cascade: its rule is decided in every run
+    cascade = router.info["cascade"]
+    assert sorted(cascade["order"]) == [0, 1] and len(cascade["thresholds"][0]) == 10
+    tuning = json.loads((ws.artifacts / "router" / "tuning.json").read_text())
+    assert len(tuning["cascade"]) > 2 and router.info["tuning"]["cascade"]["regret"] >= -100
+    capsys.readouterr()
+    assert run(["certify", "--rule", "cascade", *w]) == 0, capsys.readouterr().err
+    assert "class-aware cascade" in capsys.readouterr().out
 
 
 def test_card_of_a_gate_router_states_its_bands():
@@ -204,6 +212,10 @@ def test_card_of_a_gate_router_states_its_bands():
     config["gate"]["class_thresholds"] = [[1.0, 1.0], [0.2, 0.7]]
     text = str(render_card(config))
     assert "Coat: every draw → s1; Shirt: h ≤ 0.2 → s1; 0.2 < h ≤ 0.7 → s50; h > 0.7 → s25" in text
+    assert "cascade" not in text
+    config["cascade"] = {"order": [2, 0, 1], "thresholds": [[0.5, 0.9], [0.5, 1.0], [0.5, 0.5]]}
+    text = str(render_card(config))
+    assert "class-aware cascade of the experts" in text and "| cascade.order | [2, 0, 1] |" in text
 
 
 def test_router_train_defaults_to_the_class_gate_where_there_is_a_val_split(tmp_path):

@@ -27,7 +27,14 @@ def test_routing_study_runs_every_design_and_writes_every_rule(tmp_path, monkeyp
     report = json.loads(out.read_text())
     designs = ("learned", "learned-bias", "gate", "class-gate", "abstain-gate")
     rows = {(r["design"], r["rule"]): r for r in report["designs"]}
-    assert set(rows) == {(d, r) for d in designs for r in ("min", "pairwise", "agreement")}
+    assert set(rows) == {(d, r) for d in designs for r in ("min", "pairwise", "agreement")} | {
+        ("cascade", "cascade")
+    }
+    cascade = rows[("cascade", "cascade")]
+    assert (
+        sorted(cascade["fit"]["cascade"]["order"]) == [0, 1] and cascade["fit"]["tried_count"] > 2
+    )
+    assert cascade["forwards_per_input"] == 2 * (report["n"] + ws.settings("certify")["n0"])
     assert report["inputs"] == 6 and report["n"] == 32
     for row in rows.values():
         assert row["regret"] >= 0 and row["acr"] >= 0

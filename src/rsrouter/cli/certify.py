@@ -34,7 +34,8 @@ def certify_cmd(
     batch_size: int = typer.Option(None, "--batch-size", help="Forward batch size (1000)."),
     rule: str = typer.Option(
         None,
-        help="Headline composition rule: agreement (default), min (the paper's) or pairwise.",
+        help="Headline composition rule: agreement (default), min (the paper's), pairwise, or "
+        "cascade (the experts' own, no router; fitted by `router train` on the val split).",
     ),
     device: str = DEVICE,
     workspace: Path = WORKSPACE,
@@ -204,6 +205,8 @@ def predict_cmd(
     for path, p in zip(images, preds, strict=True):
         if p.expert >= 0:
             routed, sigma = names[p.expert], f"{dual.sigmas[p.expert]:g}"
+        elif p.rule == "cascade":
+            routed, sigma = "abstain (no expert's stage is sure)", "—"
         elif len(p.consulted) > 1:  # agreement: the router is unsure, these experts were asked
             routed = "unsure: " + " or ".join(names[i] for i in p.consulted)
             sigma = "/".join(f"{dual.sigmas[i]:g}" for i in p.consulted)

@@ -521,7 +521,8 @@ def pull_router(
     experts = load_pinned_experts(pins, root=folder, device=device, **hub)
     router = RouterModel.from_pretrained(folder, device=device)
     router.check_experts([p["name"] for p in pins], [e.fingerprint for e in experts])
-    dual = DualSmoothed(router, router.sigma_e, experts, biases=router.info.get("biases"))
+    dual = DualSmoothed(router, router.sigma_e, experts, biases=router.info.get("biases"),
+                        cascade=router.info.get("cascade"))  # fmt: skip
     return PulledRouter(folder, commit, pins, dual)
 
 

@@ -161,6 +161,13 @@ def render_card(
                 for e, cs in sorted(groups.items())
             )
         )
+    if config.get("cascade"):
+        routes += (
+            ". The bundle also holds a class-aware cascade of the experts, fitted on a "
+            'validation split (`cascade` below; `rule="cascade"`): each expert in turn fires '
+            "when its own smoothed probability of a class passes that class's threshold, and no "
+            "router is read"
+        )
     results = (
         _demote(report_md.strip())
         if report_md

@@ -26,13 +26,14 @@ import torch
 from rsrouter import distributed
 from rsrouter.composition.baselines import MULTISCALE_LABEL, ORACLE_LABEL, multiscale, oracle
 from rsrouter.composition.dual import (
+    NO_CASCADE,
     DualCertificate,
     DualSmoothed,
     decide,
     experts_needed,
     split_alpha,
 )
-from rsrouter.composition.rules import DEFAULT_RULE, RULES, check_biases, check_rule
+from rsrouter.composition.rules import CASCADE, DEFAULT_RULE, RULES, check_biases, check_rule
 from rsrouter.errors import UsageError
 from rsrouter.io import append_jsonl, read_json, read_jsonl, sha256_json, write_json, write_text
 from rsrouter.progress import note, progress_bar
@@ -162,18 +163,21 @@ def rule_records(
     alpha_router: float,
     alpha_expert: float,
     biases=None,
+    cascade=None,
 ) -> dict[str, dict]:
     """Every composition rule decided from the same stored counts, with what each one costs
-    (the experts it reads, their forward passes and seconds, router included)."""
+    (the experts it reads, their forward passes and seconds, the router's unless the rule is
+    the cascade, which reads none). The cascade is decided when ``cascade`` (a spec) is given."""
     out = {}
     router = _pair(router_counts)
     experts = [_pair(c) for c in expert_counts]
-    for rule in RULES:
+    for rule in (*RULES, *([CASCADE] if cascade is not None else [])):
         cert = decide(
-            rule, router, experts, sigma_e=sigma_e, sigmas=sigmas,
-            alpha_router=alpha_router, alpha_expert=alpha_expert, biases=biases,
+            rule, router, experts, sigma_e=sigma_e, sigmas=sigmas, alpha_router=alpha_router,
+            alpha_expert=alpha_expert, biases=biases, cascade=cascade,
         )  # fmt: skip
         read = experts_needed(rule, router, len(sigmas), alpha_router, biases)
+        reads_router = rule != CASCADE
         chosen = cert.expert_certificate
         out[rule] = {
             "prediction": cert.prediction,
@@ -183,9 +187,11 @@ def rule_records(
             "radius_router": cert.radius_router if np.isfinite(cert.radius_router) else None,
             "expert_abstained": bool(cert.expert >= 0 and chosen is not None and chosen.abstained),
             "experts_read": read,
-            "forwards": _forwards(router_counts) + sum(_forwards(expert_counts[i]) for i in read),
+            "forwards": _forwards(router_counts) * reads_router
+            + sum(_forwards(expert_counts[i]) for i in read),
             "seconds": float(
-                router_counts["seconds"] + sum(expert_counts[i]["seconds"] for i in read)
+                router_counts["seconds"] * reads_router
+                + sum(expert_counts[i]["seconds"] for i in read)
             ),
         }
     return out
@@ -203,6 +209,7 @@ def make_record(
     alpha_router: float,
     p_skip: float,
     biases=None,
+    cascade=None,
 ) -> dict:
     """One input's record, decided from stored counts (pure: no model is run).
 
@@ -274,6 +281,7 @@ def make_record(
             alpha_router=a_router,
             alpha_expert=a_expert,
             biases=biases,
+            cascade=cascade,
         ),  # fmt: skip
     }
 
@@ -377,6 +385,8 @@ def certify_run(
     the RunPlan (with a time estimate from a short calibration) before any input is certified.
     """
     rule = check_rule(dual.rule if rule is None else rule)
+    if rule == CASCADE and dual.cascade is None:
+        raise UsageError(NO_CASCADE)
     n0, n, chunk = check_count("n0", n0), check_count("n", n), check_count("chunk", chunk)
     a_router, a_expert = split_alpha(alpha, alpha_router)
     check_seed(seed, allow_none=False)  # records resume by input index: noise is seeded
@@ -420,8 +430,9 @@ def certify_run(
         "seed": int(seed),
         "p_skip": float(p_skip),
         "rule": rule,
-        "rules": list(RULES),
+        "rules": [*RULES, *([CASCADE] if dual.cascade is not None else [])],
         "biases": [float(b) for b in dual.biases],
+        **({"cascade": dual.cascade.to_dict()} if dual.cascade is not None else {}),
         **({"bf16": True} if bf16 else {}),
     }
     run_key = sha256_json(settings)
@@ -471,6 +482,7 @@ def certify_run(
                     alpha_router=a_router,
                     p_skip=p_skip,
                     biases=dual.biases,
+                    cascade=dual.cascade,
                 )
                 for i in part
             ]
@@ -594,7 +606,11 @@ def workspace_dual(ws, *, device=None, rule: str = DEFAULT_RULE) -> tuple[DualSm
             f'{folder / "config.json"}: "biases" must hold one finite number per expert '
             f"({len(names)}), got {biases!r}."
         ) from exc
-    dual = DualSmoothed(router, router.sigma_e, list(experts.values()), rule=rule, biases=biases)
+    cascade = router.info.get("cascade")
+    if rule == CASCADE and cascade is None:
+        raise UsageError(f"{folder}: {NO_CASCADE}")
+    dual = DualSmoothed(router, router.sigma_e, list(experts.values()), rule=rule, biases=biases,
+                        cascade=cascade)  # fmt: skip
     return dual, names
 
 

@@ -12,8 +12,10 @@ stream with the experts'.
 
 ``rule`` picks how the router's and the experts' certificates combine (rules.py): "min" is the
 theorem above; "pairwise" bounds every router output at once (and honours fixed router
-biases); "agreement" certifies wherever every expert the router may pick agrees. ``decide``
-turns stored counts into the certificate of any rule without running a model.
+biases); "agreement" certifies wherever every expert the router may pick agrees; "cascade"
+reads no router: the experts gate themselves with thresholds fitted on val (cascade.py), at
+the whole alpha. ``decide`` turns stored counts into the certificate of any rule without
+running a model.
 """
 
 from __future__ import annotations
@@ -24,7 +26,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from rsrouter.composition.cascade import (
+    certify_cascade,
+    check_cascade,
+    decide_cascade,
+    predict_bounds,
+)
 from rsrouter.composition.rules import (
+    CASCADE,
     DEFAULT_RULE,
     agreement_radius,
     check_biases,
@@ -73,7 +82,7 @@ class DualCertificate:
     prediction: int  # class, or -1 (abstain)
     radius: float  # min(radius_router, radius_expert) for min/pairwise; 0.0 on abstention
     expert: int  # index of the routed expert, -1 when the route is not certified at x
-    radius_router: float  # R_sigma of the rule (inf: a single expert, the route never changes)
+    radius_router: float  # R_sigma of the rule (inf: one expert, or the cascade: no router)
     radius_expert: float  # R_c of the routed (or leading) expert, 0.0 when none was consulted
     router: Certificate  # the router's counts (its radius is the min rule's R_sigma)
     expert_certificate: Certificate | None
@@ -141,11 +150,14 @@ def decide(
     alpha_router: float,
     alpha_expert: float,
     biases=None,
+    cascade=None,
 ) -> DualCertificate:
     """The certificate of ``rule`` from stored counts: (selection, estimation) of the router and
     of each expert (None for an expert the rule does not read, see ``experts_needed``).
 
-    "min" routes by the plain argmax and ignores ``biases``.
+    "min" routes by the plain argmax and ignores ``biases``. "cascade" needs ``cascade`` (a
+    checked CascadeSpec), ignores the router's counts and spends alpha_router + alpha_expert on
+    the experts.
     """
     width = len(sigmas)
     sel, est = (np.pad(np.asarray(c), (0, width - len(c))) for c in router_counts)
@@ -155,6 +167,19 @@ def decide(
         if expert_counts[i] is None:
             raise UsageError(f"the {rule} rule needs the counts of expert {i}.")
         return Certificate.from_counts(*expert_counts[i], sigmas[i], level)
+
+    if check_rule(rule) == CASCADE:
+        if cascade is None:
+            raise UsageError(NO_CASCADE)
+        alpha = alpha_router + alpha_expert
+        certs = [cert(i, alpha / width) for i in range(width)]
+        c, radius, stage = decide_cascade(cascade, expert_counts, sigmas, alpha)
+        return DualCertificate(
+            prediction=c, radius=radius, expert=stage, radius_router=np.inf,
+            radius_expert=certs[stage].radius if stage >= 0 else 0.0, router=router,
+            expert_certificate=certs[stage] if stage >= 0 else None, alpha=alpha,
+            alpha_router=0.0, alpha_expert=alpha, rule=rule, expert_certificates=tuple(certs),
+        )  # fmt: skip
 
     if check_rule(rule) == "min":
         chosen = None if router.abstained else cert(router.prediction, alpha_expert)
@@ -193,10 +218,16 @@ def decide(
     )
 
 
+NO_CASCADE = (
+    "the cascade rule needs a fitted cascade: `router train --kind gate` or `--kind class-gate` "
+    "fits one on the val split."
+)
+
+
 def experts_needed(rule: str, router_counts: tuple, width: int, alpha_router: float, biases=None):
     """The experts whose counts ``decide`` reads for this input (the rule's sampling cost)."""
     sel, est = (np.pad(np.asarray(c), (0, width - len(c))) for c in router_counts)
-    if check_rule(rule) == "agreement":
+    if check_rule(rule) in ("agreement", CASCADE):
         return list(range(width))
     if rule == "min":  # whether the router abstains does not depend on sigma_e: 1.0 stands in
         router = Certificate.from_counts(sel, est, 1.0, alpha_router)
@@ -267,6 +298,7 @@ class DualSmoothed:
         *,
         rule: str = DEFAULT_RULE,
         biases: Sequence[float] | None = None,
+        cascade=None,
     ):
         self.router = router
         self.sigma_e = check_sigma(sigma_e)
@@ -279,6 +311,14 @@ class DualSmoothed:
             if not hasattr(expert, "sigma"):
                 raise UsageError(f"expert {i} has no .sigma: bind each expert to its noise level.")
             check_sigma(expert.sigma)
+        self.cascade = None
+        if cascade is not None:
+            classes = {getattr(e, "num_classes", None) for e in self.experts}
+            if len(classes) != 1 or None in classes:
+                raise UsageError("a cascade needs experts that all state one class count.")
+            self.cascade = check_cascade(cascade, len(self.experts), classes.pop())
+        if self.rule == CASCADE and self.cascade is None:
+            raise UsageError(NO_CASCADE)
         width = getattr(router, "num_classes", None)
         if isinstance(width, int) and width != len(self.experts):
             raise UsageError(
@@ -346,8 +386,11 @@ class DualSmoothed:
         n0, n = check_count("n0", n0), check_count("n", n)
         a_router, a_expert = split_alpha(alpha, alpha_router)
         seed, idx = check_seed(seed), _indices(indices, len(xs))
-        sel, est = self.router_counts(xs, n0=n0, n=n, indices=idx, seed=seed, **sampling)
         width = len(self.experts)
+        if self.rule == CASCADE:  # no router to sample
+            sel = est = np.zeros((len(xs), width), dtype=np.int64)
+        else:
+            sel, est = self.router_counts(xs, n0=n0, n=n, indices=idx, seed=seed, **sampling)
         needs = [
             experts_needed(self.rule, (s, e), width, a_router, self.biases)
             for s, e in zip(sel, est, strict=True)
@@ -372,6 +415,7 @@ class DualSmoothed:
                 alpha_router=a_router,
                 alpha_expert=a_expert,
                 biases=self.biases,
+                cascade=self.cascade,
             )
             for s, e, c in zip(sel, est, counts, strict=True)
         ]
@@ -406,6 +450,8 @@ class DualSmoothed:
         a_router, a_expert = split_alpha(alpha, alpha_router)
         seed, idx = check_seed(seed), _indices(indices, len(xs))
         self._eval()
+        if self.rule == CASCADE:
+            return self._predict_cascade(xs, n=n, alpha=alpha, seed=seed, indices=idx, **sampling)
         width = len(self.experts)
         counts = sample_counts(
             self.router,
@@ -458,6 +504,31 @@ class DualSmoothed:
                 )
             )
         return out
+
+    def _predict_cascade(self, xs, *, n, alpha, seed, indices, **sampling):
+        """The cascade's PREDICT: n draws of every expert, both bounds on every class (so the top
+        class may come from the same draws); the class g is certified to at x, else abstain."""
+        counts = [
+            sample_counts(expert, xs, self.sigmas[i], n, stage=ESTIMATION, seed=seed,
+                          num_classes=getattr(expert, "num_classes", None), indices=indices,
+                          **sampling).numpy()
+            for i, expert in enumerate(self.experts)
+        ]  # fmt: skip
+        pred, _, stage = certify_cascade(predict_bounds(counts, self.sigmas, alpha), self.cascade)
+        empty = Prediction.from_counts(np.zeros(len(self.experts), dtype=np.int64), alpha)
+        return [
+            DualPrediction(
+                prediction=int(c),
+                expert=int(e),
+                router=empty,
+                expert_prediction=None if e < 0 else Prediction.from_counts(counts[e][k], alpha),
+                alpha_router=0.0,
+                alpha_expert=alpha,
+                rule=self.rule,
+                consulted=tuple(range(len(self.experts))),
+            )  # fmt: skip
+            for k, (c, e) in enumerate(zip(pred, stage, strict=True))
+        ]
 
     def _predict_plan(self, counts, router: Prediction, a_router: float):
         """(route or -1, experts to ask) for one input's router counts."""

@@ -31,6 +31,7 @@ RULE_LABELS = {
     "pairwise": "pairwise router radius",
     "agreement": "agreement-aware",
 }
+CASCADE_LABEL = "class-aware cascade of the experts (thresholds fitted on val, no router)"
 MAX_GRID = 1000  # radius columns of a report: a tiny step would write (and print) megabytes
 
 
@@ -88,8 +89,11 @@ def _dual_rows(meta: dict, records: list[dict], col) -> dict[str, dict]:
     for name in names:
         key = "dual" if name == headline else f"dual:{name}"
         what = RULE_LABELS.get(name, name)
+        label = f"Dual RS, {what} ({sigma_e}{', headline' if key == 'dual' else ''})"
+        if name == "cascade":
+            label = CASCADE_LABEL + (" (headline)" if key == "dual" else "")
         out[key] = {
-            "label": f"Dual RS, {what} ({sigma_e}{', headline' if key == 'dual' else ''})",
+            "label": label,
             **{
                 field: col(lambda r, f=field, k=name: r["rules"][k][f])
                 for field in ("correct", "radius", "seconds", "forwards", "expert")
@@ -282,10 +286,13 @@ def to_markdown(summary: dict) -> str:
         "",
         f"Abstentions (headline): router {_pct(ab['router'])} % of inputs; routed expert "
         f"{_pct(ab['expert'])} % of inputs ({_pct(ab['expert_among_routed'])} % of routed ones). "
-        "The agreement rule can certify where its router abstains, when the experts agree.",
+        "The agreement rule can certify where its router abstains, when the experts agree. "
+        'The cascade\'s routing is the expert whose stage certified ("router abstained": none '
+        "did).",
         "",
         "forwards/input counts the model forward passes behind each input's counts (router + "
-        "the experts a method reads: one for min and pairwise, every one for agreement; "
+        "the experts a method reads: one for min and pairwise, every one for agreement; the "
+        "cascade reads every expert and no router; "
         "Multiscale: the stages it evaluated); s/input is the sampling time behind them. "
         "The oracle reads the label: it is not a certificate.",
         "",

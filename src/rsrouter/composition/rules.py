@@ -10,6 +10,8 @@ r < gap_k = sigma_e / 2 * [(Phi^-1(q_lo_j*) + b_j*) - (Phi^-1(q_hi_k) + b_k)].
 - ``pairwise``: the route stays j* on B(x, min_k gap_k); the radius is min(that, R_c).
 - ``agreement``: every expert k with gap_k < r may route inside B(x, r) (the set S(r)); the
   composition is constant on B(x, r) when every expert of S(r) certifies the same class there.
+- ``cascade``: no router; the experts gate themselves on their own smoothed confidence with
+  thresholds fitted on val (composition/cascade.py).
 
 The router's E bounds are Bonferroni at alpha_router / E each. The agreement rule reads every
 expert's certificate, each at alpha_expert / E: which experts enter S depends on the draws,
@@ -26,13 +28,17 @@ from scipy.special import ndtri
 from rsrouter.errors import UsageError
 from rsrouter.smoothing import ABSTAIN, lower_confidence_bound
 
-RULES = ("min", "pairwise", "agreement")
+RULES = ("min", "pairwise", "agreement")  # the rules that read the router
+# the experts' class-aware cascade (composition/cascade.py): no router is read; its stage order
+# and thresholds are fitted on the val split and kept in the router's config ("cascade")
+CASCADE = "cascade"
+ALL_RULES = (*RULES, CASCADE)
 DEFAULT_RULE = "min"
 
 
 def check_rule(rule: str) -> str:
-    if rule not in RULES:
-        raise UsageError(f"unknown composition rule {rule!r}: use one of {', '.join(RULES)}.")
+    if rule not in ALL_RULES:
+        raise UsageError(f"unknown composition rule {rule!r}: use one of {', '.join(ALL_RULES)}.")
     return rule
 
 

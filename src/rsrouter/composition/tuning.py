@@ -17,10 +17,11 @@ from pathlib import Path
 import numpy as np
 
 from rsrouter import distributed
+from rsrouter.composition import cascade as cascades
 from rsrouter.composition.certify_run import CountsCache, counts_key
 from rsrouter.composition.dual import decide, split_alpha
 from rsrouter.composition.report import acr, certified_accuracy, radius_grid, regret
-from rsrouter.composition.rules import check_rule
+from rsrouter.composition.rules import CASCADE, check_rule
 from rsrouter.errors import UsageError
 from rsrouter.progress import progress_bar
 from rsrouter.router import gate as gates
@@ -294,6 +295,26 @@ def fit_class_gate(
     return {**start, "class_thresholds": rows}, tried
 
 
+def fit_cascade(
+    vc: ValidationCounts,
+    *,
+    alpha: float,
+    step: float = 0.25,
+    grid: Sequence[float] = cascades.THRESHOLD_GRID,
+) -> tuple[cascades.CascadeSpec, list[dict]]:
+    """The class-aware cascade's stage order and thresholds with the least val regret (ties to
+    the larger ACR), from the experts' val counts alone (no router is sampled):
+    (spec, every candidate tried with its val scores)."""
+    grid_r, env = envelope_of(vc, alpha, step)
+    bounds = cascades.bounds_of(vc.selection, vc.estimation, vc.sigmas, alpha)
+
+    def score(pred, radius, expert) -> dict:
+        return _candidate(pred, radius, expert, vc, grid_r, env)
+
+    classes = vc.selection[0].shape[1]
+    return cascades.fit_cascade(bounds, score, _rank, classes=classes, grid=grid)
+
+
 BIAS_GRID = tuple(np.round(np.arange(-1.5, 1.51, 0.25), 2))
 
 
@@ -350,12 +371,18 @@ def _val_setup(ws, device):
     return tune, c, workspace_dataset(ws, "val"), common
 
 
+def experts_val_counts(ws, experts: dict, *, device=None, progress: bool = True):
+    """Every expert's counts on the first [tune] limit val inputs, in the tuning stages."""
+    tune, _, val, common = _val_setup(ws, resolve_device(device))
+    return validation_counts(list(experts.values()), val, ws.artifacts, limit=tune["limit"],
+                             progress=progress, **common)  # fmt: skip
+
+
 def router_val_counts(ws, router, experts: dict, *, device=None, progress: bool = True):
     """(val counts of every expert, router selection counts, router estimation counts) on the
     first [tune] limit val inputs, in the tuning stages."""
-    tune, _, val, common = _val_setup(ws, resolve_device(device))
-    vc = validation_counts(list(experts.values()), val, ws.artifacts, limit=tune["limit"],
-                           progress=progress, **common)  # fmt: skip
+    _, _, val, common = _val_setup(ws, resolve_device(device))
+    vc = experts_val_counts(ws, experts, device=device, progress=progress)
     path = _tuning_path(ws.artifacts, "router", router.fingerprint, val, common["n0"],
                         common["n"], common["seed"], common)  # fmt: skip
     sel, est = tuning_counts(router.eval(), val, path, sigma=router.sigma_e,
@@ -386,8 +413,10 @@ def train_gate_workspace(
 ):
     """`router train --kind gate` (or ``class-gate``): copy the sigma_e expert, fit its
     thresholds on the val split ([tune] limit inputs; [certify] n0 / n / alpha / seed; ``rule``,
-    default [certify] rule), save the router (default: the workspace's router folder) and
-    ``tuning.json`` (every candidate tried). Returns (router, tried, folder).
+    default [certify] rule; agreement for the cascade), fit the experts' class-aware cascade
+    from the same val counts (the router's config field "cascade", for the cascade rule), save
+    the router (default: the workspace's router folder) and ``tuning.json`` (every candidate
+    tried). Returns (router, tried, folder).
 
     ``copy``: an expert of the same architecture whose weights the gate copies instead (say,
     the sigma_e expert taught to abstain); the experts routed to are the workspace's."""
@@ -407,6 +436,8 @@ def train_gate_workspace(
     settings = {**settings, "kind": kind, "gate": None}
     tune, c, val, common = _val_setup(ws, device)
     rule = check_rule(rule or c.get("rule") or "min")
+    if rule == CASCADE:  # the gate itself is fitted for the best rule that reads it
+        rule = "agreement"
     experts = ws.load_experts(device=device)
     info = {"dataset": val.name, "class_names": list(val.class_names)}
     router = _with_copy(build_router(experts, settings, info=info), copy).to(device).eval()
@@ -421,6 +452,8 @@ def train_gate_workspace(
         gate, tried = fit_class_gate(sel, est, vc, classes=router.gate["classes"], **fit)
     else:
         gate, tried = fit_gate(sel, est, vc, **fit)
+    spec, cascade_tried = fit_cascade(vc, alpha=c["alpha"], step=tune["step"])
+    info["cascade"] = spec.to_dict()
     info["tuning"] = {
         "split": "val",
         "inputs": len(vc.labels),
@@ -428,10 +461,11 @@ def train_gate_workspace(
         "rule": rule,
         "objective": "least worst-case regret to the single-expert envelope, then ACR",
         "chosen": _chosen(tried, gate),
+        "cascade": _best(cascade_tried),
     }
     router = _with_copy(build_router(experts, {**settings, "gate": gate}, info=info), copy).eval()
     folder = Path(folder) if folder is not None else router_folder(ws)
     router.save_pretrained(folder)
     write_json(folder / "tuning.json", {"objective": info["tuning"]["objective"], "rule": rule,
-                                        "tried": tried})  # fmt: skip
+                                        "tried": tried, "cascade": cascade_tried})  # fmt: skip
     return router, tried, folder
