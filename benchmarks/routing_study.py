@@ -18,6 +18,9 @@ Designs (names for --only):
   cascade        no router: the experts gate themselves on their own smoothed confidence, a
                  threshold per stage and class and the stage order fitted on val (the cascade
                  rule, composition/cascade.py; `router train --kind gate` fits it too)
+  cascade-plain  the same rule unfitted: Multiscale's stages (largest sigma first) and
+                 thresholds (all 1/2), where a stage that may fire with the certified class
+                 does not stop the cascade (Multiscale itself abstains there)
 
     python benchmarks/routing_study.py runs/fm/gaussian --out docs/results/routing-fm.json
 
@@ -39,6 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rsrouter.composition.cascade import multiscale_spec
 from rsrouter.composition.certify_run import certify_run, certify_settings, run_options
 from rsrouter.composition.dual import DualSmoothed
 from rsrouter.composition.report import methods, regret, summarize
@@ -57,7 +61,8 @@ from rsrouter.router.model import RouterModel
 from rsrouter.router.tables import workspace_dataset
 from rsrouter.runtime import resolve_device
 
-DESIGNS = ("learned", "learned-bias", "gate", "class-gate", "abstain-gate", "cascade")
+DESIGNS = ("learned", "learned-bias", "gate", "class-gate", "abstain-gate", "cascade",
+           "cascade-plain")  # fmt: skip
 # the abstain-gate copy's training (Adam: AdamW without decay), chosen on val
 ABSTAIN = FinetuneConfig(epochs=10, batch_size=128, lr=1e-3, weight_decay=0.0)
 RADII = ("0", "0.5", "1", "1.5")
@@ -87,7 +92,7 @@ def rows_of(design: str, summary: dict, seconds: float, fit: dict | None) -> lis
         if not key.startswith("dual"):
             continue
         rule = summary["rule"] if key == "dual" else key.split(":", 1)[1]
-        if (rule == CASCADE) != (design == "cascade"):  # the cascade reads no router
+        if (rule == CASCADE) != design.startswith("cascade"):  # the cascade reads no router
             continue
         routing = summary["routing_by_method"][key]
         out.append({"design": design, "rule": rule, **m, **routing, "fit": fit,
@@ -124,11 +129,16 @@ def main(argv=None) -> int:
         fit = None
         if design == "learned":
             dual = DualSmoothed(learned, learned.sigma_e, list(experts.values()), rule=args.rule)
-        elif design == "cascade":
-            vc = experts_val_counts(ws, experts, device=device, progress=progress)
-            spec, tried = fit_cascade(vc, alpha=_alphas(ws)["alpha"])
-            fit = {"cascade": spec.to_dict(), "tried": [t for t in tried if t["kept"]],
-                   "tried_count": len(tried)}  # fmt: skip
+        elif design.startswith("cascade"):
+            if design == "cascade":
+                vc = experts_val_counts(ws, experts, device=device, progress=progress)
+                spec, tried = fit_cascade(vc, alpha=_alphas(ws)["alpha"])
+                fit = {"cascade": spec.to_dict(), "tried": [t for t in tried if t["kept"]],
+                       "tried_count": len(tried)}  # fmt: skip
+            else:
+                classes = next(iter(experts.values())).num_classes
+                spec = multiscale_spec([e.sigma for e in experts.values()], classes)
+                fit = {"cascade": spec.to_dict()}
             dual = DualSmoothed(learned, learned.sigma_e, list(experts.values()), rule=CASCADE,
                                 cascade=spec)  # fmt: skip
         elif design == "learned-bias":

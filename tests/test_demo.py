@@ -95,16 +95,21 @@ def test_a_run_killed_mid_way_resumes_to_the_same_result(tmp_path, monkeypatch):
 
 
 def test_the_demos_router_design_runs_at_a_tiny_size(tmp_path):
-    """The demo's design: a class-gate router fitted on a val split, agreement-aware headline;
-    the report carries every rule's regret and the routing shares."""
-    assert (pipeline.DEMO.router_kind, pipeline.DEMO.rule) == ("class-gate", "agreement")
+    """The demo's design: a class-gate router fitted on a val split, which carries the experts'
+    cascade, the headline by default; the report carries every rule's regret and routing."""
+    assert (pipeline.DEMO.router_kind, pipeline.DEMO.rule) == ("class-gate", None)
     config = replace(TINY, workspace=tmp_path / "ws", validation=40, router_kind="class-gate",
-                     gate_bins=4, rule="agreement")  # fmt: skip
+                     gate_bins=4)  # fmt: skip
     result = run_pipeline(config)
     md = result.table_markdown
-    assert "agreement-aware (router sigma_e=1, headline)" in md and "| regret |" in md
+    assert (
+        "class-aware cascade of the experts (thresholds fitted on val, no router) (headline)" in md
+    )
+    assert "agreement-aware (router sigma_e=1)" in md and "| regret |" in md
     assert "radius tables" not in result.seconds  # a gate router needs none
     tuning = json.loads((tmp_path / "ws" / ".rsrouter" / "router" / "tuning.json").read_text())
     shared = [t for t in tuning["tried"] if t["class"] is None]
     assert len(shared) == 15 and len(tuning["tried"]) > 15 and tuning["rule"] == "agreement"
-    assert result.summary["rule"] == "agreement"
+    assert result.summary["rule"] == "cascade" and len(tuning["cascade"]) > 10
+    routed = sum(result.summary["routing"].values()) + result.summary["abstention"]["router"]
+    assert abs(routed - 1) < 1e-9  # the cascade's shares: the stage that certified, or none

@@ -182,6 +182,7 @@ def test_router_train_kind_gate_end_to_end(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "class-gate router: a copy of g0.5" in out, out
     assert "entropy thresholds per predicted class" in out and "on 12 val inputs" in out, out
+    assert "the experts' cascade, fitted on the same val inputs: stages" in out, out
     assert read == ["train"]
     router = RouterModel.from_pretrained(ws.artifacts / "router")
     assert router.kind == "class-gate" and len(router.gate["class_thresholds"]) == 10

@@ -28,7 +28,8 @@ def test_routing_study_runs_every_design_and_writes_every_rule(tmp_path, monkeyp
     designs = ("learned", "learned-bias", "gate", "class-gate", "abstain-gate")
     rows = {(r["design"], r["rule"]): r for r in report["designs"]}
     assert set(rows) == {(d, r) for d in designs for r in ("min", "pairwise", "agreement")} | {
-        ("cascade", "cascade")
+        ("cascade", "cascade"),
+        ("cascade-plain", "cascade"),
     }
     cascade = rows[("cascade", "cascade")]
     assert (

@@ -34,8 +34,9 @@ def certify_cmd(
     batch_size: int = typer.Option(None, "--batch-size", help="Forward batch size (1000)."),
     rule: str = typer.Option(
         None,
-        help="Headline composition rule: agreement (default), min (the paper's), pairwise, or "
-        "cascade (the experts' own, no router; fitted by `router train` on the val split).",
+        help="Headline composition rule: cascade (the experts' own, no router; a gate router "
+        "fitted on val carries one), agreement, min (the paper's) or pairwise. Default: "
+        "[certify] rule, else cascade where the router has one, else agreement.",
     ),
     device: str = DEVICE,
     workspace: Path = WORKSPACE,
@@ -180,19 +181,20 @@ def predict_cmd(
     alpha_router: float = typer.Option(None, "--alpha-router", help="Router share (alpha / 2)."),
     seed: int = typer.Option(0, help="Noise seed."),
     rule: str = typer.Option(
-        None, help="Composition rule (default: [certify] rule, or agreement)."
+        None,
+        help="Composition rule (default: [certify] rule, else cascade where the router has "
+        "one, else agreement).",
     ),
     device: str = DEVICE,
     workspace: Path = WORKSPACE,
 ) -> None:
     """PREDICT with the router, then with the expert it picks (abstains unless both are sure)."""
     from rsrouter.composition.certify_run import certify_settings, workspace_dual
-    from rsrouter.composition.rules import check_rule
 
     ws = Workspace.open(workspace)
     dev = resolve_device(device)
-    rule = check_rule(certify_settings(ws, rule=rule)["rule"])
-    dual, names = workspace_dual(ws, device=dev, rule=rule)
+    dual, names = workspace_dual(ws, device=dev, rule=certify_settings(ws, rule=rule)["rule"])
+    rule = dual.rule
     xs = load_images(list(images), tuple(dual.router.input_shape))
     preds = dual.predict_batch(
         xs, n=n, alpha=alpha, alpha_router=alpha_router, seed=seed, device=dev

@@ -24,10 +24,11 @@ def demo(
     seed: int = typer.Option(0, help="Seed of training and of every noise draw."),
     quiet: bool = typer.Option(False, help="No progress bars."),
 ) -> None:
-    """Train three experts (σ = 0.25, 0.5, 1.0), fit a gate router on a val split (the σ = 1
-    expert's own uncertainty picks the expert), certify test images and report: dual RS under
-    every composition rule (headline: agreement-aware), every expert, Multiscale and the oracle,
-    each with its regret to the best single expert.
+    """Train three experts (σ = 0.25, 0.5, 1.0), fit on a val split a gate router (the σ = 1
+    expert's own uncertainty picks the expert) and the experts' class-aware cascade (each expert
+    fires where its own smoothed confidence passes a threshold per class), certify test images
+    and report: the cascade (headline), the gate under every composition rule, every expert,
+    Multiscale and the oracle, each with its regret to the best single expert.
 
     A rerun reuses what the workspace holds (experts, tables, router, certificates).
     """

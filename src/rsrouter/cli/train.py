@@ -205,10 +205,15 @@ def _train_gate(ws, device: str, router_overrides: dict) -> None:
         if rows is None
         else f"entropy thresholds per predicted class ({'; '.join(map(_thresholds, rows))})"
     )
+    cascade, fit = router.info["cascade"], router.info["tuning"]["cascade"]
+    stages = " → ".join(router.expert_names[i] for i in cascade["order"])
     console.print(
         f"{router.kind} router: a copy of {router.info['init']}; {fitted} chosen among "
         f"{len(tried)} on {router.info['tuning']['inputs']} val inputs (val regret "
         f"{chosen['regret']:.1f} points, ACR {chosen['acr']:.3f}; routed {shares}).\n"
+        f"the experts' cascade, fitted on the same val inputs: stages {stages} (val regret "
+        f"{fit['regret']:.1f} points, ACR {fit['acr']:.3f}); the headline rule of `router "
+        f"certify` unless [certify] rule says otherwise.\n"
         f"saved to {folder} (every candidate in tuning.json)\nnext: `router certify`."
     )
 

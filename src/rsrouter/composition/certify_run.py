@@ -33,7 +33,7 @@ from rsrouter.composition.dual import (
     experts_needed,
     split_alpha,
 )
-from rsrouter.composition.rules import CASCADE, DEFAULT_RULE, RULES, check_biases, check_rule
+from rsrouter.composition.rules import CASCADE, RULES, check_biases, check_rule
 from rsrouter.errors import UsageError
 from rsrouter.io import append_jsonl, read_json, read_jsonl, sha256_json, write_json, write_text
 from rsrouter.progress import note, progress_bar
@@ -560,9 +560,10 @@ CERTIFY_DEFAULTS = {
     "alpha_router": None,  # alpha / 2
     "seed": 0,
     "p_skip": 0.5,
-    # the headline rule of a workspace's runs (every run decides every rule): agreement, the
-    # best measured (docs/results/routing.md); DualSmoothed's own default stays the paper's min
-    "rule": "agreement",
+    # the headline rule of a workspace's runs (every run decides every rule). None: the cascade
+    # when the router carries one (a gate router fitted on val), else agreement, the best
+    # measured (docs/results/routing.md); DualSmoothed's own default stays the paper's min
+    "rule": None,
     "batch_size": 1000,
     "limit": None,
     "chunk": 32,
@@ -584,9 +585,18 @@ def run_options(settings: dict) -> dict:
     return {k: settings[k] for k in RUN_OPTIONS}
 
 
-def workspace_dual(ws, *, device=None, rule: str = DEFAULT_RULE) -> tuple[DualSmoothed, list[str]]:
+def headline_rule(rule: str | None, router) -> str:
+    """The rule asked for, or by default the cascade when ``router`` carries one, else
+    agreement (the best measured with and without one, docs/results/routing.md)."""
+    if rule is not None:
+        return check_rule(rule)
+    return CASCADE if router.info.get("cascade") is not None else "agreement"
+
+
+def workspace_dual(ws, *, device=None, rule: str | None = None) -> tuple[DualSmoothed, list[str]]:
     """The workspace's trained router over its experts (refused if they changed since), with
-    the router's biases from its config.json field "biases" when it has one."""
+    the router's biases ("biases") and cascade ("cascade") from its config.json when it has
+    them; ``rule`` None: ``headline_rule``."""
     from rsrouter.router.model import RouterModel
     from rsrouter.router.tables import check_classes
 
@@ -607,6 +617,7 @@ def workspace_dual(ws, *, device=None, rule: str = DEFAULT_RULE) -> tuple[DualSm
             f"({len(names)}), got {biases!r}."
         ) from exc
     cascade = router.info.get("cascade")
+    rule = headline_rule(rule, router)
     if rule == CASCADE and cascade is None:
         raise UsageError(f"{folder}: {NO_CASCADE}")
     dual = DualSmoothed(router, router.sigma_e, list(experts.values()), rule=rule, biases=biases,
@@ -624,7 +635,7 @@ def certify_workspace(
     s = certify_settings(ws, **overrides)
     ctx = distributed.context()
     device = ctx.device(device)
-    dual, names = workspace_dual(ws, device=device, rule=check_rule(s["rule"]))
+    dual, names = workspace_dual(ws, device=device, rule=s["rule"])
     dataset = workspace_dataset(ws, s["split"])
     check_classes(dict(zip(names, dual.experts, strict=True)), dataset)
     return certify_run(
@@ -635,5 +646,5 @@ def certify_workspace(
         progress=progress and ctx.is_main,
         device=device,
         on_plan=on_plan if ctx.is_main else None,
-        **run_options(s),
+        **{**run_options(s), "rule": dual.rule},
     )

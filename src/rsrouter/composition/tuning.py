@@ -435,7 +435,7 @@ def train_gate_workspace(
     kind = kind if kind in GATE_KINDS else "gate"
     settings = {**settings, "kind": kind, "gate": None}
     tune, c, val, common = _val_setup(ws, device)
-    rule = check_rule(rule or c.get("rule") or "min")
+    rule = check_rule(rule or c.get("rule") or "agreement")
     if rule == CASCADE:  # the gate itself is fitted for the best rule that reads it
         rule = "agreement"
     experts = ws.load_experts(device=device)
