@@ -46,9 +46,13 @@ def test_fashion_mnist_example_smoke_runs_both_expert_families(tmp_path, capsys)
 
 
 def test_fashion_mnist_example_full_sizes_follow_the_issue():
-    full = load_example("fashion_mnist").FULL
+    example = load_example("fashion_mnist")
+    full = example.FULL
     assert (full.table_n, full.n, full.dataset) == (100, 10_000, "fashion-mnist")
     assert full.certify_limit >= 1000 and full.sigmas == (0.25, 0.5, 1.0)
+    gate = example.config_for(example.parse(["--cpu", "--router-kind", "class-gate"]), "gaussian")
+    assert gate.router_kind == "class-gate" and gate.validation == 500  # no tables needed
+    assert example.config_for(example.parse(["--cpu"]), "gaussian").router_kind == "learned"
 
 
 def _stand_in_denoiser(folder: Path) -> None:

@@ -121,6 +121,12 @@ def parse(argv):
         help="training images held out as the val split for tuning routers "
         "(default 1000; 500 with --cpu)",
     )
+    p.add_argument(
+        "--router-kind",
+        choices=("learned", "gate", "class-gate"),
+        help="learned (the paper's router, on radius tables; the default) or a gate fitted on "
+        "the val split (no tables; it also fits the experts' cascade, then the headline)",
+    )
     p.add_argument("--limit", type=int, help="test images to certify (default 1000)")
     p.add_argument("--expert-epochs", type=int, help="epochs of each expert's training")
     p.add_argument("--table-subset", type=float, help="fraction of train rows in the tables")
@@ -155,10 +161,9 @@ def config_for(args, mode: str) -> PipelineConfig:
     }
     if not args.smoke:
         overrides["dataset"] = args.dataset
-    for flag, field in (("validation", "validation"), ("expert_epochs", "expert_epochs"),
-                        ("table_subset", "table_subset")):  # fmt: skip
-        if getattr(args, flag) is not None:
-            overrides[field] = getattr(args, flag)
+    for field in ("validation", "expert_epochs", "table_subset", "router_kind"):
+        if getattr(args, field) is not None:
+            overrides[field] = getattr(args, field)
     if not (args.smoke or args.cpu):
         overrides["device"] = args.device
     if args.limit is not None:
