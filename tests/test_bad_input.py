@@ -149,6 +149,8 @@ def tiff(path: Path, values: np.ndarray) -> Path:
         (["--limit", "0"], r"--limit must be a whole number"),
         (["--split", "validation"], r"--split must be one of"),
         (["--device", "nonsense"], r"unknown device 'nonsense'"),
+        (["--rule", "best"], r"unknown composition rule 'best'"),
+        (["--rule", "cascade"], r"the cascade rule needs a fitted cascade: `router train --kind"),
     ],
 )
 def test_certify_refuses_bad_flags(capsys, base, flags, match):
