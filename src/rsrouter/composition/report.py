@@ -244,11 +244,13 @@ def to_markdown(summary: dict) -> str:
         + f" | ACR | regret | regret at r={at} | forwards/input | s/input |"
     )
     top = summary["envelope"]["grid"][-1]
+    cascade = summary["rule"] == "cascade" or "dual:cascade" in summary["routing_by_method"]
     lines = [
         f"# Certified accuracy (%) on {summary['inputs']} inputs",
         "",
         f"n0={summary['n0']}, n={summary['n']}, alpha={summary['alpha']:g} (dual: router "
-        f"{summary['alpha_router']:g} + expert {summary['alpha_expert']:g}), "
+        f"{summary['alpha_router']:g} + expert {summary['alpha_expert']:g}"
+        f"{'; the cascade: all of it on the experts' if cascade else ''}), "
         f"sigma_e={summary['sigma_e']:g}, headline rule {summary['rule']}. "
         "Abstentions count as wrong.",
         "",
@@ -282,11 +284,21 @@ def to_markdown(summary: dict) -> str:
         label = summary["methods"][key]["label"]
         lines.append(f"| {label} | {shares} | {_pct(r['abstention']['router'])} % |")
     ab = summary["abstention"]
+    if summary["rule"] == "cascade":
+        headline = (
+            f"Abstentions (headline, the cascade): no stage certified on {_pct(ab['router'])} % "
+            "of inputs"
+        )
+    else:
+        headline = (
+            f"Abstentions (headline): router {_pct(ab['router'])} % of inputs; routed expert "
+            f"{_pct(ab['expert'])} % of inputs ({_pct(ab['expert_among_routed'])} % of routed "
+            "ones)"
+        )
     lines += [
         "",
-        f"Abstentions (headline): router {_pct(ab['router'])} % of inputs; routed expert "
-        f"{_pct(ab['expert'])} % of inputs ({_pct(ab['expert_among_routed'])} % of routed ones). "
-        "The agreement rule can certify where its router abstains, when the experts agree. "
+        f"{headline}. The agreement rule can certify where its router abstains, when the experts "
+        "agree. "
         'The cascade\'s routing is the expert whose stage certified ("router abstained": none '
         "did).",
         "",
