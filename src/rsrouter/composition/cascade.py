@@ -92,19 +92,24 @@ class StageBounds:
     sigma: float
 
 
+def _bounds(selected, est, sigma: float, lo_level: float, up_level: float) -> StageBounds:
+    """lo on each row's ``selected`` class at ``lo_level``, up on every class at ``up_level``
+    (and <= 1 - lo off the selected class), from (N, C) estimation counts."""
+    rows, classes = est.shape
+    n = est.sum(axis=1)
+    lo = np.atleast_1d(lower_confidence_bound(est[np.arange(rows), selected], n, lo_level))
+    up = 1.0 - np.atleast_2d(lower_confidence_bound(n[:, None] - est, n[:, None], up_level))
+    off = np.arange(classes)[None, :] != selected[:, None]
+    up = np.where(off, np.minimum(up, 1.0 - lo[:, None]), up)
+    return StageBounds(selected, lo, up, float(sigma))
+
+
 def stage_bounds(selection, counts, sigma: float, level: float) -> StageBounds:
     """Bounds of one expert from its (N, C) selection and estimation counts at ``level``: lo on
     the selected class at level / 2, up on each class at level / (2 C) (and <= 1 - lo off it)."""
     sel = np.atleast_2d(np.asarray(selection, dtype=np.int64))
     est = np.atleast_2d(np.asarray(counts, dtype=np.int64))
-    rows, classes = est.shape
-    n = est.sum(axis=1)
-    selected = sel.argmax(axis=1)
-    lo = np.atleast_1d(lower_confidence_bound(est[np.arange(rows), selected], n, level / 2))
-    up = 1.0 - lower_confidence_bound(n[:, None] - est, n[:, None], level / (2 * classes))
-    off = np.arange(classes)[None, :] != selected[:, None]
-    up = np.where(off, np.minimum(up, 1.0 - lo[:, None]), up)
-    return StageBounds(selected, lo, np.atleast_2d(up), float(sigma))
+    return _bounds(sel.argmax(axis=1), est, sigma, level / 2, level / (2 * est.shape[1]))
 
 
 def bounds_of(selection: Sequence, counts: Sequence, sigmas: Sequence[float], alpha: float):
@@ -123,15 +128,8 @@ def predict_bounds(counts: Sequence, sigmas: Sequence[float], alpha: float):
     out = []
     for est, sigma in zip(counts, sigmas, strict=True):
         est = np.atleast_2d(np.asarray(est, dtype=np.int64))
-        rows, classes = est.shape
-        level = alpha / (2 * len(sigmas) * classes)
-        n = est.sum(axis=1)[:, None]
-        selected = est.argmax(axis=1)
-        lo = np.atleast_2d(lower_confidence_bound(est, n, level))[np.arange(rows), selected]
-        up = 1.0 - np.atleast_2d(lower_confidence_bound(n - est, n, level))
-        off = np.arange(classes)[None, :] != selected[:, None]
-        up = np.where(off, np.minimum(up, 1.0 - lo[:, None]), up)
-        out.append(StageBounds(selected, lo, up, float(sigma)))
+        level = alpha / (2 * len(sigmas) * est.shape[1])
+        out.append(_bounds(est.argmax(axis=1), est, sigma, level, level))
     return out
 
 

@@ -371,18 +371,23 @@ def _val_setup(ws, device):
     return tune, c, workspace_dataset(ws, "val"), common
 
 
+def _experts_val(ws, experts: dict, tune: dict, val, common: dict, progress: bool):
+    """Every expert's counts on the first [tune] limit inputs of the loaded val split."""
+    return validation_counts(list(experts.values()), val, ws.artifacts, limit=tune["limit"],
+                             progress=progress, **common)  # fmt: skip
+
+
 def experts_val_counts(ws, experts: dict, *, device=None, progress: bool = True):
     """Every expert's counts on the first [tune] limit val inputs, in the tuning stages."""
     tune, _, val, common = _val_setup(ws, resolve_device(device))
-    return validation_counts(list(experts.values()), val, ws.artifacts, limit=tune["limit"],
-                             progress=progress, **common)  # fmt: skip
+    return _experts_val(ws, experts, tune, val, common, progress)
 
 
 def router_val_counts(ws, router, experts: dict, *, device=None, progress: bool = True):
     """(val counts of every expert, router selection counts, router estimation counts) on the
     first [tune] limit val inputs, in the tuning stages."""
-    _, _, val, common = _val_setup(ws, resolve_device(device))
-    vc = experts_val_counts(ws, experts, device=device, progress=progress)
+    tune, _, val, common = _val_setup(ws, resolve_device(device))
+    vc = _experts_val(ws, experts, tune, val, common, progress)
     path = _tuning_path(ws.artifacts, "router", router.fingerprint, val, common["n0"],
                         common["n"], common["seed"], common)  # fmt: skip
     sel, est = tuning_counts(router.eval(), val, path, sigma=router.sigma_e,
@@ -441,8 +446,7 @@ def train_gate_workspace(
     experts = ws.load_experts(device=device)
     info = {"dataset": val.name, "class_names": list(val.class_names)}
     router = _with_copy(build_router(experts, settings, info=info), copy).to(device).eval()
-    vc = validation_counts(list(experts.values()), val, ws.artifacts, limit=tune["limit"],
-                           progress=progress, **common)  # fmt: skip
+    vc = _experts_val(ws, experts, tune, val, common, progress)
     per_class = kind == "class-gate"
     sel, est = bin_counts(router, val, ws.artifacts, size=len(vc.labels), bins=tune["bins"],
                           per_class=per_class, **common)  # fmt: skip
