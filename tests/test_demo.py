@@ -105,7 +105,7 @@ def test_the_demos_router_design_runs_at_a_tiny_size(tmp_path):
     assert (
         "class-aware cascade of the experts (thresholds fitted on val, no router) (headline)" in md
     )
-    assert "agreement-aware (router sigma_e=1)" in md and "| regret |" in md
+    assert "agreement-aware (router sigma_e=1)" in md and "| regret [95 % interval] |" in md
     assert "radius tables" not in result.seconds  # a gate router needs none
     tuning = json.loads((tmp_path / "ws" / ".rsrouter" / "router" / "tuning.json").read_text())
     shared = [t for t in tuning["tried"] if t["class"] is None]

@@ -5,9 +5,16 @@ from __future__ import annotations
 import csv
 import json
 
+import numpy as np
 import pytest
 
-from rsrouter.composition.report import radius_grid, summarize, to_markdown, write_report
+from rsrouter.composition.report import (
+    radius_grid,
+    regret_intervals,
+    summarize,
+    to_markdown,
+    write_report,
+)
 from rsrouter.errors import UsageError
 
 META = {
@@ -106,14 +113,37 @@ def test_regret_and_cost_by_hand():
     assert fine["envelope"]["grid"][-1] == pytest.approx(1.1)
     assert fine["methods"]["expert:a"]["regret"] == pytest.approx(100 * 2 / 6)
     md = to_markdown(s)
-    assert "| 0.317 | 0.0 | -16.7 / +0.0 / +0.0 / +0.0 | 202 | 2 |" in md
+    lo, hi = m["dual"]["regret_interval"]
+    assert f"| 0.317 | 0.0 [{lo:.1f}, {hi:.1f}] | -16.7 / +0.0 / +0.0 / +0.0 | 202 | 2 |" in md
+
+
+def test_regret_interval_against_the_binomial():
+    """A method that is the best expert except on a fixed 10 % of inputs trails the envelope by
+    exactly that share at every radius, so its regret on a resample is Binomial(N, 0.1) / N:
+    the bootstrap interval must match the binomial's central 95 % (10 +- 1.96 * 1.5 points)."""
+    rows = 400
+    wrong = np.arange(rows) % 10 == 0
+    table = {
+        "expert:a": {"correct": np.ones(rows, bool), "radius": np.ones(rows)},
+        "expert:b": {"correct": np.ones(rows, bool), "radius": np.full(rows, 0.5)},
+        "dual": {"correct": ~wrong, "radius": np.ones(rows)},
+    }
+    grid = [0.0, 0.5, 1.0]
+    out = regret_intervals(table, grid, resamples=2000)
+    assert out["expert:a"] == [0.0, 0.0]  # the envelope itself on every resample
+    assert out["expert:b"] == [100.0, 100.0]  # certifies nothing at r = 1 where a has all
+    lo, hi = out["dual"]
+    assert 10 - 1.96 * 1.5 - 0.8 < lo < 10 - 1.96 * 1.5 + 0.8
+    assert 10 + 1.96 * 1.5 - 0.8 < hi < 10 + 1.96 * 1.5 + 0.8
+    assert regret_intervals(table, grid, resamples=2000) == out  # seeded
+    assert regret_intervals(table, grid, resamples=50, level=0.5)["dual"][1] < hi
 
 
 def test_files_markdown_csv_json_png(tmp_path):
     paths = write_report(META, RECORDS, tmp_path / "report", grid=[0.0, 0.5])
     rows = list(csv.reader(paths["csv"].open()))
     assert rows[0] == [
-        "method", "label", "r=0", "r=0.5", "acr", "regret",
+        "method", "label", "r=0", "r=0.5", "acr", "regret", "regret_95_lo", "regret_95_hi",
         "regret r=0", "regret r=0.5", "regret r=1", "regret r=1.5", "forwards_per_input",
     ]  # fmt: skip
     dual = next(r for r in rows if r[0] == "dual")

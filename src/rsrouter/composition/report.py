@@ -7,7 +7,9 @@ fraction of ALL inputs that are correct (not abstained) with radius >= r; ACR = 
 Regret: the envelope at r is the best single expert's certified accuracy at r (each expert at
 the full alpha); a method's regret is its largest shortfall from the envelope, in points, over
 the grid 0, step, ... up to the largest radius any expert certifies (<= 0: at or above the
-envelope everywhere). Cost: model forward passes per input (router + the experts a method
+envelope everywhere). Its 95 % interval (``regret_intervals``) is a paired bootstrap over the
+inputs, the envelope recomputed on each resample: how much the figure moves with the sample of
+inputs, not a certificate. Cost: model forward passes per input (router + the experts a method
 reads), and the sampling seconds the records hold.
 """
 
@@ -32,6 +34,7 @@ RULE_LABELS = {
     "agreement": "agreement-aware",
 }
 CASCADE_LABEL = "class-aware cascade of the experts (thresholds fitted on val, no router)"
+BOOTSTRAP = 1000  # resamples of the regret's interval
 MAX_GRID = 1000  # radius columns of a report: a tiny step would write (and print) megabytes
 
 
@@ -152,6 +155,44 @@ def regret(correct, radius, env_grid, env_acc) -> float:
     return float(100 * np.max(env_acc - certified_accuracy(correct, radius, env_grid)))
 
 
+def regret_intervals(
+    table: dict[str, dict],
+    env_grid,
+    *,
+    resamples: int = BOOTSTRAP,
+    level: float = 0.95,
+    seed: int = 0,
+) -> dict[str, list[float]]:
+    """Each method's worst-case regret's central ``level`` interval (points) over ``resamples``
+    paired bootstrap resamples of the inputs (the same resample for every method, the envelope
+    recomputed on each): the noise of the test sample, not a certificate."""
+    keys = list(table)
+    singles = [k for k in keys if k.startswith("expert:")]
+    grid = np.asarray(env_grid, dtype=np.float64)
+    # (N, methods * G): input i certified correct at radius grid[g] by each method
+    hits = np.concatenate(
+        [
+            (np.asarray(table[k]["correct"], dtype=bool)[:, None]
+             & (np.asarray(table[k]["radius"], dtype=np.float64)[:, None] >= grid[None, :]))
+            for k in keys
+        ],
+        axis=1,
+    ).astype(np.float64)  # fmt: skip
+    rows = hits.shape[0]
+    rng = np.random.default_rng(seed)
+    out = []
+    for start in range(0, resamples, 100):  # 100 resamples at a time: bounded memory
+        weights = rng.multinomial(rows, np.full(rows, 1.0 / rows), size=min(100, resamples - start))
+        acc = (weights @ hits / rows).reshape(len(weights), len(keys), len(grid))
+        env = acc[:, [keys.index(k) for k in singles], :].max(axis=1)
+        out.append(100 * (env[:, None, :] - acc).max(axis=2))
+    regrets = np.concatenate(out)
+    tail = 50 * (1 - level)
+    return {
+        k: np.percentile(regrets[:, j], [tail, 100 - tail]).tolist() for j, k in enumerate(keys)
+    }
+
+
 def _routing(m: dict, names: list[str]) -> dict:
     routed = m["expert"]
     abstained = int(np.sum(m["expert_abstained"]))
@@ -181,20 +222,22 @@ def summarize(
     regret_grid = radius_grid(max(float(table[k]["radius"].max()) for k in singles), step)
     env_grid = envelope(table, regret_grid)
     env_at = envelope(table, REGRET_AT)
+    intervals = regret_intervals(table, regret_grid)
 
-    def one(m: dict) -> dict:
+    def one(key: str, m: dict) -> dict:
         at = env_at - certified_accuracy(m["correct"], m["radius"], REGRET_AT)
         return {
             "label": m["label"],
             "certified_accuracy": certified_accuracy(m["correct"], m["radius"], grid).tolist(),
             "acr": acr(m["correct"], m["radius"]),
             "regret": regret(m["correct"], m["radius"], regret_grid, env_grid),
+            "regret_interval": intervals[key],
             "regret_at": {f"{r:g}": float(100 * v) for r, v in zip(REGRET_AT, at, strict=True)},
             "seconds_per_input": None if m["seconds"] is None else float(np.mean(m["seconds"])),
             "forwards_per_input": None if m["forwards"] is None else float(np.mean(m["forwards"])),
         }
 
-    summary_methods = {key: one(m) for key, m in table.items()}
+    summary_methods = {key: one(key, m) for key, m in table.items()}
     best = [
         max(singles, key=lambda k, j=j: summary_methods[k]["certified_accuracy"][j])
         for j in range(len(grid))
@@ -235,13 +278,18 @@ def _cost(m: dict) -> str:
     return f"{'—' if fw is None else f'{fw:.0f}'} | {'—' if secs is None else f'{secs:.3g}'}"
 
 
+def _interval(m: dict) -> str:
+    lo, hi = m["regret_interval"]
+    return f"[{lo:.1f}, {hi:.1f}]"
+
+
 def to_markdown(summary: dict) -> str:
     grid = summary["grid"]
     at = " / ".join(f"{r:g}" for r in REGRET_AT)
     head = (
         "| method | "
         + " | ".join(f"r={r:g}" for r in grid)
-        + f" | ACR | regret | regret at r={at} | forwards/input | s/input |"
+        + f" | ACR | regret [95 % interval] | regret at r={at} | forwards/input | s/input |"
     )
     top = summary["envelope"]["grid"][-1]
     cascade = summary["rule"] == "cascade" or "dual:cascade" in summary["routing_by_method"]
@@ -263,7 +311,7 @@ def to_markdown(summary: dict) -> str:
         lines.append(
             f"| {m['label']} | "
             + " | ".join(cells)
-            + f" | {m['acr']:.3f} | {m['regret']:.1f} | {regret_at} | {_cost(m)} |"
+            + f" | {m['acr']:.3f} | {m['regret']:.1f} {_interval(m)} | {regret_at} | {_cost(m)} |"
         )
     gap = " | ".join(f"{100 * g:+.1f}" for g in summary["gap_to_best_single"])
     lines.append(f"| dual − best single expert (points) | {gap} | | | | | |")
@@ -272,7 +320,10 @@ def to_markdown(summary: dict) -> str:
         f"Regret: the largest shortfall (points) from the best single expert at each radius "
         f"(each expert at the full alpha), over r = 0 to {top:g} by {_step(summary)}, the "
         "largest radius any expert certifies; at or below 0, the method never trails it. "
-        "Regret at r = ...: the shortfall at those radii (negative: above the envelope).",
+        "Regret at r = ...: the shortfall at those radii (negative: above the envelope). "
+        "The interval: a paired bootstrap over the inputs (the envelope recomputed on each of "
+        f"{BOOTSTRAP} resamples), how much the regret moves with the sample of inputs; it is "
+        "not a certificate.",
         "",
         "## Routing",
         "",
@@ -322,14 +373,15 @@ def to_csv(summary: dict) -> str:
     writer = csv.writer(buf, lineterminator="\n")
     regret_at = [f"regret r={r:g}" for r in REGRET_AT]
     writer.writerow(
-        ["method", "label", *[f"r={r:g}" for r in summary["grid"]], "acr", "regret", *regret_at,
-         "forwards_per_input"]
+        ["method", "label", *[f"r={r:g}" for r in summary["grid"]], "acr", "regret",
+         "regret_95_lo", "regret_95_hi", *regret_at, "forwards_per_input"]
     )  # fmt: skip
     for key, m in summary["methods"].items():
         fw = m["forwards_per_input"]
         writer.writerow(
             [key, m["label"], *[f"{v:.6f}" for v in m["certified_accuracy"]], f"{m['acr']:.6f}",
-             f"{m['regret']:.4f}", *[f"{v:.4f}" for v in m["regret_at"].values()],
+             f"{m['regret']:.4f}", *[f"{v:.4f}" for v in m["regret_interval"]],
+             *[f"{v:.4f}" for v in m["regret_at"].values()],
              "" if fw is None else f"{fw:.1f}"]
         )  # fmt: skip
     writer.writerow(
