@@ -137,6 +137,55 @@ def test_fit_moves_a_threshold_only_when_the_score_improves():
     assert any(not t["kept"] for t in tried)  # candidates that did not help are recorded too
 
 
+def test_resampled_regret_is_the_mean_over_val_resamples():
+    """The fit's objective against a known law: expert 1 (sigma 1) certifies every input far,
+    expert 0 (sigma 0.25) every input near, so the envelope is expert 1's 100 % up to its radius.
+    A method that is expert 1 but wrong on a fixed 10 % of the inputs trails it by exactly the
+    resample's share of those inputs at every radius: Binomial(N, 0.1) / N, mean 10 points."""
+    from rsrouter.composition.tuning import ValidationCounts, resampled_regret
+
+    rows, alpha = 400, 0.001
+    labels = np.zeros(rows, dtype=np.int64)
+    counts = np.tile([1000, 0], (rows, 1))
+    vc = ValidationCounts(labels, [counts // 10, counts // 10], [counts, counts], [0.25, 1.0])
+    far = Certificate.from_counts(counts[0] // 10, counts[0], 1.0, alpha).radius
+    objective = resampled_regret(vc, alpha, resamples=200)
+    assert objective(np.ones(rows, bool), np.full(rows, far)) == pytest.approx(0.0, abs=1e-9)
+    wrong = np.arange(rows) % 10 == 0
+    mean = objective(~wrong, np.full(rows, far))
+    assert abs(mean - 10.0) < 4 * 100 * np.sqrt(0.09 / rows / 200)  # 4 standard errors
+    assert mean == resampled_regret(vc, alpha, resamples=200)(~wrong, np.full(rows, far))
+    assert objective(np.ones(rows, bool), np.full(rows, far / 2)) == pytest.approx(100.0)
+
+
+def test_the_val_fit_minimises_the_resampled_regret():
+    """tuning.fit_cascade keeps, of every candidate it tries, one with the least mean resampled
+    val regret (to 0.01 point), and records both that and the val sample's own regret."""
+    from rsrouter.composition.tuning import ValidationCounts, resampled_regret
+    from rsrouter.composition.tuning import fit_cascade as fit_on_val
+
+    rng = np.random.default_rng(1)  # a draw where the val sample's own regret picks otherwise
+    rows, alpha, sigmas = 120, 0.001, [0.25, 0.5, 1.0]
+    labels = rng.integers(0, 3, rows)
+    est = []
+    for k in range(3):  # noisier experts at larger sigma, mostly right
+        p = np.full((rows, 3), 0.1 + 0.1 * k)
+        p[np.arange(rows), labels] = 1.0
+        p += rng.uniform(0, 0.6 * k, (rows, 3))
+        p /= p.sum(axis=1, keepdims=True)
+        est.append(np.array([rng.multinomial(500, q) for q in p]))
+    vc = ValidationCounts(labels, [e // 5 for e in est], est, sigmas)
+    spec, tried = fit_on_val(vc, alpha=alpha)
+    assert all("objective" in t and "regret" in t for t in tried)
+    pred, radius, _ = certify_cascade(bounds_of(vc.selection, vc.estimation, sigmas, alpha), spec)
+    chosen = resampled_regret(vc, alpha)(pred == labels, radius)
+    assert chosen <= min(t["objective"] for t in tried) + 0.005
+    for order in {tuple(t["order"]) for t in tried}:  # each step kept lowers the objective
+        kept = [t for t in tried if tuple(t["order"]) == order and t["kept"]]
+        ranks = [(round(t["objective"], 2), -t["acr"]) for t in kept]
+        assert ranks == sorted(ranks, reverse=True) and len(set(ranks)) == len(ranks)
+
+
 def test_cascade_ground_truth_on_linear_experts():
     """Three linear experts (3 classes, one-vs-rest argmax of linear scores is not a halfspace,
     so two classes: a halfspace each): the claimed class is the true output of g on the whole

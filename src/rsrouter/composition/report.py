@@ -155,6 +155,20 @@ def regret(correct, radius, env_grid, env_acc) -> float:
     return float(100 * np.max(env_acc - certified_accuracy(correct, radius, env_grid)))
 
 
+def bootstrap_weights(rows: int, resamples: int, rng: np.random.Generator) -> np.ndarray:
+    """(resamples, rows): each row the weights of one bootstrap resample of ``rows`` inputs (how
+    often each is drawn, over ``rows``)."""
+    return rng.multinomial(rows, np.full(rows, 1.0 / rows), size=resamples) / rows
+
+
+def resampled_accuracy(correct, radius, grid, weights: np.ndarray) -> np.ndarray:
+    """(resamples, G): certified accuracy at each r of ``grid`` on each weighted resample."""
+    hits = np.asarray(correct, dtype=bool)[:, None] & (
+        np.asarray(radius, dtype=np.float64)[:, None] >= np.asarray(grid, dtype=np.float64)[None]
+    )
+    return weights @ hits
+
+
 def regret_intervals(
     table: dict[str, dict],
     env_grid,
@@ -167,24 +181,15 @@ def regret_intervals(
     paired bootstrap resamples of the inputs (the same resample for every method, the envelope
     recomputed on each): the noise of the test sample, not a certificate."""
     keys = list(table)
-    singles = [k for k in keys if k.startswith("expert:")]
-    grid = np.asarray(env_grid, dtype=np.float64)
-    # (N, methods * G): input i certified correct at radius grid[g] by each method
-    hits = np.concatenate(
-        [
-            (np.asarray(table[k]["correct"], dtype=bool)[:, None]
-             & (np.asarray(table[k]["radius"], dtype=np.float64)[:, None] >= grid[None, :]))
-            for k in keys
-        ],
-        axis=1,
-    ).astype(np.float64)  # fmt: skip
-    rows = hits.shape[0]
+    singles = [j for j, k in enumerate(keys) if k.startswith("expert:")]
+    rows = len(next(iter(table.values()))["correct"])
     rng = np.random.default_rng(seed)
     out = []
     for start in range(0, resamples, 100):  # 100 resamples at a time: bounded memory
-        weights = rng.multinomial(rows, np.full(rows, 1.0 / rows), size=min(100, resamples - start))
-        acc = (weights @ hits / rows).reshape(len(weights), len(keys), len(grid))
-        env = acc[:, [keys.index(k) for k in singles], :].max(axis=1)
+        weights = bootstrap_weights(rows, min(100, resamples - start), rng)
+        acc = np.stack([resampled_accuracy(table[k]["correct"], table[k]["radius"], env_grid,
+                                           weights) for k in keys], axis=1)  # fmt: skip
+        env = acc[:, singles, :].max(axis=1)
         out.append(100 * (env[:, None, :] - acc).max(axis=2))
     regrets = np.concatenate(out)
     tail = 50 * (1 - level)

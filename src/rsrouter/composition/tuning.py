@@ -20,7 +20,14 @@ from rsrouter import distributed
 from rsrouter.composition import cascade as cascades
 from rsrouter.composition.certify_run import CountsCache, counts_key
 from rsrouter.composition.dual import decide, split_alpha
-from rsrouter.composition.report import acr, certified_accuracy, radius_grid, regret
+from rsrouter.composition.report import (
+    acr,
+    bootstrap_weights,
+    certified_accuracy,
+    radius_grid,
+    regret,
+    resampled_accuracy,
+)
 from rsrouter.composition.rules import CASCADE, check_rule
 from rsrouter.errors import UsageError
 from rsrouter.progress import progress_bar
@@ -295,6 +302,34 @@ def fit_class_gate(
     return {**start, "class_thresholds": rows}, tried
 
 
+FIT_RESAMPLES = 20  # val resamples whose mean worst-case regret the cascade's fit minimises
+
+
+def resampled_regret(vc: ValidationCounts, alpha: float, step: float = 0.25, *,
+                     resamples: int = FIT_RESAMPLES, seed: int = 0):  # fmt: skip
+    """A function (correct, radius) -> the mean, over ``resamples`` seeded bootstrap resamples of
+    the val inputs (the envelope recomputed on each), of the worst-case regret in points. The
+    regret of the one val sample is a maximum over radii of noisy shortfalls, which a fit with
+    many thresholds learns to chase; the mean over resamples is smoother (docs/results/routing.md,
+    sixth round: 2-fold held-out regret 3.75 against 4.92 on 2,000 Fashion-MNIST val images)."""
+    pred, rad = expert_certificates(vc, alpha)
+    grid = radius_grid(float(rad.max()), step)
+    weights = bootstrap_weights(len(vc.labels), resamples, np.random.default_rng(seed))
+    env = np.max([resampled_accuracy(p == vc.labels, r, grid, weights)
+                  for p, r in zip(pred, rad, strict=True)], axis=0)  # fmt: skip
+
+    def mean_regret(correct, radius) -> float:
+        shortfall = env - resampled_accuracy(correct, radius, grid, weights)
+        return float(100 * np.mean(shortfall.max(axis=1)))
+
+    return mean_regret
+
+
+def _objective_rank(t: dict) -> tuple:
+    """Smaller is better: the mean resampled val regret (to 0.01 point), then the larger ACR."""
+    return (round(t["objective"], 2), -t["acr"])
+
+
 def fit_cascade(
     vc: ValidationCounts,
     *,
@@ -302,17 +337,20 @@ def fit_cascade(
     step: float = 0.25,
     grid: Sequence[float] = cascades.THRESHOLD_GRID,
 ) -> tuple[cascades.CascadeSpec, list[dict]]:
-    """The class-aware cascade's stage order and thresholds with the least val regret (ties to
-    the larger ACR), from the experts' val counts alone (no router is sampled):
-    (spec, every candidate tried with its val scores)."""
+    """The class-aware cascade's stage order and thresholds with the least mean worst-case regret
+    over bootstrap resamples of val (``resampled_regret``; ties to the larger ACR), from the
+    experts' val counts alone (no router is sampled): (spec, every candidate tried with its val
+    scores: ``objective`` that mean, ``regret`` the val sample's own)."""
     grid_r, env = envelope_of(vc, alpha, step)
+    mean_regret = resampled_regret(vc, alpha, step)
     bounds = cascades.bounds_of(vc.selection, vc.estimation, vc.sigmas, alpha)
 
     def score(pred, radius, expert) -> dict:
-        return _candidate(pred, radius, expert, vc, grid_r, env)
+        return {**_candidate(pred, radius, expert, vc, grid_r, env),
+                "objective": mean_regret(pred == vc.labels, radius)}  # fmt: skip
 
     classes = vc.selection[0].shape[1]
-    return cascades.fit_cascade(bounds, score, _rank, classes=classes, grid=grid)
+    return cascades.fit_cascade(bounds, score, _objective_rank, classes=classes, grid=grid)
 
 
 BIAS_GRID = tuple(np.round(np.arange(-1.5, 1.51, 0.25), 2))
