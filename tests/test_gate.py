@@ -192,6 +192,8 @@ def test_router_train_kind_gate_end_to_end(tmp_path, monkeypatch, capsys):
     assert sorted(cascade["order"]) == [0, 1] and len(cascade["thresholds"][0]) == 10
     tuning = json.loads((ws.artifacts / "router" / "tuning.json").read_text())
     assert len(tuning["cascade"]) > 2 and router.info["tuning"]["cascade"]["regret"] >= -100
+    chosen = router.info["tuning"]["cascade"]  # the fit's pick: the least resampled val regret
+    assert chosen["objective"] == min(t["objective"] for t in tuning["cascade"])
     capsys.readouterr()
     assert run(["certify", "--rule", "cascade", *w]) == 0, capsys.readouterr().err
     assert "class-aware cascade" in capsys.readouterr().out

@@ -212,7 +212,8 @@ def _train_gate(ws, device: str, router_overrides: dict) -> None:
         f"{len(tried)} on {router.info['tuning']['inputs']} val inputs (val regret "
         f"{chosen['regret']:.1f} points, ACR {chosen['acr']:.3f}; routed {shares}).\n"
         f"the experts' cascade, fitted on the same val inputs: stages {stages} (val regret "
-        f"{fit['regret']:.1f} points, ACR {fit['acr']:.3f}); the headline rule of `router "
+        f"{fit['regret']:.1f} points, {fit['objective']:.1f} on average over val resamples, "
+        f"ACR {fit['acr']:.3f}); the headline rule of `router "
         f"certify` unless [certify] rule says otherwise.\n"
         f"saved to {folder} (every candidate in tuning.json)\nnext: `router certify`."
     )

@@ -503,7 +503,9 @@ def train_gate_workspace(
         "rule": rule,
         "objective": "least worst-case regret to the single-expert envelope, then ACR",
         "chosen": _chosen(tried, gate),
-        "cascade": _best(cascade_tried),
+        "cascade": min(cascade_tried, key=_objective_rank),  # the chosen spec's scores
+        "cascade_objective": f"least mean worst-case regret over {FIT_RESAMPLES} bootstrap "
+        "resamples of val, then ACR",
     }
     router = _with_copy(build_router(experts, {**settings, "gate": gate}, info=info), copy).eval()
     folder = Path(folder) if folder is not None else router_folder(ws)
