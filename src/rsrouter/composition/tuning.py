@@ -339,9 +339,9 @@ def fit_cascade(
     resamples: int = FIT_RESAMPLES,
 ) -> tuple[cascades.CascadeSpec, list[dict]]:
     """The class-aware cascade's stage order and thresholds with the least mean worst-case regret
-    over ``resamples`` bootstrap resamples of val (``resampled_regret``; ties to the larger ACR), from the
-    experts' val counts alone (no router is sampled): (spec, every candidate tried with its val
-    scores: ``objective`` that mean, ``regret`` the val sample's own)."""
+    over ``resamples`` bootstrap resamples of val (``resampled_regret``; ties to the larger
+    ACR), from the experts' val counts alone (no router is sampled): (spec, every candidate
+    tried with its val scores: ``objective`` that mean, ``regret`` the val sample's own)."""
     grid_r, env = envelope_of(vc, alpha, step)
     mean_regret = resampled_regret(vc, alpha, step, resamples=resamples)
     bounds = cascades.bounds_of(vc.selection, vc.estimation, vc.sigmas, alpha)
