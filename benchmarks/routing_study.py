@@ -214,9 +214,7 @@ def _fmt(m: dict, names) -> list[str]:
     fw = m.get("forwards_per_input")
     cost = f"{fw:,.0f} fwd, {m['seconds_per_input']:.2f} s" if fw else "—"
     acc = " / ".join(f"{100 * a:.1f}" for a in m["certified_accuracy"])
-    worst = f"{max(m['regret'], 0):.1f}"
-    if "regret_interval" in m:  # the bootstrap's 95 % interval (the report's)
-        worst += " [{:.1f}, {:.1f}]".format(*m["regret_interval"])
+    worst = "{:.1f} [{:.1f}, {:.1f}]".format(max(m["regret"], 0), *m["regret_interval"])
     row = [worst, at, acc, f"{m['acr']:.3f}", routed, abst, cost]
     if "regret_reference" in m:
         row.append(f"{max(m['regret_reference'], 0):.1f}")
