@@ -153,6 +153,12 @@ def _forwards(counts: dict) -> int:
     return int(sum(counts["selection_counts"]) + sum(counts["counts"]))
 
 
+def decided_rules(cascade) -> tuple[str, ...]:
+    """The rules every record decides: those that read the router, and the cascade when there
+    is one (a spec)."""
+    return (*RULES, CASCADE) if cascade is not None else RULES
+
+
 def rule_records(
     label: int,
     router_counts: dict,
@@ -171,7 +177,7 @@ def rule_records(
     out = {}
     router = _pair(router_counts)
     experts = [_pair(c) for c in expert_counts]
-    for rule in (*RULES, *([CASCADE] if cascade is not None else [])):
+    for rule in decided_rules(cascade):
         cert = decide(
             rule, router, experts, sigma_e=sigma_e, sigmas=sigmas, alpha_router=alpha_router,
             alpha_expert=alpha_expert, biases=biases, cascade=cascade,
@@ -430,7 +436,7 @@ def certify_run(
         "seed": int(seed),
         "p_skip": float(p_skip),
         "rule": rule,
-        "rules": [*RULES, *([CASCADE] if dual.cascade is not None else [])],
+        "rules": list(decided_rules(dual.cascade)),
         "biases": [float(b) for b in dual.biases],
         **({"cascade": dual.cascade.to_dict()} if dual.cascade is not None else {}),
         **({"bf16": True} if bf16 else {}),
