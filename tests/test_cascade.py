@@ -156,6 +156,8 @@ def test_resampled_regret_is_the_mean_over_val_resamples():
     assert abs(mean - 10.0) < 4 * 100 * np.sqrt(0.09 / rows / 200)  # 4 standard errors
     assert mean == resampled_regret(vc, alpha, resamples=200)(~wrong, np.full(rows, far))
     assert objective(np.ones(rows, bool), np.full(rows, far / 2)) == pytest.approx(100.0)
+    with pytest.raises(UsageError, match="resamples must be a whole number"):
+        resampled_regret(vc, alpha, resamples=0)
 
 
 def test_the_val_fit_minimises_the_resampled_regret():

@@ -137,6 +137,9 @@ def test_regret_interval_against_the_binomial():
     assert 10 + 1.96 * 1.5 - 0.8 < hi < 10 + 1.96 * 1.5 + 0.8
     assert regret_intervals(table, grid, resamples=2000) == out  # seeded
     assert regret_intervals(table, grid, resamples=50, level=0.5)["dual"][1] < hi
+    for bad in ({"resamples": 0}, {"level": 1.0}, {"level": 0}):
+        with pytest.raises(UsageError, match="resamples|level"):
+            regret_intervals(table, grid, **bad)
 
 
 def test_files_markdown_csv_json_png(tmp_path):

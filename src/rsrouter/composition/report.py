@@ -25,6 +25,7 @@ import numpy as np
 from rsrouter.composition.baselines import MULTISCALE_LABEL, ORACLE_LABEL
 from rsrouter.errors import UsageError
 from rsrouter.io import atomic_path, write_json, write_text
+from rsrouter.smoothing import check_count
 
 STEP = 0.25
 REGRET_AT = (0.0, 0.5, 1.0, 1.5)  # radii whose regret every report shows on its own
@@ -180,6 +181,9 @@ def regret_intervals(
     """Each method's worst-case regret's central ``level`` interval (points) over ``resamples``
     paired bootstrap resamples of the inputs (the same resample for every method, the envelope
     recomputed on each): the noise of the test sample, not a certificate."""
+    check_count("resamples", resamples)
+    if not 0 < level < 1:
+        raise UsageError(f"the interval's level must lie in (0, 1), got {level!r}.")
     keys = list(table)
     singles = [j for j, k in enumerate(keys) if k.startswith("expert:")]
     rows = len(next(iter(table.values()))["correct"])
