@@ -24,6 +24,9 @@ class Linear:
             self.sigma, self.num_classes = sigma, 2
         self.calls, self.fail_after = 0, fail_after
 
+    def eval(self):
+        return self
+
     def __call__(self, x):
         self.calls += len(x)
         if self.fail_after is not None and self.calls > self.fail_after:
@@ -267,3 +270,33 @@ def test_every_certify_setting_but_the_split_reaches_certify_run():
     assert run_options({**CERTIFY_DEFAULTS, "n": 7}) == {
         k: v for k, v in {**CERTIFY_DEFAULTS, "n": 7}.items() if k != "split"
     }
+
+
+def test_val_counts_resume_after_a_kill_and_equal_an_uninterrupted_fit(tmp_path, monkeypatch):
+    """The tuning step's val counts are flushed a chunk at a time: a killed fit keeps what it
+    sampled, and the rerun samples only the rest, with the counts of an uninterrupted run."""
+    from rsrouter.composition import tuning
+
+    monkeypatch.setattr(tuning, "VAL_CHUNK", 5)
+    val = type("Val", (SimpleNamespace,), {"__len__": lambda self: len(self.labels)})(
+        **{**vars(_dataset()), "split": "val"}
+    )
+    args = {"n0": N0, "n": N, "seed": SEED, "limit": 24, "progress": False}
+
+    def experts(fail_after=None):
+        return [Linear([0.0, 1.0], 0.0, sigma=0.25, name="a", fail_after=fail_after),
+                Linear([0.2, 1.0], 0.05, sigma=0.5, name="b")]  # fmt: skip
+
+    clean = tuning.validation_counts(experts(), val, tmp_path / "clean", **args)
+    with pytest.raises(RuntimeError, match="killed"):  # dies in the 3rd chunk of expert a
+        tuning.validation_counts(experts(fail_after=2 * 5 * (N0 + N)), val, tmp_path / "re",
+                                 **args)  # fmt: skip
+    (path,) = (tmp_path / "re" / "tune" / "experts").glob("*.jsonl")
+    assert len(path.read_text().splitlines()) == 10  # two chunks were flushed
+    again = experts()
+    resumed = tuning.validation_counts(again, val, tmp_path / "re", **args)
+    assert again[0].calls == 14 * (N0 + N)  # only the 14 inputs the kill left
+    for a, b in zip((*clean.selection, *clean.estimation),
+                    (*resumed.selection, *resumed.estimation), strict=True):  # fmt: skip
+        assert (a == b).all()
+    assert (resumed.estimation[0].sum(axis=1) == N).all()

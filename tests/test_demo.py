@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -31,7 +32,7 @@ TINY = PipelineConfig(
 )
 
 
-def test_pipeline_end_to_end_then_resumes_without_recomputing(tmp_path):
+def test_pipeline_end_to_end_then_resumes_without_recomputing(tmp_path, capsys):
     config = replace(TINY, workspace=tmp_path / "ws")
     first = run_pipeline(config)
     assert first.certified_now == 6
@@ -48,7 +49,10 @@ def test_pipeline_end_to_end_then_resumes_without_recomputing(tmp_path):
     assert (tmp_path / "ws" / "router.toml").read_text() == toml  # no expert re-registered
     # the workspace records the run's settings: the CLI continues from it, reusing everything
     records = list((tmp_path / "ws" / ".rsrouter" / "certify").glob("*.jsonl"))
+    capsys.readouterr()
     assert run(["certify", "--workspace", str(tmp_path / "ws")]) == 0
+    shown = capsys.readouterr().out  # each regret with its 95 % interval, as in the report
+    assert "regret [95 %]" in shown and re.search(r"\d+\.\d \[-?\d+\.\d, \d+\.\d\]", shown)
     assert list((tmp_path / "ws" / ".rsrouter" / "certify").glob("*.jsonl")) == records
 
 

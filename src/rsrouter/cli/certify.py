@@ -44,7 +44,7 @@ def certify_cmd(
     """Dual-certify a split, with every composition rule, each expert alone, Multiscale and the
     oracle beside it."""
     from rsrouter.composition.certify_run import certify_workspace
-    from rsrouter.composition.report import summarize
+    from rsrouter.composition.report import regret_text, summarize
 
     ws = Workspace.open(workspace)
     hold_lock(ctx, ws, "certify")
@@ -72,10 +72,10 @@ def certify_cmd(
     for r in summary["grid"]:
         table.add_column(f"r={r:g}", justify="right")
     table.add_column("ACR", justify="right")
-    table.add_column("regret", justify="right")
+    table.add_column("regret [95 %]", justify="right")
     for m in summary["methods"].values():
         cells = [f"{100 * v:.1f}" for v in m["certified_accuracy"]]
-        table.add_row(m["label"], *cells, f"{m['acr']:.3f}", f"{m['regret']:.1f}")
+        table.add_row(m["label"], *cells, f"{m['acr']:.3f}", regret_text(m))
     show_table(table)
     console.print(
         f"{result.computed} input(s) certified now, {len(result.records)} in the run.\n"

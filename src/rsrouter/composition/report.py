@@ -287,9 +287,10 @@ def _cost(m: dict) -> str:
     return f"{'—' if fw is None else f'{fw:.0f}'} | {'—' if secs is None else f'{secs:.3g}'}"
 
 
-def _interval(m: dict) -> str:
+def regret_text(m: dict) -> str:
+    """A summary method's worst-case regret with its 95 % interval: "3.2 [2.3, 4.7]"."""
     lo, hi = m["regret_interval"]
-    return f"[{lo:.1f}, {hi:.1f}]"
+    return f"{m['regret']:.1f} [{lo:.1f}, {hi:.1f}]"
 
 
 def to_markdown(summary: dict) -> str:
@@ -320,7 +321,7 @@ def to_markdown(summary: dict) -> str:
         lines.append(
             f"| {m['label']} | "
             + " | ".join(cells)
-            + f" | {m['acr']:.3f} | {m['regret']:.1f} {_interval(m)} | {regret_at} | {_cost(m)} |"
+            + f" | {m['acr']:.3f} | {regret_text(m)} | {regret_at} | {_cost(m)} |"
         )
     gap = " | ".join(f"{100 * g:+.1f}" for g in summary["gap_to_best_single"])
     lines.append(f"| dual − best single expert (points) | {gap} | | | | | |")

@@ -129,10 +129,16 @@ def _best(tried: list[dict]) -> dict:
 TUNING_STAGE = 10
 
 
+VAL_CHUNK = 64  # val inputs sampled between two flushes of the counts cache
+
+
 def tuning_counts(model, dataset, path: Path, *, sigma, width, size, n0, n, seed, stages,
-                  **sampling) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+                  advance=None, **sampling) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """(selection, estimation) counts (size, width) of ``model`` at ``sigma`` on the first
-    ``size`` inputs, drawn in the tuning ``stages`` and cached (flushed JSONL) at ``path``."""
+    ``size`` inputs, drawn in the tuning ``stages`` and cached (flushed JSONL) at ``path``,
+    ``VAL_CHUNK`` inputs at a time: a killed fit resumes where its counts stopped (the noise is
+    seeded by input index, so the counts are those of an uninterrupted run). ``advance(k)`` is
+    told of every k inputs done (cached ones first)."""
 
     def counts(xs, *, indices, n0, n, seed, **kw):
         common = {"num_classes": width, "indices": indices, "seed": seed, **kw}
@@ -142,10 +148,16 @@ def tuning_counts(model, dataset, path: Path, *, sigma, width, size, n0, n, seed
 
     idx = list(range(size))
     cache = CountsCache(path, distributed.context())
-    have = cache.fill(counts, dataset.images, idx, n0=n0, n=n, seed=seed, **sampling)
+    todo = [i for i in idx if i not in cache.have]
+    advance = advance or (lambda k=1: None)
+    advance(size - len(todo))
+    for start in range(0, len(todo), VAL_CHUNK):
+        part = todo[start : start + VAL_CHUNK]
+        cache.fill(counts, dataset.images, part, n0=n0, n=n, seed=seed, **sampling)
+        advance(len(part))
     return (
-        np.array([have[i]["selection_counts"] for i in idx]),
-        np.array([have[i]["counts"] for i in idx]),
+        np.array([cache.have[i]["selection_counts"] for i in idx]),
+        np.array([cache.have[i]["counts"] for i in idx]),
     )
 
 
@@ -174,17 +186,16 @@ def validation_counts(
     size = len(dataset) if limit is None else min(limit, len(dataset))
     sel, est = [], []
     stages = (TUNING_STAGE + SELECTION, TUNING_STAGE + ESTIMATION)
-    with progress_bar("val counts", len(experts), enabled=progress) as advance:
+    with progress_bar("val counts", len(experts) * size, enabled=progress) as advance:
         for expert in experts:
             expert.eval()
             path = _tuning_path(artifacts, "experts", expert.fingerprint, dataset, n0, n, seed,
                                 sampling)  # fmt: skip
             s, e = tuning_counts(expert, dataset, path, sigma=expert.sigma, stages=stages,
                                  width=expert.num_classes, size=size, n0=n0, n=n, seed=seed,
-                                 **sampling)  # fmt: skip
+                                 advance=advance, **sampling)  # fmt: skip
             sel.append(s)
             est.append(e)
-            advance(1)
     labels = dataset.labels[:size].numpy()
     return ValidationCounts(labels, sel, est, [float(e.sigma) for e in experts])
 
@@ -193,7 +204,7 @@ ROUTER_TUNING_STAGES = (TUNING_STAGE + ROUTER_SELECTION, TUNING_STAGE + ROUTER_E
 
 
 def bin_counts(router, dataset, artifacts, *, size: int, bins: int = gates.BINS,
-               per_class: bool = False, **counting):  # fmt: skip
+               per_class: bool = False, progress: bool = False, **counting):  # fmt: skip
     """(selection, estimation) counts (N, bins) of the gate router's score bins in the router's
     tuning stages (per_class: (N, classes * bins), class-major): the gate's counts for
     thresholds on the bin edges are their sums."""
@@ -201,8 +212,10 @@ def bin_counts(router, dataset, artifacts, *, size: int, bins: int = gates.BINS,
     what = f"gate-{'class-' if per_class else ''}bins{bins}"
     path = _tuning_path(artifacts, what, router.fingerprint, dataset, counting["n0"],
                         counting["n"], counting["seed"], counting)  # fmt: skip
-    return tuning_counts(model, dataset, path, sigma=router.sigma_e, width=model.num_classes,
-                         size=size, stages=ROUTER_TUNING_STAGES, **counting)  # fmt: skip
+    with progress_bar("gate val counts", size, enabled=progress) as advance:
+        return tuning_counts(model, dataset, path, sigma=router.sigma_e,
+                             width=model.num_classes, size=size, stages=ROUTER_TUNING_STAGES,
+                             advance=advance, **counting)  # fmt: skip
 
 
 # ---------------------------------------------------------------- fitting
@@ -432,9 +445,11 @@ def router_val_counts(ws, router, experts: dict, *, device=None, progress: bool 
     vc = _experts_val(ws, experts, tune, val, common, progress)
     path = _tuning_path(ws.artifacts, "router", router.fingerprint, val, common["n0"],
                         common["n"], common["seed"], common)  # fmt: skip
-    sel, est = tuning_counts(router.eval(), val, path, sigma=router.sigma_e,
-                             width=len(experts), size=len(vc.labels),
-                             stages=ROUTER_TUNING_STAGES, **common)  # fmt: skip
+    with progress_bar("router val counts", len(vc.labels), enabled=progress) as advance:
+        sel, est = tuning_counts(router.eval(), val, path, sigma=router.sigma_e,
+                                 width=len(experts), size=len(vc.labels),
+                                 stages=ROUTER_TUNING_STAGES, advance=advance,
+                                 **common)  # fmt: skip
     return vc, sel, est
 
 
@@ -491,7 +506,7 @@ def train_gate_workspace(
     vc = _experts_val(ws, experts, tune, val, common, progress)
     per_class = kind == "class-gate"
     sel, est = bin_counts(router, val, ws.artifacts, size=len(vc.labels), bins=tune["bins"],
-                          per_class=per_class, **common)  # fmt: skip
+                          per_class=per_class, progress=progress, **common)  # fmt: skip
     fit = {"sigma_e": router.sigma_e, "rule": rule, "step": tune["step"], "alpha": c["alpha"],
            "alpha_router": c["alpha_router"]}  # fmt: skip
     if per_class:
