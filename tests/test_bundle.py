@@ -17,6 +17,7 @@ from rsrouter.composition.bundle import (
     make_bundle,
     push_bundle,
 )
+from rsrouter.composition.cascade import multiscale_spec
 from rsrouter.composition.certify_run import certify_workspace, load_run
 from rsrouter.composition.dual import DualSmoothed
 from rsrouter.composition.report import summarize, to_markdown, write_report
@@ -70,7 +71,7 @@ def published(hub, tmp_path):
     bundle = bundle_workspace(ws, repo_id="org/router")
     info = push_bundle(bundle, "org/router", endpoint=hub.endpoint, token="hf_test")
     pins = bundle_pins(read_json(bundle / "config.json"))
-    local = DualSmoothed(router, router.sigma_e, experts)
+    local = DualSmoothed(router, router.sigma_e, experts, rule="agreement")  # the headline
     return {"api": api, "ws": ws, "bundle": bundle, "commit": info.oid, "local": local,
             "pins": pins, "router_dir": ws.artifacts / "router", "run": run}  # fmt: skip
 
@@ -104,6 +105,7 @@ def _certify(model: DualSmoothed):
 def test_push_pull_round_trip_certifies_like_the_local_object(hub, published, tmp_path):
     model = load_router("org/router", endpoint=hub.endpoint, cache_dir=tmp_path / "cache")
     assert isinstance(model, DualSmoothed)
+    assert model.rule == "agreement"  # the rule the card's report headlines (no cascade here)
     assert model.router.expert_names == tuple(SIGMAS)
     assert model.sigmas == list(SIGMAS.values())
     assert _certify(model) == _certify(published["local"])
@@ -122,6 +124,7 @@ def test_card_has_metadata_table_curve_and_citation(published):
     assert "![Certified accuracy against radius](curve.png)" in card.text
     assert "Dual Randomized Smoothing: Beyond Global Noise Variance" in card.text
     assert 'rsrouter.load_router("org/router")' in card.text
+    assert 'model.rule = "agreement"' in card.text
     assert "| table.n | 100 |" in card.text and "| training.lr | 0.01 |" in card.text
     for pin in published["pins"]:
         assert pin["commit"][:12] in card.text
@@ -186,6 +189,26 @@ def test_local_bundle_folder_loads_and_push_refuses_local_experts(hub, published
         load_router(bundle, revision="main")
     with pytest.raises(UsageError, match="come from local folders"):
         push_bundle(bundle, "org/other", endpoint=hub.endpoint, token="hf_test")
+
+
+def test_a_bundled_cascade_is_the_rule_load_router_certifies_with(published, tmp_path):
+    """A router that carries the experts' cascade loads with it as its rule, as `router
+    certify` and the card's report headline it; `rule=` still picks another."""
+    router = RouterModel.from_pretrained(published["router_dir"])
+    classes = published["local"].experts[0].num_classes
+    spec = multiscale_spec(list(SIGMAS.values()), classes, p_skip=0.6)
+    router.info["cascade"] = spec.to_dict()
+    router.save_pretrained(tmp_path / "router")
+    local = [dict(p, source=str(tmp_path / "src" / p["name"]), commit=None, revision=None)
+             for p in published["pins"]]  # fmt: skip
+    bundle = make_bundle(tmp_path / "router", tmp_path / "bundle", local)
+    model = load_router(bundle)
+    assert model.rule == "cascade" and model.cascade == spec
+    assert 'model.rule = "cascade"' in (bundle / "README.md").read_text()  # the card says so
+    experts = published["local"].experts
+    assert _certify(model) == _certify(DualSmoothed(router, router.sigma_e, experts,
+                                                    rule="cascade", cascade=spec))  # fmt: skip
+    assert _certify(model) != _certify(published["local"])
 
 
 def test_bundle_refuses_experts_the_router_was_not_trained_with(published, tmp_path):
@@ -330,7 +353,7 @@ def test_router_with_a_diffusion_denoiser_round_trips(hub, published, tmp_path):
     assert model.router.denoiser is not None
     x = torch.rand(1, *SHAPE, generator=torch.Generator().manual_seed(2))
     small = {**CERTIFY, "n0": 4, "n": 16}  # the UNet is the slow part: few samples suffice
-    again = DualSmoothed(router, 0.5, local.experts).certify_batch(x, **small)
+    again = DualSmoothed(router, 0.5, local.experts, rule="agreement").certify_batch(x, **small)
     assert [c.to_dict() for c in model.certify_batch(x, **small)] == [c.to_dict() for c in again]
 
 
@@ -365,8 +388,9 @@ def test_a_workspace_with_local_experts_is_published_with_its_experts(hub, tmp_p
     assert "already comes from the Hub" in capsys.readouterr().err
     pulled = load_router("org/r", endpoint=hub.endpoint, cache_dir=tmp_path / "cache")
     local = DualSmoothed(
-        RouterModel.from_pretrained(ws.artifacts / "router"), 0.5, list(ws.load_experts().values())
-    )
+        RouterModel.from_pretrained(ws.artifacts / "router"), 0.5,
+        list(ws.load_experts().values()), rule="agreement",
+    )  # fmt: skip
     assert _certify(pulled) == _certify(local)
 
 

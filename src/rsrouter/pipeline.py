@@ -75,7 +75,7 @@ class PipelineConfig:
     alpha: float = 0.001
     alpha_router: float | None = None
     # the headline rule (every rule is reported); None: the cascade where the router carries one
-    # (a gate router fitted on val), else agreement (certify_run.headline_rule)
+    # (a gate router fitted on val), else agreement (rules.headline_rule)
     rule: str | None = None
     batch_size: int = 1000
     seed: int = 0

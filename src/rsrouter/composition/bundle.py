@@ -24,6 +24,7 @@ import torch
 
 from rsrouter.composition.card import render_card
 from rsrouter.composition.dual import DualSmoothed
+from rsrouter.composition.rules import headline_rule
 from rsrouter.errors import UsageError
 from rsrouter.experts.expert import DENOISER_PATTERNS, EXPERT_PATTERNS, Expert, fetch_snapshot
 from rsrouter.io import read_json, write_json
@@ -522,7 +523,8 @@ def pull_router(
     router = RouterModel.from_pretrained(folder, device=device)
     router.check_experts([p["name"] for p in pins], [e.fingerprint for e in experts])
     dual = DualSmoothed(router, router.sigma_e, experts, biases=router.info.get("biases"),
-                        cascade=router.info.get("cascade"))  # fmt: skip
+                        cascade=router.info.get("cascade"),
+                        rule=headline_rule(None, router.info))  # fmt: skip
     return PulledRouter(folder, commit, pins, dual)
 
 

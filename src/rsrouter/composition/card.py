@@ -11,6 +11,8 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from rsrouter.composition.rules import headline_rule
+
 TAGS = ["randomized-smoothing", "certified-robustness", "dual-randomized-smoothing"]
 
 # Hub ids of the datasets rsrouter loads by name, for the card's `datasets:` metadata.
@@ -208,6 +210,7 @@ router pull {repo_id or "ORG/NAME"} -w my-router   # the same, as a workspace fo
 import rsrouter
 
 model = rsrouter.load_router({load_arg})   # an rsrouter.composition.DualSmoothed
+# model.rule = "{headline_rule(None, config)}" (the results below have a row for every rule)
 cert = model.certify(x, n0=100, n=10_000, alpha=0.001, seed=0, index=0)  # x: (C, H, W)
 print(cert.prediction, cert.radius, cert.expert)  # class (-1 = abstain), radius, expert index
 ```

@@ -33,7 +33,7 @@ from rsrouter.composition.dual import (
     experts_needed,
     split_alpha,
 )
-from rsrouter.composition.rules import CASCADE, RULES, check_biases, check_rule
+from rsrouter.composition.rules import CASCADE, RULES, check_biases, check_rule, headline_rule
 from rsrouter.errors import UsageError
 from rsrouter.io import append_jsonl, read_json, read_jsonl, sha256_json, write_json, write_text
 from rsrouter.progress import note, progress_bar
@@ -591,14 +591,6 @@ def run_options(settings: dict) -> dict:
     return {k: settings[k] for k in RUN_OPTIONS}
 
 
-def headline_rule(rule: str | None, router) -> str:
-    """The rule asked for, or by default the cascade when ``router`` carries one, else
-    agreement (the best measured with and without one, docs/results/routing.md)."""
-    if rule is not None:
-        return check_rule(rule)
-    return CASCADE if router.info.get("cascade") is not None else "agreement"
-
-
 def workspace_dual(ws, *, device=None, rule: str | None = None) -> tuple[DualSmoothed, list[str]]:
     """The workspace's trained router over its experts (refused if they changed since), with
     the router's biases ("biases") and cascade ("cascade") from its config.json when it has
@@ -623,7 +615,7 @@ def workspace_dual(ws, *, device=None, rule: str | None = None) -> tuple[DualSmo
             f"({len(names)}), got {biases!r}."
         ) from exc
     cascade = router.info.get("cascade")
-    rule = headline_rule(rule, router)
+    rule = headline_rule(rule, router.info)
     if rule == CASCADE and cascade is None:
         raise UsageError(f"{folder}: {NO_CASCADE}")
     dual = DualSmoothed(router, router.sigma_e, list(experts.values()), rule=rule, biases=biases,

@@ -42,6 +42,16 @@ def check_rule(rule: str) -> str:
     return rule
 
 
+def headline_rule(rule: str | None, info) -> str:
+    """The rule asked for, or by default the cascade when the router's ``info`` (its
+    config) carries one, else agreement (the best measured with and without one,
+    docs/results/routing.md): the headline of `router certify`, of a bundle's card and the rule
+    of a router loaded with ``load_router``."""
+    if rule is not None:
+        return check_rule(rule)
+    return CASCADE if info.get("cascade") is not None else "agreement"
+
+
 def check_biases(biases, size: int) -> np.ndarray:
     """``size`` finite router biases as a float array (zeros when None)."""
     if biases is None:
