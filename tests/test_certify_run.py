@@ -272,7 +272,9 @@ def test_every_certify_setting_but_the_split_reaches_certify_run():
     }
 
 
-def test_val_counts_resume_after_a_kill_and_equal_an_uninterrupted_fit(tmp_path, monkeypatch):
+def test_val_counts_resume_after_a_kill_and_equal_an_uninterrupted_fit(
+    tmp_path, monkeypatch, capsys
+):
     """The tuning step's val counts are flushed a chunk at a time: a killed fit keeps what it
     sampled, and the rerun samples only the rest, with the counts of an uninterrupted run."""
     from rsrouter.composition import tuning
@@ -294,7 +296,9 @@ def test_val_counts_resume_after_a_kill_and_equal_an_uninterrupted_fit(tmp_path,
     (path,) = (tmp_path / "re" / "tune" / "experts").glob("*.jsonl")
     assert len(path.read_text().splitlines()) == 10  # two chunks were flushed
     again = experts()
-    resumed = tuning.validation_counts(again, val, tmp_path / "re", **args)
+    capsys.readouterr()
+    resumed = tuning.validation_counts(again, val, tmp_path / "re", **{**args, "progress": True})
+    assert f"resuming: 10 of 24 val counts are in {path}" in capsys.readouterr().out
     assert again[0].calls == 14 * (N0 + N)  # only the 14 inputs the kill left
     for a, b in zip((*clean.selection, *clean.estimation),
                     (*resumed.selection, *resumed.estimation), strict=True):  # fmt: skip

@@ -31,7 +31,7 @@ from rsrouter.composition.report import (
 )
 from rsrouter.composition.rules import CASCADE, check_rule
 from rsrouter.errors import UsageError
-from rsrouter.progress import progress_bar
+from rsrouter.progress import note, progress_bar
 from rsrouter.router import gate as gates
 from rsrouter.runtime import resolve_device
 from rsrouter.smoothing import (
@@ -133,7 +133,8 @@ VAL_CHUNK = 64  # val inputs sampled between two flushes of the counts cache
 
 
 def tuning_counts(model, dataset, path: Path, *, sigma, width, size, n0, n, seed, stages,
-                  advance=None, **sampling) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+                  advance=None, progress: bool = False,
+                  **sampling) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """(selection, estimation) counts (size, width) of ``model`` at ``sigma`` on the first
     ``size`` inputs, drawn in the tuning ``stages`` and cached (flushed JSONL) at ``path``,
     ``VAL_CHUNK`` inputs at a time: a killed fit resumes where its counts stopped (the noise is
@@ -149,6 +150,8 @@ def tuning_counts(model, dataset, path: Path, *, sigma, width, size, n0, n, seed
     idx = list(range(size))
     cache = CountsCache(path, distributed.context())
     todo = [i for i in idx if i not in cache.have]
+    if 0 < len(todo) < size:
+        note(f"resuming: {size - len(todo)} of {size} val counts are in {path}", enabled=progress)
     advance = advance or (lambda k=1: None)
     advance(size - len(todo))
     for start in range(0, len(todo), VAL_CHUNK):
@@ -193,7 +196,7 @@ def validation_counts(
                                 sampling)  # fmt: skip
             s, e = tuning_counts(expert, dataset, path, sigma=expert.sigma, stages=stages,
                                  width=expert.num_classes, size=size, n0=n0, n=n, seed=seed,
-                                 advance=advance, **sampling)  # fmt: skip
+                                 advance=advance, progress=progress, **sampling)  # fmt: skip
             sel.append(s)
             est.append(e)
     labels = dataset.labels[:size].numpy()
@@ -215,7 +218,7 @@ def bin_counts(router, dataset, artifacts, *, size: int, bins: int = gates.BINS,
     with progress_bar("gate val counts", size, enabled=progress) as advance:
         return tuning_counts(model, dataset, path, sigma=router.sigma_e,
                              width=model.num_classes, size=size, stages=ROUTER_TUNING_STAGES,
-                             advance=advance, **counting)  # fmt: skip
+                             advance=advance, progress=progress, **counting)  # fmt: skip
 
 
 # ---------------------------------------------------------------- fitting
@@ -449,7 +452,7 @@ def router_val_counts(ws, router, experts: dict, *, device=None, progress: bool 
         sel, est = tuning_counts(router.eval(), val, path, sigma=router.sigma_e,
                                  width=len(experts), size=len(vc.labels),
                                  stages=ROUTER_TUNING_STAGES, advance=advance,
-                                 **common)  # fmt: skip
+                                 progress=progress, **common)  # fmt: skip
     return vc, sel, est
 
 
