@@ -192,8 +192,8 @@ def test_local_bundle_folder_loads_and_push_refuses_local_experts(hub, published
 
 
 def test_a_bundled_cascade_is_the_rule_load_router_certifies_with(published, tmp_path):
-    """A router that carries the experts' cascade loads with it as its rule, as `router
-    certify` and the card's report headline it; `rule=` still picks another."""
+    """A router that carries the experts' cascade loads with it as its rule, the rule `router
+    certify` headlines by default, and the card's usage says so."""
     router = RouterModel.from_pretrained(published["router_dir"])
     classes = published["local"].experts[0].num_classes
     spec = multiscale_spec(list(SIGMAS.values()), classes, p_skip=0.6)
