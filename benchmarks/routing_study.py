@@ -46,7 +46,7 @@ import torch
 from rsrouter.composition.cascade import multiscale_spec
 from rsrouter.composition.certify_run import certify_run, certify_settings, run_options
 from rsrouter.composition.dual import DualSmoothed
-from rsrouter.composition.report import methods, regret, summarize
+from rsrouter.composition.report import methods, regret, regret_text, summarize
 from rsrouter.composition.rules import CASCADE, RULES
 from rsrouter.composition.tuning import (
     experts_val_counts,
@@ -214,7 +214,7 @@ def _fmt(m: dict, names) -> list[str]:
     fw = m.get("forwards_per_input")
     cost = f"{fw:,.0f} fwd, {m['seconds_per_input']:.2f} s" if fw else "—"
     acc = " / ".join(f"{100 * a:.1f}" for a in m["certified_accuracy"])
-    worst = "{:.1f} [{:.1f}, {:.1f}]".format(max(m["regret"], 0), *m["regret_interval"])
+    worst = regret_text({**m, "regret": max(m["regret"], 0)})
     row = [worst, at, acc, f"{m['acr']:.3f}", routed, abst, cost]
     if "regret_reference" in m:
         row.append(f"{max(m['regret_reference'], 0):.1f}")
