@@ -115,5 +115,26 @@ def test_the_demos_router_design_runs_at_a_tiny_size(tmp_path):
     shared = [t for t in tuning["tried"] if t["class"] is None]
     assert len(shared) == 15 and len(tuning["tried"]) > 15 and tuning["rule"] == "agreement"
     assert result.summary["rule"] == "cascade" and len(tuning["cascade"]) > 10
+    info = json.loads((tmp_path / "ws" / ".rsrouter" / "router" / "config.json").read_text())
+    assert info["tuning"]["inputs"] == 40  # no [tune] limit: the fit reads the whole val split
     routed = sum(result.summary["routing"].values()) + result.summary["abstention"]["router"]
     assert abs(routed - 1) < 1e-9  # the cascade's shares: the stage that certified, or none
+
+
+def test_the_pipeline_writes_its_tune_limit_into_the_workspace(tmp_path):
+    """[tune] limit comes from the config (None: the whole val split), so a rerun of the
+    pipeline fits on the same val images as the run before it."""
+    from rsrouter.composition.tuning import _val_setup
+
+    config = replace(TINY, workspace=tmp_path / "ws", validation=40, router_kind="class-gate",
+                     gate_bins=4, tune_limit=24)  # fmt: skip
+    ws = pipeline.open_workspace(config)
+    pipeline.configure_workspace(ws, config, ["a"])
+    assert ws.settings("tune") == {"bins": 4, "limit": 24}
+    tune, *_ = _val_setup(type(ws).open(tmp_path / "ws"), "cpu")  # as `router train` reads it
+    assert tune["limit"] == 24
+    pipeline.configure_workspace(ws, replace(config, tune_limit=None), ["a"])
+    tune, *_ = _val_setup(type(ws).open(tmp_path / "ws"), "cpu")
+    assert tune["limit"] is None and "limit" not in ws.settings("tune")
+    with pytest.raises(UsageError):
+        replace(config, tune_limit=0)

@@ -61,6 +61,7 @@ class PipelineConfig:
     # router
     router_kind: str = "learned"  # learned (the paper's), or gate / class-gate (fitted on val)
     gate_bins: int = 20  # score bins of a gate router's fit: its thresholds lie on their edges
+    tune_limit: int | None = None  # a gate's fit reads the first K val images (None: all)
     router_arch: str = "small_cnn"
     router_arch_args: dict = field(default_factory=lambda: {"width": 8})
     router_denoiser: bool = False  # put the trained DDPM in front of the router (denoised kind)
@@ -93,7 +94,7 @@ class PipelineConfig:
             check_sigma(sigma)
         for name in ("expert_epochs", "router_epochs", "table_n", "n0", "n", "batch_size"):
             check_count(name, getattr(self, name))
-        for name in ("train_limit", "certify_limit"):
+        for name in ("train_limit", "certify_limit", "tune_limit"):
             if getattr(self, name) is not None:
                 check_count(name, getattr(self, name))
         if self.classifier_noise < 0:
@@ -160,7 +161,9 @@ def open_workspace(config: PipelineConfig):
 
 def configure_workspace(ws, config: PipelineConfig, experts: Sequence[str]) -> None:
     """Write the run's settings into router.toml, so that `router tables/train/certify` on this
-    workspace later use (and reuse) the same tables, router and certificates."""
+    workspace later use (and reuse) the same tables, router and certificates. The config owns
+    these tables: a key it leaves unset (None) is removed, so every rerun reads what its
+    config says (a hand edit of router.toml belongs in the config)."""
     if ws.settings("data").get("dataset") != config.dataset:
         raise UsageError(
             f"{ws.path} is a workspace for dataset {ws.settings('data').get('dataset')!r}, "
@@ -185,7 +188,9 @@ def configure_workspace(ws, config: PipelineConfig, experts: Sequence[str]) -> N
             "arch_args": config.router_arch_args,
             "denoiser": experts[0] if config.router_denoiser else None,
         },
-        "tune": {"bins": config.gate_bins} if config.router_kind in GATE_KINDS else {},
+        "tune": {"bins": config.gate_bins, "limit": config.tune_limit}
+        if config.router_kind in GATE_KINDS
+        else {},
         "train": {
             "epochs": config.router_epochs,
             "batch_size": config.router_batch_size,

@@ -406,7 +406,8 @@ def fit_biases(
 
 # ---------------------------------------------------------------- workspace level
 
-TUNE_DEFAULTS = {"limit": 500, "bins": gates.BINS, "step": 0.25}
+# [tune]: limit None fits on the whole val split ([data] validation = K); a number caps it
+TUNE_DEFAULTS = {"limit": None, "bins": gates.BINS, "step": 0.25}
 
 
 def _chosen(tried: list[dict], gate: dict) -> dict:
