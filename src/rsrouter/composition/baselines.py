@@ -25,8 +25,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy.stats import norm
 
+from rsrouter.composition.cascade import stage_bounds
 from rsrouter.errors import UsageError
-from rsrouter.smoothing import ABSTAIN, Certificate, check_alpha, lower_confidence_bound
+from rsrouter.smoothing import ABSTAIN, Certificate, check_alpha
 
 MULTISCALE_LABEL = "Multiscale (cascade rule of Jeong & Shin 2024, our re-implementation)"
 ORACLE_LABEL = "oracle — not a certificate"
@@ -50,16 +51,11 @@ class MultiscaleResult:
         return asdict(self)
 
 
-def _bounds(cert: Certificate, alpha: float) -> tuple[float, np.ndarray]:
-    """lo on p(selected) at alpha / 2; upper bounds on every class at alpha / (2 C) each."""
-    counts = np.asarray(cert.counts, dtype=np.int64)
-    lo = float(lower_confidence_bound(cert.count, cert.n, alpha / 2))
-    up = 1.0 - np.asarray(
-        lower_confidence_bound(cert.n - counts, cert.n, alpha / (2 * len(counts)))
-    )
-    mask = np.arange(len(counts)) != cert.selected
-    up = np.where(mask, np.minimum(up, 1.0 - lo), up)
-    return lo, np.atleast_1d(up)
+def _bounds(cert: Certificate, level: float) -> tuple[float, np.ndarray]:
+    """lo on p(selected) at level / 2; upper bounds on every class at level / (2 C) each (the
+    cascade's stage bounds, of which this cascade is a special case)."""
+    b = stage_bounds(cert.selection_counts, cert.counts, cert.sigma, level)
+    return float(b.lo[0]), b.up[0]
 
 
 def _ppf(p: float) -> float:
