@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import fashion_workspace
+from helpers import fashion_workspace, val_split_workspace
 from rsrouter import distributed
 from rsrouter.distributed import DistContext, context, shard_indices
 from rsrouter.errors import UsageError
@@ -194,6 +194,97 @@ def test_torchrun_tables_and_certify_equal_one_process(tmp_path, fresh):
     assert any(len(v) == 7 for v in records.values())
     assert _records(art_two) == records
     assert not list(art_two.rglob("*.rank-*")) and not list(art_two.rglob("*.partial"))
+
+
+TUNING_WORKER = """
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from rsrouter.composition.tuning import tuning_counts
+from rsrouter.distributed import context
+
+out = Path(sys.argv[1])
+ctx = context()
+assert ctx.world == 2, ctx
+torch.manual_seed(0)
+weight = torch.randn(8, 3)
+data = SimpleNamespace(images=torch.rand(9, 8))
+rows = []
+
+def model(batch):
+    rows.append(len(batch))
+    return batch @ weight
+
+sel, est = tuning_counts(model, data, out / "val.jsonl", sigma=0.5, width=3, size=9, n0=5, n=40,
+                         seed=3, stages=(10, 11), batch_size=64)
+(out / f"rank-{ctx.rank}.json").write_text(
+    json.dumps({"rows": sum(rows), "sel": sel.tolist(), "est": est.tolist()}))
+"""
+
+
+def test_torchrun_ranks_share_the_val_counts(tmp_path, fresh):
+    """Each rank samples its round-robin share of the val inputs (5 and 4 of 9), every rank
+    returns all nine, equal to one process's, and the shards are merged into one file."""
+    from types import SimpleNamespace
+
+    from rsrouter.composition.tuning import tuning_counts
+
+    script = tmp_path / "worker.py"
+    script.write_text(TUNING_WORKER)
+    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_ENV}
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    done = subprocess.run(
+        [*cmd, str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [read_json(tmp_path / f"rank-{r}.json") for r in range(2)]
+    assert [r["rows"] for r in ranks] == [5 * 45, 4 * 45]  # n0 + n = 45 draws per input
+    torch.manual_seed(0)
+    weight = torch.randn(8, 3)
+    data = SimpleNamespace(images=torch.rand(9, 8))
+    (tmp_path / "one").mkdir()
+    sel, est = tuning_counts(lambda b: b @ weight, data, tmp_path / "one" / "val.jsonl",
+                             sigma=0.5, width=3, size=9, n0=5, n=40, seed=3, stages=(10, 11),
+                             batch_size=1000)  # fmt: skip
+    for r in ranks:
+        assert r["sel"] == sel.tolist() and r["est"] == est.tolist()
+    assert sorted(x["index"] for x in read_jsonl(tmp_path / "val.jsonl")) == list(range(9))
+    assert not list(tmp_path.glob("val.rank-*"))
+
+
+def test_torchrun_gate_router_equals_one_process(tmp_path, fresh):
+    """`router train --kind class-gate` under torchrun: the ranks share the val counts, rank 0
+    saves and reports, and the router is the one a single process fits."""
+    from rsrouter.cli.main import run
+    from rsrouter.registry import Workspace
+
+    one = val_split_workspace(tmp_path, (0.25, 0.5)).root
+    two = tmp_path / "ws2"
+    shutil.copytree(one, two)
+    args = ["train", "--kind", "class-gate", "--device", "cpu"]
+    assert run([*args, "-w", str(one)]) == 0
+    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_ENV}
+    env["OMP_NUM_THREADS"] = "1"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
+    cmd = [*launch, "2", "-m", "--", "rsrouter.cli", *args, "-w", str(two)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("class-gate router") == 1  # rank 0 alone reports
+    art_one, art_two = Workspace.open(one).artifacts, Workspace.open(two).artifacts
+    for name in ("config.json", "tuning.json"):
+        assert read_json(art_two / "router" / name) == read_json(art_one / "router" / name)
+
+    def counts(art):
+        return {str(p.relative_to(art)): [{k: v for k, v in r.items() if k != "seconds"}
+                                          for r in read_jsonl(p)]
+                for p in sorted((art / "tune").rglob("*.jsonl"))}  # fmt: skip
+
+    assert counts(art_one) and counts(art_two) == counts(art_one)
+    assert not list(art_two.rglob("*.rank-*"))
 
 
 # ---------------------------------------------------------------- the GPU benchmark, smoke run

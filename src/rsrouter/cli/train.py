@@ -189,11 +189,14 @@ def train_cmd(
 
 
 def _train_gate(ws, device: str, router_overrides: dict) -> None:
+    from rsrouter import distributed
     from rsrouter.composition.tuning import train_gate_workspace
 
     router, tried, folder = train_gate_workspace(
         ws, device=device, router_overrides=router_overrides
     )
+    if not distributed.context().is_main:  # under torchrun rank 0 reports
+        return
     chosen = router.info["tuning"]["chosen"]
     shares = ", ".join(
         f"{name} {100 * share:.0f} %"

@@ -93,7 +93,7 @@ def _rank_path(path: Path, rank: int) -> Path:
     return path.with_name(f"{path.stem}.rank-{rank}.jsonl")
 
 
-def _rank_shards(path: Path) -> list[Path]:
+def rank_shards(path: Path) -> list[Path]:
     """Every rank's shard of ``path`` that is there, in name order."""
     return sorted(path.parent.glob(f"{path.stem}.rank-*.jsonl"))
 
@@ -111,7 +111,7 @@ def read_records(path: str | Path, ctx=None) -> dict[int, dict]:
     if ctx is not None and ctx.world > 1:
         shards = [_rank_path(path, ctx.rank)]
     else:
-        shards = _rank_shards(path)
+        shards = rank_shards(path)
     out: dict[int, dict] = {}
     for p in [path, *shards]:
         for record in read_jsonl(p):
@@ -119,10 +119,10 @@ def read_records(path: str | Path, ctx=None) -> dict[int, dict]:
     return out
 
 
-def _merge(path: Path) -> None:
+def merge_shards(path: Path) -> None:
     """Rewrite ``path`` sorted by index from itself and its rank shards, then drop the shards."""
     records = read_records(path)
-    shards = _rank_shards(path)
+    shards = rank_shards(path)
     lines = [json.dumps(records[i], sort_keys=True) + "\n" for i in sorted(records)]
     write_text(path, "".join(lines))
     for shard in shards:
@@ -500,8 +500,8 @@ def certify_run(
         written = [c.path for c in (*expert_caches, router_cache) if c.appended]
         written += [path] if computed else []
         for p in (*expert_paths, router_path, path):
-            if p in written or _rank_shards(p):  # a fully cached run writes nothing
-                _merge(p)
+            if p in written or rank_shards(p):  # a fully cached run writes nothing
+                merge_shards(p)
     ctx.barrier()
     records = read_records(path)
     rows = [records[i] for i in sorted(records)]

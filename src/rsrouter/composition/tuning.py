@@ -19,7 +19,13 @@ import numpy as np
 
 from rsrouter import distributed
 from rsrouter.composition import cascade as cascades
-from rsrouter.composition.certify_run import CountsCache, counts_key
+from rsrouter.composition.certify_run import (
+    CountsCache,
+    counts_key,
+    merge_shards,
+    rank_shards,
+    read_records,
+)
 from rsrouter.composition.dual import decide, split_alpha
 from rsrouter.composition.report import (
     acr,
@@ -33,7 +39,6 @@ from rsrouter.composition.rules import CASCADE, check_rule
 from rsrouter.errors import UsageError
 from rsrouter.progress import note, progress_bar
 from rsrouter.router import gate as gates
-from rsrouter.runtime import resolve_device
 from rsrouter.smoothing import (
     ESTIMATION,
     ROUTER_ESTIMATION,
@@ -138,8 +143,9 @@ def tuning_counts(model, dataset, path: Path, *, sigma, width, size, n0, n, seed
     """(selection, estimation) counts (size, width) of ``model`` at ``sigma`` on the first
     ``size`` inputs, drawn in the tuning ``stages`` and cached (flushed JSONL) at ``path``,
     ``VAL_CHUNK`` inputs at a time: a killed fit resumes where its counts stopped (the noise is
-    seeded by input index, so the counts are those of an uninterrupted run). ``advance(k)`` is
-    told of every k inputs done (cached ones first)."""
+    seeded by input index, so the counts are those of an uninterrupted run). Under torchrun
+    each rank samples its round-robin share of the missing inputs, and every rank returns all
+    of them. ``advance(k)`` is told of every k inputs done (cached ones first)."""
 
     def counts(xs, *, indices, n0, n, seed, **kw):
         common = {"num_classes": width, "indices": indices, "seed": seed, **kw}
@@ -148,19 +154,30 @@ def tuning_counts(model, dataset, path: Path, *, sigma, width, size, n0, n, seed
         return (np.pad(c.numpy(), ((0, 0), (0, width - c.shape[1]))) for c in (sel, est))
 
     idx = list(range(size))
-    cache = CountsCache(path, distributed.context())
+    ctx = distributed.context()
+    cache = CountsCache(path, ctx)
     todo = [i for i in idx if i not in cache.have]
     if 0 < len(todo) < size:
         note(f"resuming: {size - len(todo)} of {size} val counts are in {path}", enabled=progress)
     advance = advance or (lambda k=1: None)
     advance(size - len(todo))
-    for start in range(0, len(todo), VAL_CHUNK):
-        part = todo[start : start + VAL_CHUNK]
+    mine = distributed.shard_indices(todo, ctx)
+    for start in range(0, len(mine), VAL_CHUNK):
+        part = mine[start : start + VAL_CHUNK]
         cache.fill(counts, dataset.images, part, n0=n0, n=n, seed=seed, **sampling)
         advance(len(part))
+    have = cache.have
+    if ctx.world > 1:
+        ctx.barrier()  # every rank's share is on disk
+        have = read_records(path)
+        advance(len(todo) - len(mine))
+        ctx.barrier()  # every rank has read the shares before rank 0 merges them
+        if ctx.is_main and rank_shards(path):
+            merge_shards(path)
+        ctx.barrier()
     return (
-        np.array([cache.have[i]["selection_counts"] for i in idx]),
-        np.array([cache.have[i]["counts"] for i in idx]),
+        np.array([have[i]["selection_counts"] for i in idx]),
+        np.array([have[i]["counts"] for i in idx]),
     )
 
 
@@ -438,14 +455,14 @@ def _experts_val(ws, experts: dict, tune: dict, val, common: dict, progress: boo
 
 def experts_val_counts(ws, experts: dict, *, device=None, progress: bool = True):
     """Every expert's counts on the first [tune] limit val inputs, in the tuning stages."""
-    tune, _, val, common = _val_setup(ws, resolve_device(device))
+    tune, _, val, common = _val_setup(ws, distributed.context().device(device))
     return _experts_val(ws, experts, tune, val, common, progress)
 
 
 def router_val_counts(ws, router, experts: dict, *, device=None, progress: bool = True):
     """(val counts of every expert, router selection counts, router estimation counts) on the
     first [tune] limit val inputs, in the tuning stages."""
-    tune, _, val, common = _val_setup(ws, resolve_device(device))
+    tune, _, val, common = _val_setup(ws, distributed.context().device(device))
     vc = _experts_val(ws, experts, tune, val, common, progress)
     path = _tuning_path(ws.artifacts, "router", router.fingerprint, val, common["n0"],
                         common["n"], common["seed"], common)  # fmt: skip
@@ -495,7 +512,8 @@ def train_gate_workspace(
         router_settings,
     )
 
-    device = resolve_device(device)
+    ctx = distributed.context()  # under torchrun the ranks share the val counts
+    device, progress = ctx.device(device), progress and ctx.is_main
     settings = router_settings(ws, **(router_overrides or {}))
     kind = router_kind(settings)
     kind = kind if kind in GATE_KINDS else "gate"
@@ -532,7 +550,10 @@ def train_gate_workspace(
     }
     router = _with_copy(build_router(experts, {**settings, "gate": gate}, info=info), copy).eval()
     folder = Path(folder) if folder is not None else router_folder(ws)
-    router.save_pretrained(folder)
-    write_json(folder / "tuning.json", {"objective": info["tuning"]["objective"], "rule": rule,
-                                        "tried": tried, "cascade": cascade_tried})  # fmt: skip
+    if ctx.is_main:  # every rank fitted the same router from the same counts; one saves it
+        router.save_pretrained(folder)
+        write_json(folder / "tuning.json", {"objective": info["tuning"]["objective"],
+                                            "rule": rule, "tried": tried,
+                                            "cascade": cascade_tried})  # fmt: skip
+    ctx.barrier()
     return router, tried, folder
