@@ -55,6 +55,7 @@ from rsrouter.composition.tuning import (
     router_val_counts,
     train_gate_workspace,
 )
+from rsrouter.errors import UsageError
 from rsrouter.io import write_json
 from rsrouter.registry import Workspace
 from rsrouter.router.finetune import FinetuneConfig, abstain_in_workspace
@@ -124,6 +125,11 @@ def main(argv=None) -> int:
     experts = ws.load_experts(device=device)
     names = list(experts)
     learned = RouterModel.from_pretrained(Path(ws.artifacts) / "router", device=device)
+    if {"learned", "learned-bias"} & set(args.only or DESIGNS):
+        try:  # the cascade rows read no router, so a stale one only matters to these designs
+            learned.check_experts(names, [e.fingerprint for e in experts.values()])
+        except UsageError as exc:
+            p.error(f"the workspace's router: {exc}")
     rows, reference = [], None
     for design in args.only or DESIGNS:
         start = time.perf_counter()

@@ -7,6 +7,7 @@ import runpy
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from helpers import val_split_workspace
@@ -53,6 +54,15 @@ def test_routing_study_runs_every_design_and_writes_every_rule(tmp_path, monkeyp
     for row in [*second["designs"], *second["reference"].values()]:
         assert abs(row["regret_reference"] - row["regret"]) < 1e-9
     assert "regret to the reference envelope" in capsys.readouterr().out
+    # a router fitted for other experts: its designs are refused, the cascade rows still run
+    config = ws.artifacts / "router" / "config.json"
+    info = json.loads(config.read_text())
+    config.write_text(json.dumps({**info, "fingerprints": ["0" * 64] * 2}))
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT), str(ws.root), "--only", "learned", "--quiet"])
+    with pytest.raises(SystemExit) as refused:
+        runpy.run_path(str(SCRIPT), run_name="__main__")
+    assert refused.value.code == 2 and "changed since the router" in capsys.readouterr().err
+    study(monkeypatch, str(ws.root), "--only", "cascade-plain", "--quiet")
 
 
 def study(monkeypatch, *argv):
