@@ -363,3 +363,28 @@ def test_certify_run_decides_the_cascade_from_the_cached_expert_counts(tmp_path)
     assert other.path != run.path and "cascade" not in load_run(other.path)[1][0]["rules"]
     with pytest.raises(UsageError, match="fitted cascade"):
         certify_run(plain, ds, tmp_path, **{**kw, "rule": "cascade"})
+
+    # without the router: the same cascade decisions from the cached expert counts, the router
+    # never sampled, no other rule; a non-cascade rule is refused
+    class Unsampled(Router):
+        def __call__(self, x):
+            raise AssertionError("the router was sampled")
+
+    bare = DualSmoothed(Unsampled(), 1.0, experts, rule="cascade", cascade=spec)
+    plans = []
+    alone = certify_run(bare, ds, tmp_path / "alone", sample_router=False, on_plan=plans.append,
+                        **kw)  # fmt: skip
+    meta_alone, solo = load_run(alone.path)
+    assert meta_alone["rules"] == ["cascade"] and "router" not in plans[0].sample
+    for r, full in zip(solo, records, strict=True):
+        assert r["router"] is None and set(r["rules"]) == {"cascade"}
+        assert r["rules"]["cascade"] == {**full["rules"]["cascade"], "seconds": r["rules"][
+            "cascade"]["seconds"]}  # fmt: skip
+        assert r["baselines"]["multiscale"]["radius"] == full["baselines"]["multiscale"]["radius"]
+    assert not (tmp_path / "alone" / "certify" / "router").exists()
+    s = summarize(meta_alone, solo)
+    assert [k for k in s["methods"] if k.startswith("dual")] == ["dual"]
+    assert s["methods"]["dual"]["acr"] == pytest.approx(summarize(meta, records)["methods"][
+        "dual"]["acr"])  # fmt: skip
+    with pytest.raises(UsageError, match="only the cascade"):
+        certify_run(plain, ds, tmp_path, sample_router=False, **kw)

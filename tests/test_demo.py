@@ -98,7 +98,7 @@ def test_a_run_killed_mid_way_resumes_to_the_same_result(tmp_path, monkeypatch):
     assert resumed.summary["run"] == whole.summary["run"]  # same router, experts, data, settings
 
 
-def test_the_demos_router_design_runs_at_a_tiny_size(tmp_path):
+def test_the_demos_router_design_runs_at_a_tiny_size(tmp_path, capsys):
     """The demo's design: a class-gate router fitted on a val split, which carries the experts'
     cascade, the headline by default; the report carries every rule's regret and routing."""
     assert (pipeline.DEMO.router_kind, pipeline.DEMO.rule) == ("class-gate", None)
@@ -119,6 +119,14 @@ def test_the_demos_router_design_runs_at_a_tiny_size(tmp_path):
     assert info["tuning"]["inputs"] == 40  # no [tune] limit: the fit reads the whole val split
     routed = sum(result.summary["routing"].values()) + result.summary["abstention"]["router"]
     assert abs(routed - 1) < 1e-9  # the cascade's shares: the stage that certified, or none
+    # the cascade alone, from the cached expert counts: no router pass, no other rule's row
+    router_counts = list((tmp_path / "ws" / ".rsrouter" / "certify" / "router").glob("*"))
+    capsys.readouterr()
+    assert run(["certify", "-w", str(tmp_path / "ws"), "--no-router"]) == 0
+    shown = capsys.readouterr().out
+    assert "decide from cached counts (no sampling)" in shown
+    assert "class-aware cascade" in shown and "agreement-aware" not in shown
+    assert list((tmp_path / "ws" / ".rsrouter" / "certify" / "router").glob("*")) == router_counts
 
 
 def test_the_pipeline_writes_its_tune_limit_into_the_workspace(tmp_path):

@@ -38,6 +38,13 @@ def certify_cmd(
         "fitted on val carries one), agreement, min (the paper's) or pairwise. Default: "
         "[certify] rule, else cascade where the router has one, else agreement.",
     ),
+    router: bool = typer.Option(
+        None,
+        "--router/--no-router",
+        help="--no-router: certify the experts' cascade alone, without sampling the router it "
+        "does not read (1 / (K + 1) less sampling; the other rules' rows are left out). "
+        "Default: [certify] sample_router, else the router is sampled.",
+    ),
     device: str = DEVICE,
     workspace: Path = WORKSPACE,
 ) -> None:
@@ -62,6 +69,7 @@ def certify_cmd(
         p_skip=p_skip,
         batch_size=batch_size,
         rule=rule,
+        sample_router=router,
     )
     if not distributed.context().is_main:
         return

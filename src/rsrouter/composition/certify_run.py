@@ -153,9 +153,11 @@ def _forwards(counts: dict) -> int:
     return int(sum(counts["selection_counts"]) + sum(counts["counts"]))
 
 
-def decided_rules(cascade) -> tuple[str, ...]:
-    """The rules every record decides: those that read the router, and the cascade when there
-    is one (a spec)."""
+def decided_rules(cascade, sample_router: bool = True) -> tuple[str, ...]:
+    """The rules every record decides: those that read the router (when it is sampled), and
+    the cascade when there is one (a spec)."""
+    if not sample_router:
+        return (CASCADE,)
     return (*RULES, CASCADE) if cascade is not None else RULES
 
 
@@ -173,17 +175,19 @@ def rule_records(
 ) -> dict[str, dict]:
     """Every composition rule decided from the same stored counts, with what each one costs
     (the experts it reads, their forward passes and seconds, the router's unless the rule is
-    the cascade, which reads none). The cascade is decided when ``cascade`` (a spec) is given."""
+    the cascade, which reads none). The cascade is decided when ``cascade`` (a spec) is given;
+    with ``router_counts`` None (no router sampled) only the cascade is."""
     out = {}
-    router = _pair(router_counts)
+    sampled = router_counts is not None
+    router = _pair(router_counts) if sampled else None
     experts = [_pair(c) for c in expert_counts]
-    for rule in decided_rules(cascade):
+    for rule in decided_rules(cascade, sampled):
         cert = decide(
             rule, router, experts, sigma_e=sigma_e, sigmas=sigmas, alpha_router=alpha_router,
             alpha_expert=alpha_expert, biases=biases, cascade=cascade,
         )  # fmt: skip
         read = experts_needed(rule, router, len(sigmas), alpha_router, biases)
-        reads_router = rule != CASCADE
+        reads_router = rule != CASCADE  # (then router_counts is there)
         chosen = cert.expert_certificate
         out[rule] = {
             "prediction": cert.prediction,
@@ -193,48 +197,25 @@ def rule_records(
             "radius_router": cert.radius_router if np.isfinite(cert.radius_router) else None,
             "expert_abstained": bool(cert.expert >= 0 and chosen is not None and chosen.abstained),
             "experts_read": read,
-            "forwards": _forwards(router_counts) * reads_router
+            "forwards": (_forwards(router_counts) if reads_router else 0)
             + sum(_forwards(expert_counts[i]) for i in read),
             "seconds": float(
-                router_counts["seconds"] * reads_router
+                (router_counts["seconds"] if reads_router else 0.0)
                 + sum(expert_counts[i]["seconds"] for i in read)
             ),
         }
     return out
 
 
-def make_record(
-    index: int,
-    label: int,
-    router_counts: dict,
-    expert_counts: Sequence[dict],
-    *,
-    sigma_e: float,
-    sigmas: Sequence[float],
-    alpha: float,
-    alpha_router: float,
-    p_skip: float,
-    biases=None,
-    cascade=None,
-) -> dict:
-    """One input's record, decided from stored counts (pure: no model is run).
-
-    The top-level fields are the paper's certificate (the "min" rule); ``rules`` holds every
-    rule's outcome from the same counts.
-    """
-    a_router, a_expert = split_alpha(alpha, alpha_router)
+def _paper_fields(label, router_counts, expert_counts, full, *, sigma_e, a_router, a_expert):
+    """The paper's certificate (the "min" rule) as a record's top-level fields."""
     router = _certs(router_counts, sigma_e, a_router)
-    full = [_certs(c, s, alpha) for c, s in zip(expert_counts, sigmas, strict=True)]
     chosen = full[router.prediction].with_alpha(a_expert) if not router.abstained else None
     dual = DualCertificate.compose(router, chosen)
-    ms = multiscale(full, alpha, p_skip=p_skip)
-    best, best_radius = oracle(full, label)
     seconds = router_counts["seconds"]
     if not router.abstained:
         seconds += expert_counts[router.prediction]["seconds"]
     return {
-        "index": int(index),
-        "label": int(label),
         "router": {
             "selection_counts": list(router.selection_counts),
             "counts": list(router.counts),
@@ -256,6 +237,42 @@ def make_record(
         "prediction": dual.prediction,
         "correct": bool(dual.prediction == label),
         "seconds": float(seconds),
+    }
+
+
+def make_record(
+    index: int,
+    label: int,
+    router_counts: dict | None,
+    expert_counts: Sequence[dict],
+    *,
+    sigma_e: float,
+    sigmas: Sequence[float],
+    alpha: float,
+    alpha_router: float,
+    p_skip: float,
+    biases=None,
+    cascade=None,
+) -> dict:
+    """One input's record, decided from stored counts (pure: no model is run).
+
+    The top-level fields are the paper's certificate (the "min" rule); ``rules`` holds every
+    rule's outcome from the same counts. With ``router_counts`` None (a run that sampled no
+    router) the record holds the cascade alone: ``router`` is None and the paper's fields are
+    left out.
+    """
+    a_router, a_expert = split_alpha(alpha, alpha_router)
+    full = [_certs(c, s, alpha) for c, s in zip(expert_counts, sigmas, strict=True)]
+    ms = multiscale(full, alpha, p_skip=p_skip)
+    best, best_radius = oracle(full, label)
+    paper = {"router": None}  # no router sampled: the cascade alone
+    if router_counts is not None:
+        paper = _paper_fields(label, router_counts, expert_counts, full, sigma_e=sigma_e,
+                              a_router=a_router, a_expert=a_expert)  # fmt: skip
+    return {
+        "index": int(index),
+        "label": int(label),
+        **paper,
         "baselines": {
             "experts": [
                 {
@@ -339,7 +356,8 @@ def _run_plan(dual, dataset, names, caches, router_cache, mine, todo, *, n0, n, 
     from rsrouter.runtime import seconds_per_sample
 
     models = [*zip(names, dual.experts, dual.sigmas, caches, strict=True)]
-    models.append(("router", dual.router, dual.sigma_e, router_cache))
+    if router_cache is not None:  # None: the router is not sampled
+        models.append(("router", dual.router, dual.sigma_e, router_cache))
     sample, seconds = {}, 0.0
     for name, model, sigma, cache in models:
         need = sum(1 for i in todo if i not in cache.have)
@@ -381,18 +399,26 @@ def certify_run(
     chunk: int = 32,
     progress: bool = True,
     on_plan: Callable[[RunPlan], None] | None = None,
+    sample_router: bool = True,
     **sampling,
 ) -> RunResult:
     """Certify ``dataset`` (the first ``limit`` inputs) with dual RS and every baseline.
 
     Every composition rule is decided from the same counts; ``rule`` (default: ``dual.rule``)
-    is the report's headline "dual" row. ``sampling`` goes to
+    is the report's headline "dual" row. ``sample_router`` False certifies the cascade alone
+    (its rule only): the router, which it does not read, is not sampled, so the other rules are
+    left out of the run. ``sampling`` goes to
     ``rsrouter.smoothing.sample_counts`` (batch_size, device, bf16, ...). ``on_plan`` is shown
     the RunPlan (with a time estimate from a short calibration) before any input is certified.
     """
     rule = check_rule(dual.rule if rule is None else rule)
     if rule == CASCADE and dual.cascade is None:
         raise UsageError(NO_CASCADE)
+    if not sample_router and rule != CASCADE:
+        raise UsageError(
+            f"without the router only the cascade can be certified, not the {rule} rule: "
+            "use the cascade rule or sample the router."
+        )
     n0, n, chunk = check_count("n0", n0), check_count("n", n), check_count("chunk", chunk)
     a_router, a_expert = split_alpha(alpha, alpha_router)
     check_seed(seed, allow_none=False)  # records resume by input index: noise is seeded
@@ -436,7 +462,7 @@ def certify_run(
         "seed": int(seed),
         "p_skip": float(p_skip),
         "rule": rule,
-        "rules": list(decided_rules(dual.cascade)),
+        "rules": list(decided_rules(dual.cascade, sample_router)),
         "biases": [float(b) for b in dual.biases],
         **({"cascade": dual.cascade.to_dict()} if dual.cascade is not None else {}),
         **({"bf16": True} if bf16 else {}),
@@ -461,7 +487,7 @@ def certify_run(
              enabled=progress)  # fmt: skip
     kw = {"n0": n0, "n": n, "seed": seed, **sampling}
     expert_caches = [CountsCache(p, ctx) for p in expert_paths]
-    router_cache = CountsCache(router_path, ctx)
+    router_cache = CountsCache(router_path, ctx) if sample_router else None
     if on_plan is not None:
         on_plan(
             _run_plan(dual, dataset, names, expert_caches, router_cache, mine, todo,
@@ -475,7 +501,11 @@ def certify_run(
                 cache.fill(partial(dual.expert_counts, j), dataset.images, part, **kw)
                 for j, cache in enumerate(expert_caches)
             ]
-            router = router_cache.fill(dual.router_counts, dataset.images, part, **kw)
+            router = (
+                router_cache.fill(dual.router_counts, dataset.images, part, **kw)
+                if router_cache is not None
+                else dict.fromkeys(part)
+            )
             records = [
                 make_record(
                     i,
@@ -497,9 +527,10 @@ def certify_run(
             advance(len(part))
     ctx.barrier()
     if ctx.is_main:
-        written = [c.path for c in (*expert_caches, router_cache) if c.appended]
+        caches = [*expert_caches, *([router_cache] if router_cache is not None else [])]
+        written = [c.path for c in caches if c.appended]
         written += [path] if computed else []
-        for p in (*expert_paths, router_path, path):
+        for p in (*expert_paths, *([router_path] if sample_router else []), path):
             if p in written or rank_shards(p):  # a fully cached run writes nothing
                 merge_shards(p)
     ctx.barrier()
@@ -573,6 +604,9 @@ CERTIFY_DEFAULTS = {
     "batch_size": 1000,
     "limit": None,
     "chunk": 32,
+    # false: certify the cascade alone, without sampling the router it does not read (the
+    # other rules' rows are then left out)
+    "sample_router": True,
 }
 
 
@@ -583,6 +617,7 @@ def certify_settings(ws, **overrides) -> dict:
 
 RUN_OPTIONS = (
     "n0", "n", "alpha", "alpha_router", "seed", "limit", "p_skip", "rule", "chunk", "batch_size",
+    "sample_router",
 )  # fmt: skip
 
 

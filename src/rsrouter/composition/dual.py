@@ -84,7 +84,8 @@ class DualCertificate:
     expert: int  # index of the routed expert, -1 when the route is not certified at x
     radius_router: float  # R_sigma of the rule (inf: one expert, or the cascade: no router)
     radius_expert: float  # R_c of the routed (or leading) expert, 0.0 when none was consulted
-    router: Certificate  # the router's counts (its radius is the min rule's R_sigma)
+    router: Certificate | None  # the router's counts (its radius is the min rule's R_sigma);
+    # None for the cascade, which samples no router
     expert_certificate: Certificate | None
     alpha: float
     alpha_router: float
@@ -126,7 +127,7 @@ class DualCertificate:
             "expert": self.expert,
             "radius_router": self.radius_router,
             "radius_expert": self.radius_expert,
-            "router": self.router.to_dict(),
+            "router": None if self.router is None else self.router.to_dict(),
             "expert_certificate": (
                 None if self.expert_certificate is None else self.expert_certificate.to_dict()
             ),
@@ -142,7 +143,7 @@ class DualCertificate:
 
 def decide(
     rule: str,
-    router_counts: tuple,
+    router_counts: tuple | None,
     expert_counts: Sequence[tuple | None],
     *,
     sigma_e: float,
@@ -153,15 +154,21 @@ def decide(
     cascade=None,
 ) -> DualCertificate:
     """The certificate of ``rule`` from stored counts: (selection, estimation) of the router and
-    of each expert (None for an expert the rule does not read, see ``experts_needed``).
+    of each expert (None for an expert the rule does not read, see ``experts_needed``; the
+    router's may be None for the cascade, which reads none).
 
     "min" routes by the plain argmax and ignores ``biases``. "cascade" needs ``cascade`` (a
     checked CascadeSpec), ignores the router's counts and spends alpha_router + alpha_expert on
     the experts.
     """
     width = len(sigmas)
-    sel, est = (np.pad(np.asarray(c), (0, width - len(c))) for c in router_counts)
-    router = Certificate.from_counts(sel, est, sigma_e, alpha_router)
+    if router_counts is None:  # a run that sampled no router decides the cascade alone
+        if check_rule(rule) != CASCADE:
+            raise UsageError(f"the {rule} rule reads the router's counts; none were sampled.")
+        router = None
+    else:
+        sel, est = (np.pad(np.asarray(c), (0, width - len(c))) for c in router_counts)
+        router = Certificate.from_counts(sel, est, sigma_e, alpha_router)
 
     def cert(i: int, level: float) -> Certificate:
         if expert_counts[i] is None:
@@ -226,9 +233,9 @@ NO_CASCADE = (
 
 def experts_needed(rule: str, router_counts: tuple, width: int, alpha_router: float, biases=None):
     """The experts whose counts ``decide`` reads for this input (the rule's sampling cost)."""
-    sel, est = (np.pad(np.asarray(c), (0, width - len(c))) for c in router_counts)
     if check_rule(rule) in ("agreement", CASCADE):
         return list(range(width))
+    sel, est = (np.pad(np.asarray(c), (0, width - len(c))) for c in router_counts)
     if rule == "min":  # whether the router abstains does not depend on sigma_e: 1.0 stands in
         router = Certificate.from_counts(sel, est, 1.0, alpha_router)
         return [] if router.abstained else [router.prediction]
@@ -388,13 +395,11 @@ class DualSmoothed:
         seed, idx = check_seed(seed), _indices(indices, len(xs))
         width = len(self.experts)
         if self.rule == CASCADE:  # no router to sample
-            sel = est = np.zeros((len(xs), width), dtype=np.int64)
+            routers = [None] * len(xs)
         else:
             sel, est = self.router_counts(xs, n0=n0, n=n, indices=idx, seed=seed, **sampling)
-        needs = [
-            experts_needed(self.rule, (s, e), width, a_router, self.biases)
-            for s, e in zip(sel, est, strict=True)
-        ]
+            routers = list(zip(sel, est, strict=True))
+        needs = [experts_needed(self.rule, r, width, a_router, self.biases) for r in routers]
         counts: list[list[tuple | None]] = [[None] * width for _ in range(len(xs))]
         for i in range(width):
             rows = [k for k, need in enumerate(needs) if i in need]
@@ -408,7 +413,7 @@ class DualSmoothed:
         return [
             decide(
                 self.rule,
-                (s, e),
+                r,
                 c,
                 sigma_e=self.sigma_e,
                 sigmas=self.sigmas,
@@ -417,7 +422,7 @@ class DualSmoothed:
                 biases=self.biases,
                 cascade=self.cascade,
             )
-            for s, e, c in zip(sel, est, counts, strict=True)
+            for r, c in zip(routers, counts, strict=True)
         ]
 
     def certify(self, x: torch.Tensor, *, index: int | None = None, **kwargs) -> DualCertificate:
