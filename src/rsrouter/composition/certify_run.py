@@ -187,7 +187,7 @@ def rule_records(
             alpha_expert=alpha_expert, biases=biases, cascade=cascade,
         )  # fmt: skip
         read = experts_needed(rule, router, len(sigmas), alpha_router, biases)
-        reads_router = rule != CASCADE  # (then router_counts is there)
+        reads_router = rule != CASCADE  # every other rule reads it, so it was sampled
         chosen = cert.expert_certificate
         out[rule] = {
             "prediction": cert.prediction,
