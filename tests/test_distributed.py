@@ -23,6 +23,17 @@ from rsrouter.smoothing import sample_counts
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
+def torchrun2(*args: str, timeout: int = 180) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc-per-node 2 ARGS` on CPU (gloo, one thread a process),
+    outside any torchrun environment of our own; it must succeed."""
+    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_ENV}
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    done = subprocess.run([*cmd, *args], env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
 @pytest.fixture
 def fresh(monkeypatch):
     """No cached context and no torchrun variables from the outside."""
@@ -111,13 +122,7 @@ ctx.barrier()
 def test_two_gloo_processes_equal_one(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(textwrap.dedent(WORKER))
-    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_ENV}
-    env["OMP_NUM_THREADS"] = "1"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    done = subprocess.run(
-        [*cmd, str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=120
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    torchrun2(str(script), str(tmp_path), timeout=120)
     merged = torch.tensor(read_json(tmp_path / "merged.json")["counts"])
     torch.manual_seed(0)
     weight = torch.randn(8, 3)
@@ -175,14 +180,9 @@ def test_torchrun_tables_and_certify_equal_one_process(tmp_path, fresh):
     device = ["--device", "cpu"]
     for args in (TABLES, CERTIFY):
         assert run([*args, *device, "-w", str(one)]) == 0
-    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_ENV}
-    env["OMP_NUM_THREADS"] = "1"
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
     for args in (TABLES, CERTIFY):
         # "--": torchrun's argparse would otherwise read the command's --n as its own --nnodes
-        cmd = [*launch, "2", "-m", "--", "rsrouter.cli", *args, *device, "-w", str(two)]
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
-        assert done.returncode == 0, done.stderr[-3000:]
+        done = torchrun2("-m", "--", "rsrouter.cli", *args, *device, "-w", str(two))
     # only rank 0 reports, and it certified its own shard (inputs 0, 2, 4, 6) of the 7
     assert done.stdout.count("in the run") == 1
     assert "4 input(s) certified now, 7 in the run" in done.stdout
@@ -234,13 +234,7 @@ def test_torchrun_ranks_share_the_val_counts(tmp_path, fresh):
 
     script = tmp_path / "worker.py"
     script.write_text(TUNING_WORKER)
-    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_ENV}
-    env["OMP_NUM_THREADS"] = "1"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    done = subprocess.run(
-        [*cmd, str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=120
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    torchrun2(str(script), str(tmp_path), timeout=120)
     ranks = [read_json(tmp_path / f"rank-{r}.json") for r in range(2)]
     assert [r["rows"] for r in ranks] == [5 * 45, 4 * 45]  # n0 + n = 45 draws per input
     torch.manual_seed(0)
@@ -267,12 +261,7 @@ def test_torchrun_gate_router_equals_one_process(tmp_path, fresh):
     shutil.copytree(one, two)
     args = ["train", "--kind", "class-gate", "--device", "cpu"]
     assert run([*args, "-w", str(one)]) == 0
-    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_ENV}
-    env["OMP_NUM_THREADS"] = "1"
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
-    cmd = [*launch, "2", "-m", "--", "rsrouter.cli", *args, "-w", str(two)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = torchrun2("-m", "--", "rsrouter.cli", *args, "-w", str(two))
     assert done.stdout.count("class-gate router") == 1  # rank 0 alone reports
     art_one, art_two = Workspace.open(one).artifacts, Workspace.open(two).artifacts
     for name in ("config.json", "tuning.json"):
