@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import runpy
 import shutil
@@ -226,17 +227,13 @@ sel, est = tuning_counts(model, data, out / "val.jsonl", sigma=0.5, width=3, siz
 
 
 def test_torchrun_ranks_share_the_val_counts(tmp_path, fresh):
-    """Each rank samples its round-robin share of the val inputs (5 and 4 of 9), every rank
-    returns all nine, equal to one process's, and the shards are merged into one file."""
+    """Each rank samples the missing inputs of its round-robin share of the val inputs (5 and 4
+    of 9), every rank returns all nine, equal to one process's, and the shards are merged into
+    one file, also when a killed run of another size left a shard behind."""
     from types import SimpleNamespace
 
     from rsrouter.composition.tuning import tuning_counts
 
-    script = tmp_path / "worker.py"
-    script.write_text(TUNING_WORKER)
-    torchrun2(str(script), str(tmp_path), timeout=120)
-    ranks = [read_json(tmp_path / f"rank-{r}.json") for r in range(2)]
-    assert [r["rows"] for r in ranks] == [5 * 45, 4 * 45]  # n0 + n = 45 draws per input
     torch.manual_seed(0)
     weight = torch.randn(8, 3)
     data = SimpleNamespace(images=torch.rand(9, 8))
@@ -244,6 +241,15 @@ def test_torchrun_ranks_share_the_val_counts(tmp_path, fresh):
     sel, est = tuning_counts(lambda b: b @ weight, data, tmp_path / "one" / "val.jsonl",
                              sigma=0.5, width=3, size=9, n0=5, n=40, seed=3, stages=(10, 11),
                              batch_size=1000)  # fmt: skip
+    # input 0 (rank 0's share) left in rank 1's shard by an earlier run: rank 1 does not sample
+    # it again, rank 0 does (it reads only its own shard), and no input is left to nobody
+    first = read_jsonl(tmp_path / "one" / "val.jsonl")[0]
+    (tmp_path / "val.rank-1.jsonl").write_text(json.dumps(first) + "\n")
+    script = tmp_path / "worker.py"
+    script.write_text(TUNING_WORKER)
+    torchrun2(str(script), str(tmp_path), timeout=120)
+    ranks = [read_json(tmp_path / f"rank-{r}.json") for r in range(2)]
+    assert [r["rows"] for r in ranks] == [5 * 45, 4 * 45]  # n0 + n = 45 draws per input
     for r in ranks:
         assert r["sel"] == sel.tolist() and r["est"] == est.tolist()
     assert sorted(x["index"] for x in read_jsonl(tmp_path / "val.jsonl")) == list(range(9))

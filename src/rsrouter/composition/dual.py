@@ -231,8 +231,11 @@ NO_CASCADE = (
 )
 
 
-def experts_needed(rule: str, router_counts: tuple, width: int, alpha_router: float, biases=None):
-    """The experts whose counts ``decide`` reads for this input (the rule's sampling cost)."""
+def experts_needed(
+    rule: str, router_counts: tuple | None, width: int, alpha_router: float, biases=None
+):
+    """The experts whose counts ``decide`` reads for this input (the rule's sampling cost; the
+    cascade and agreement read every expert, whatever the router's counts, which may be None)."""
     if check_rule(rule) in ("agreement", CASCADE):
         return list(range(width))
     sel, est = (np.pad(np.asarray(c), (0, width - len(c))) for c in router_counts)

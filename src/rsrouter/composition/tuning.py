@@ -144,7 +144,7 @@ def tuning_counts(model, dataset, path: Path, *, sigma, width, size, n0, n, seed
     ``size`` inputs, drawn in the tuning ``stages`` and cached (flushed JSONL) at ``path``,
     ``VAL_CHUNK`` inputs at a time: a killed fit resumes where its counts stopped (the noise is
     seeded by input index, so the counts are those of an uninterrupted run). Under torchrun
-    each rank samples its round-robin share of the missing inputs, and every rank returns all
+    each rank samples the missing inputs of its round-robin share, and every rank returns all
     of them. ``advance(k)`` is told of every k inputs done (cached ones first)."""
 
     def counts(xs, *, indices, n0, n, seed, **kw):
@@ -156,12 +156,15 @@ def tuning_counts(model, dataset, path: Path, *, sigma, width, size, n0, n, seed
     idx = list(range(size))
     ctx = distributed.context()
     cache = CountsCache(path, ctx)
-    todo = [i for i in idx if i not in cache.have]
-    if 0 < len(todo) < size:
-        note(f"resuming: {size - len(todo)} of {size} val counts are in {path}", enabled=progress)
+    # a fixed share per rank, as certify_run's: whatever each rank finds on disk, every
+    # missing input is some rank's to sample
+    share = distributed.shard_indices(idx, ctx)
+    mine = [i for i in share if i not in cache.have]
+    if 0 < len(mine) < len(share):
+        note(f"resuming: {len(share) - len(mine)} of {len(share)} val counts are in {path}",
+             enabled=progress)  # fmt: skip
     advance = advance or (lambda k=1: None)
-    advance(size - len(todo))
-    mine = distributed.shard_indices(todo, ctx)
+    advance(len(share) - len(mine))
     for start in range(0, len(mine), VAL_CHUNK):
         part = mine[start : start + VAL_CHUNK]
         cache.fill(counts, dataset.images, part, n0=n0, n=n, seed=seed, **sampling)
@@ -170,7 +173,7 @@ def tuning_counts(model, dataset, path: Path, *, sigma, width, size, n0, n, seed
     if ctx.world > 1:
         ctx.barrier()  # every rank's share is on disk
         have = read_records(path)
-        advance(len(todo) - len(mine))
+        advance(size - len(share))
         ctx.barrier()  # every rank has read the shares before rank 0 merges them
         if ctx.is_main and rank_shards(path):
             merge_shards(path)
