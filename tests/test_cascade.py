@@ -318,7 +318,7 @@ def test_certify_run_decides_the_cascade_from_the_cached_expert_counts(tmp_path)
 
     from rsrouter.composition import DualSmoothed
     from rsrouter.composition.certify_run import certify_run, load_run
-    from rsrouter.composition.report import summarize
+    from rsrouter.composition.report import summarize, to_markdown
 
     class Fp(Threshold):
         def __init__(self, *args, name):
@@ -384,6 +384,8 @@ def test_certify_run_decides_the_cascade_from_the_cached_expert_counts(tmp_path)
     assert not (tmp_path / "alone" / "certify" / "router").exists()
     s = summarize(meta_alone, solo)
     assert [k for k in s["methods"] if k.startswith("dual")] == ["dual"]
+    assert "the cascade alone, no router sampled" in to_markdown(s).splitlines()[2]
+    assert "no router sampled" not in to_markdown(summarize(meta, records))
     assert s["methods"]["dual"]["acr"] == pytest.approx(summarize(meta, records)["methods"][
         "dual"]["acr"])  # fmt: skip
     with pytest.raises(UsageError, match="only the cascade"):
