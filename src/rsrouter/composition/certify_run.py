@@ -530,7 +530,7 @@ def certify_run(
         caches = [*expert_caches, *([router_cache] if router_cache is not None else [])]
         written = [c.path for c in caches if c.appended]
         written += [path] if computed else []
-        for p in (*expert_paths, *([router_path] if sample_router else []), path):
+        for p in (*(c.path for c in caches), path):
             if p in written or rank_shards(p):  # a fully cached run writes nothing
                 merge_shards(p)
     ctx.barrier()

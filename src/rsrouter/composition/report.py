@@ -303,17 +303,18 @@ def to_markdown(summary: dict) -> str:
     )
     top = summary["envelope"]["grid"][-1]
     cascade = summary["rule"] == "cascade" or "dual:cascade" in summary["routing_by_method"]
-    split = (
-        f"dual: router {summary['alpha_router']:g} + expert {summary['alpha_expert']:g}"
-        f"{'; the cascade: all of it on the experts' if cascade else ''}), "
-        f"sigma_e={summary['sigma_e']:g}"
-    )
     if summary["rule"] == "cascade" and list(summary["routing_by_method"]) == ["dual"]:
-        split = "all of it on the experts: the cascade alone, no router sampled)"
+        split = "(all of it on the experts: the cascade alone, no router sampled)"
+    else:
+        split = (
+            f"(dual: router {summary['alpha_router']:g} + expert {summary['alpha_expert']:g}"
+            f"{'; the cascade: all of it on the experts' if cascade else ''}), "
+            f"sigma_e={summary['sigma_e']:g}"
+        )
     lines = [
         f"# Certified accuracy (%) on {summary['inputs']} inputs",
         "",
-        f"n0={summary['n0']}, n={summary['n']}, alpha={summary['alpha']:g} ({split}, "
+        f"n0={summary['n0']}, n={summary['n']}, alpha={summary['alpha']:g} {split}, "
         f"headline rule {summary['rule']}. Abstentions count as wrong.",
         "",
         head,

@@ -170,14 +170,13 @@ def tuning_counts(model, dataset, path: Path, *, sigma, width, size, n0, n, seed
         cache.fill(counts, dataset.images, part, n0=n0, n=n, seed=seed, **sampling)
         advance(len(part))
     have = cache.have
-    if ctx.world > 1:
+    if ctx.world > 1:  # as certify_run ends: rank 0 merges the shares, then every rank reads
         ctx.barrier()  # every rank's share is on disk
-        have = read_records(path)
-        advance(size - len(share))
-        ctx.barrier()  # every rank has read the shares before rank 0 merges them
         if ctx.is_main and rank_shards(path):
             merge_shards(path)
         ctx.barrier()
+        have = read_records(path)
+        advance(size - len(share))
     return (
         np.array([have[i]["selection_counts"] for i in idx]),
         np.array([have[i]["counts"] for i in idx]),
