@@ -8,10 +8,19 @@ Standard certification is CERTIFY of that expert (n0 + n draws). Dual certificat
 paper's denoised router: CERTIFY of a router (a second denoiser pass at sigma_e + ResNet-110
 over the experts), then CERTIFY of the routed expert, both through rsrouter's own code.
 "Bare" is the same models on the same number of noisy samples in the same batches, with none
-of the certification machinery (no seeded streams, no counting, no bounds).
+of the certification machinery (no seeded streams, no counting, no bounds). Each precision
+(bf16 autocast, fp32; TF32 matmuls allowed on CUDA in both) is a run of its own.
 
-    python benchmarks/carlini_pipeline.py --device cuda --compile --out docs/results
+The peer row is Cohen et al.'s CERTIFY loop as the field runs it (locuslab/smoothing): one input
+at a time, fp32, batches of 1,000 noisy copies, each batch's predictions counted on the host; it
+runs on the standard expert, and the report gives ours / theirs.
+
+    python benchmarks/carlini_pipeline.py --device cuda --out runs/carlini     # bf16 + fp32 + peer
+    python benchmarks/carlini_pipeline.py --device cuda --compile --precision bf16 --no-peer
     python benchmarks/carlini_pipeline.py --tiny        # small configs: a CPU smoke run
+
+The report is rewritten after every measurement, so a run stopped by a time limit keeps what it
+measured.
 
 Every figure printed is measured in this run on this machine.
 """
@@ -21,8 +30,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import numpy as np
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
+from scipy.special import ndtri
 
 from rsrouter.composition import DualSmoothed
 from rsrouter.experts import Expert, ExpertConfig
@@ -30,9 +41,10 @@ from rsrouter.experts.nets import build_classifier, count_parameters
 from rsrouter.io import write_json, write_text
 from rsrouter.router.model import RouterModel
 from rsrouter.runtime import device_name, resolve_device, timed
-from rsrouter.smoothing import certify_batch
+from rsrouter.smoothing import certify_batch, lower_confidence_bound
 
 SIGMAS = (0.25, 0.5, 1.0)  # the paper's CIFAR-10 candidate set; sigma_e = max
+PRECISIONS = ("bf16", "fp32")
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
 FULL = {
@@ -120,21 +132,57 @@ def bare(models_sigmas, xs, n0: int, n: int, batch_size: int, bf16: bool, channe
                     done += m
 
 
-def parse() -> argparse.Namespace:
+def peer_counts(model, x, sigma: float, num: int, batch_size: int, classes: int) -> np.ndarray:
+    """Cohen et al.'s sampling loop as the field runs it (locuslab/smoothing, ``_sample_noise``):
+    one input, fp32, the input repeated into a batch, ``randn_like`` noise, and each batch's
+    predictions copied to the host and counted there."""
+    counts = np.zeros(classes, dtype=np.int64)
+    with torch.no_grad():
+        while num > 0:
+            size = min(batch_size, num)
+            num -= size
+            batch = x.repeat((size, 1, 1, 1))
+            predictions = model(batch + torch.randn_like(batch) * sigma).argmax(1)
+            counts += np.bincount(predictions.cpu().numpy(), minlength=classes)
+    return counts
+
+
+def peer_certify(model, xs, sigma, n0, n, alpha, batch_size, classes):
+    """Their CERTIFY, input by input: the top class of n0 draws, its Clopper-Pearson lower bound
+    from n more; (class or -1, radius) per input."""
+    out = []
+    for x in xs:
+        top = int(peer_counts(model, x, sigma, n0, batch_size, classes).argmax())
+        count = peer_counts(model, x, sigma, n, batch_size, classes)[top]
+        p = lower_confidence_bound(count, n, alpha)
+        out.append((top, sigma * float(ndtri(p))) if p > 0.5 else (-1, 0.0))
+    return out
+
+
+def parse(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto")
     parser.add_argument("--tiny", action="store_true", help="small models and n: a CPU smoke run")
-    parser.add_argument("--inputs", type=int, default=None, help="default 4 (tiny: 2)")
+    parser.add_argument("--inputs", type=int, default=None, help="default 1 (tiny: 2)")
     parser.add_argument("--n", type=int, default=None, help="default 10000 (tiny: 32)")
     parser.add_argument("--n0", type=int, default=None, help="default 100 (tiny: 8)")
     parser.add_argument("--alpha", type=float, default=0.001)
     parser.add_argument("--batch-size", type=int, default=None, help="default 1024 (tiny: 40)")
     parser.add_argument(
-        "--bf16",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="bf16 autocast (default: on for CUDA)",
+        "--precision",
+        action="append",
+        choices=PRECISIONS,
+        help="bf16 (autocast) and/or fp32, each a run of its own (default: both on CUDA, fp32 "
+        "on the CPU)",
     )
+    parser.add_argument(
+        "--peer",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time Cohen et al.'s loop (fp32, one input at a time, batches of "
+        "--peer-batch, counts on the host) on the standard expert",
+    )
+    parser.add_argument("--peer-batch", type=int, default=None, help="default 1000 (tiny: 40)")
     parser.add_argument(
         "--channels-last",
         action=argparse.BooleanOptionalAction,
@@ -152,21 +200,22 @@ def parse() -> argparse.Namespace:
         "--out",
         type=Path,
         default=None,
-        help="folder for carlini_pipeline.md/.json (e.g. docs/results)",
+        help="folder for carlini_pipeline.md/.json, rewritten after every measurement",
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     args.n = args.n or (32 if args.tiny else 10_000)
     args.n0 = args.n0 or (8 if args.tiny else 100)
-    args.inputs = args.inputs or (2 if args.tiny else 4)
+    args.inputs = args.inputs or (2 if args.tiny else 1)
     args.batch_size = args.batch_size or (40 if args.tiny else 1024)
+    args.peer_batch = args.peer_batch or (40 if args.tiny else 1000)
     return args
 
 
-def main() -> None:
-    args = parse()
+def main(argv=None) -> None:
+    args = parse(argv)
     device = resolve_device(args.device)
     gpu = device.type == "cuda"
-    bf16 = gpu if args.bf16 is None else args.bf16
+    precisions = list(dict.fromkeys(args.precision or (PRECISIONS if gpu else ("fp32",))))
     channels_last = gpu if args.channels_last is None else args.channels_last
     torch.manual_seed(0)
     experts, router, params = build(TINY if args.tiny else FULL, device, channels_last)
@@ -181,49 +230,10 @@ def main() -> None:
     routed = experts[1]  # the expert the router's bias sends every input to
     xs = torch.rand((args.inputs, 3, 32, 32), generator=torch.Generator().manual_seed(1))
     xs = xs.to(device)
-    indices = list(range(args.inputs))
-    sampling = dict(
-        batch_size=args.batch_size, device=device, bf16=bf16, channels_last=channels_last
-    )
-    certify = dict(n0=args.n0, n=args.n, alpha=args.alpha, seed=0, indices=indices, **sampling)
-    results: dict = {}
-
-    def standard():
-        results["standard"] = certify_batch(routed, xs, routed.sigma, **certify)
-
-    def dual_run():
-        results["dual"] = dual.certify_batch(xs, **certify)
-
-    runs = {
-        "standard": (standard, [(routed, routed.sigma)]),
-        "dual": (dual_run, [(router, dual.sigma_e), (routed, routed.sigma)]),
-    }
-    times: dict[str, dict[str, float]] = {}
-    for name, (fn, pairs) in runs.items():
-
-        def bare_fn(pairs=pairs):
-            bare(pairs, xs, args.n0, args.n, args.batch_size, bf16, channels_last)
-
-        # warm-up over every batch shape (cuDNN autotuning, compilation), reported apart
-        first = timed(lambda fn=fn: (fn(), bare_fn()), device)
-        t_cert = min(timed(fn, device) for _ in range(args.repeats))
-        t_bare = min(timed(bare_fn, device) for _ in range(args.repeats))
-        times[name] = {
-            "certify": t_cert / args.inputs,
-            "bare": t_bare / args.inputs,
-            "ratio": t_cert / t_bare,
-            "warmup_s": first,
-        }
-    not_routed = sum(c.expert != 1 for c in results["dual"])
-    if not_routed:
-        print(
-            f"warning: the router did not route {not_routed} input(s): dual time is a lower bound"
-        )
-
-    where = device_name(device)
     report = {
-        "machine": where,
+        "machine": device_name(device),
         "torch": torch.__version__,
+        "cuda": torch.version.cuda if gpu else None,
         "threads": torch.get_num_threads(),
         "config": "tiny" if args.tiny else "Carlini et al. CIFAR-10 shapes",
         "parameters": params,
@@ -231,16 +241,80 @@ def main() -> None:
         "n0": args.n0,
         "n": args.n,
         "batch_size": args.batch_size,
-        "bf16": bf16,
         "channels_last": channels_last,
         "compile": args.compile_mode if args.compile else None,
-        "seconds_per_input": times,
+        "seconds_per_input": {},
+        "peer": None,
     }
-    text = markdown(report)
-    print(text)
+
+    def save():
+        if args.out is not None:
+            write_text(args.out / "carlini_pipeline.md", markdown(report))
+            write_json(args.out / "carlini_pipeline.json", report)
+
+    for precision in precisions:
+        bf16 = precision == "bf16"
+        sampling = dict(
+            batch_size=args.batch_size, device=device, bf16=bf16, channels_last=channels_last
+        )
+        common = dict(n0=args.n0, alpha=args.alpha, seed=0, **sampling)
+        runs = {
+            "standard": (
+                lambda x, n, c=common: certify_batch(
+                    routed, x, routed.sigma, n=n, indices=list(range(len(x))), **c
+                ),
+                [(routed, routed.sigma)],
+            ),
+            "dual": (
+                lambda x, n, c=common: dual.certify_batch(x, n=n, indices=list(range(len(x))), **c),
+                [(router, dual.sigma_e), (routed, routed.sigma)],
+            ),
+        }
+        for name, (fn, pairs) in runs.items():
+
+            def bare_fn(x, n, pairs=pairs, bf16=bf16):
+                bare(pairs, x, args.n0, n, args.batch_size, bf16, channels_last)
+
+            # warm-up: the timed runs once (every batch shape: cuDNN autotuning, compilation;
+            # inputs share batches, so fewer inputs would not do), reported apart
+            first = timed(lambda f=fn, b=bare_fn: (f(xs, args.n), b(xs, args.n)), device)
+            results: list = []
+            timed_fn = lambda fn=fn, r=results: r.append(fn(xs, args.n))  # noqa: E731
+            t_cert = min(timed(timed_fn, device) for _ in range(args.repeats))
+            t_bare = min(
+                timed(lambda b=bare_fn: b(xs, args.n), device) for _ in range(args.repeats)
+            )
+            if name == "dual" and any(c.expert != 1 for c in results[-1]):
+                print("warning: the router did not route every input: dual time is a lower bound")
+            report["seconds_per_input"][f"{name} {precision}"] = {
+                "certify": t_cert / args.inputs,
+                "bare": t_bare / args.inputs,
+                "ratio": t_cert / t_bare,
+                "warmup_s": first,
+            }
+            save()
+            print(f"{name} {precision}: {t_cert / args.inputs:.3f} s/input", flush=True)
+
+    if args.peer:
+        peer = dict(
+            sigma=routed.sigma, n0=args.n0, n=args.n, alpha=args.alpha,
+            batch_size=args.peer_batch, classes=10,
+        )  # fmt: skip
+        first = timed(lambda: peer_certify(routed, xs[:1], **peer), device)  # one at a time
+        t_peer = min(
+            timed(lambda: peer_certify(routed, xs, **peer), device) for _ in range(args.repeats)
+        )
+        report["peer"] = {
+            "loop": "Cohen et al. (locuslab/smoothing): one input at a time, fp32, "
+            f"batch {args.peer_batch}, counts on the host",
+            "seconds_per_input": t_peer / args.inputs,
+            "warmup_s": first,
+        }
+        save()
+        print(f"peer (Cohen et al.'s loop, fp32): {t_peer / args.inputs:.3f} s/input", flush=True)
+
+    print(markdown(report))
     if args.out is not None:
-        write_text(args.out / "carlini_pipeline.md", text)
-        write_json(args.out / "carlini_pipeline.json", report)
         print(f"wrote {args.out / 'carlini_pipeline.md'} and carlini_pipeline.json")
 
 
@@ -249,19 +323,30 @@ def markdown(r: dict) -> str:
     lines = [
         "# Certification time, CIFAR-10 pipeline of Carlini et al. (random weights)",
         "",
-        f"Machine: {r['machine']}; torch {r['torch']}; {r['config']}: {params}.",
+        f"Machine: {r['machine']}; torch {r['torch']} (CUDA {r['cuda']}); {r['config']}: {params}.",
         f"{r['inputs']} inputs, n0 = {r['n0']}, n = {r['n']}, batch {r['batch_size']}, "
-        f"bf16 {r['bf16']}, channels_last {r['channels_last']}, compile {r['compile']}.",
+        f"channels_last {r['channels_last']}, compile {r['compile']}.",
         "",
-        "| certification | s / input | bare forward s / input | ratio to bare |",
-        "|---|---|---|---|",
+        "| certification | precision | s / input | bare forward s / input | ratio to bare |",
+        "|---|---|---|---|---|",
     ]
-    for name, label in (
-        ("standard", "standard (denoise + ViT)"),
-        ("dual", "dual (denoised router + expert)"),
-    ):
-        t = r["seconds_per_input"][name]
-        lines.append(f"| {label} | {t['certify']:.3f} | {t['bare']:.3f} | {t['ratio']:.3f} |")
+    labels = {"standard": "standard (denoise + ViT)", "dual": "dual (denoised router + expert)"}
+    for key, t in r["seconds_per_input"].items():
+        name, precision = key.split()
+        lines.append(
+            f"| {labels[name]} | {precision} | {t['certify']:.3f} | {t['bare']:.3f} | "
+            f"{t['ratio']:.3f} |"
+        )
+    peer = r.get("peer")
+    if peer:
+        t = peer["seconds_per_input"]
+        lines += ["", f"Peer: {peer['loop']}: {t:.3f} s / input on the standard expert."]
+        for key, ours in r["seconds_per_input"].items():
+            if key.startswith("standard"):
+                lines.append(
+                    f"- speed-up of ours ({key.split()[1]}) over the peer loop (peer s / ours s): "
+                    f"{t / ours['certify']:.2f}"
+                )
     return "\n".join(lines) + "\n"
 
 

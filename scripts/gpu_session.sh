@@ -1,25 +1,26 @@
 #!/usr/bin/env bash
-# The GPU measurements of issues 7 and 8, in steps that each fit one 10-minute call of the device
-# tool. docs/gpu-runbook.md has the exact calls (what to carry, how to resume on a fresh machine).
+# The GPU measurements of issue 15, in steps sized for one 15-minute lease of one CUDA machine
+# (docs/gpu-runbook.md has the calls, the sizes and the expected times). Each step stops itself
+# after its budget and has written what it measured by then; `example` resumes where it stopped.
 #
-#   scripts/gpu_session.sh bench     # Carlini et al. pipeline, standard + dual (eager);
-#                                    # certify overhead on ResNet-110
-#   scripts/gpu_session.sh compiled  # the Carlini pipeline again with torch.compile
-#   scripts/gpu_session.sh example   # examples/fashion_mnist (Gaussian experts, full size);
-#                                    # resumable: call it again until it prints the report
-#   scripts/gpu_session.sh study     # router variants on the example's workspace
-#   scripts/gpu_session.sh routing   # routing designs tuned on val (benchmarks/routing_study.py)
+#   scripts/gpu_session.sh bench     # Carlini et al. pipeline (bf16 and fp32, standard and dual,
+#                                    # each against the bare forward; Cohen et al.'s loop as the
+#                                    # peer row), then the certify overhead on ResNet-20 and -110
+#   scripts/gpu_session.sh compiled  # the Carlini pipeline again with torch.compile (bf16)
+#   scripts/gpu_session.sh example   # examples/fashion_mnist, Gaussian experts, full size, the
+#                                    # default design (class gate + the experts' cascade)
+#   scripts/gpu_session.sh routing   # the routing designs on the example's cached counts
 #
-# Needs: .data/fashion-mnist (the four IDX files) for example/study, and .whl/ (diffusers and
+# Needs: .data/fashion-mnist (the four IDX files) for example/routing, and .whl/ (diffusers and
 # importlib_metadata wheels) where diffusers is not installed. Results go to $OUT (default
-# runs/gpu-session); the example's workspace lives in runs/fm-gpu and is copied to
-# $OUT/fm-gpu after every step so that a fresh machine can carry it back in.
+# runs/gpu-session); the example's workspace lives in runs/fm-gpu and is copied to $OUT/fm-gpu
+# after each step that changes it, so that a fresh machine can carry it back in.
 # PYTHON picks the interpreter (default python3). SMOKE=1 runs every step at its tiny CPU size
-# (a check of this script, not a measurement). WORKSPACE moves the example's workspace.
+# (a check of this script, not a measurement). WORKSPACE moves the example's workspace; LIMIT
+# certifies fewer test images; STEP_SECONDS overrides a step's budget.
 set -euo pipefail
-step=${1:?usage: scripts/gpu_session.sh bench|compiled|example|study|routing}
+step=${1:?usage: scripts/gpu_session.sh bench|compiled|example|routing}
 out=${OUT:-runs/gpu-session}
-budget=${STEP_SECONDS:-540} # each step stops itself before the device call's 600 s limit
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
@@ -32,13 +33,15 @@ fi
 export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH}
 
 if [[ ${SMOKE:-0} == 1 ]]; then
-  bench_size=(--tiny) example_size=(--smoke) device=cpu ws=${WORKSPACE:-runs/fm-gpu-smoke}
+  carlini=(--tiny --device cpu) overhead=(--device cpu --n 200 --inputs 2 --arch cifar_resnet20)
+  example_size=(--smoke --quiet) device=cpu ws=${WORKSPACE:-runs/fm-gpu-smoke}
 else
-  bench_size=() example_size=(--data-root .data/fashion-mnist) device=cuda
-  ws=${WORKSPACE:-runs/fm-gpu}
+  carlini=(--device cuda) overhead=(--device cuda) device=cuda ws=${WORKSPACE:-runs/fm-gpu}
+  example_size=(--data-root .data/fashion-mnist)
 fi
+[[ -n ${LIMIT:-} ]] && example_size+=(--limit "$LIMIT")
 
-save_workspace() { # copy the workspace out (router training keeps only its latest checkpoint)
+save_workspace() { # copy the workspace out
   if [[ -d $ws ]]; then
     rm -rf "${out:?}/$(basename "$ws")" && cp -r "$ws" "$out/"
   fi
@@ -46,55 +49,56 @@ save_workspace() { # copy the workspace out (router training keeps only its late
 
 log() { echo "== $(date -u +%FT%TZ) $*"; }
 
+finish() { # the step's exit status; 124: stopped at its budget (what it measured is written)
+  [[ $1 == 124 ]] && log "stopped at the step budget ($2 s): call this step again to finish"
+  exit "$1"
+}
+
 case $step in
-bench)
+bench) # budget 210 s: the pipeline ~120 s, the overhead ~30 s (estimates; see the runbook)
+  budget=${STEP_SECONDS:-210}
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
-  "$py" -c "import torch, timm, diffusers; print('torch', torch.__version__, 'timm', \
-timm.__version__, 'diffusers', diffusers.__version__)"
-  log "Carlini pipeline, eager"
-  timeout $((budget - 120)) "$py" benchmarks/carlini_pipeline.py --device "$device" \
-    "${bench_size[@]}" --out "$out/carlini-eager" | tee "$out/carlini-eager.txt"
-  log "certify overhead (ResNet-110)"
-  timeout 120 "$py" benchmarks/certify_overhead.py --device "$device" \
-    | tee "$out/certify-overhead.txt"
-  ;;
-compiled)
-  log "Carlini pipeline, torch.compile"
-  timeout "$budget" "$py" benchmarks/carlini_pipeline.py --device "$device" "${bench_size[@]}" \
-    --compile --out "$out/carlini-compiled" | tee "$out/carlini-compiled.txt"
-  ;;
-example)
-  mode=(--mode gaussian)
-  [[ ${SMOKE:-0} == 1 ]] && mode=(--mode gaussian --quiet)
-  log "examples/fashion_mnist ${mode[*]} (resumes from $ws)"
+  "$py" -c "import torch, timm, diffusers; print('torch', torch.__version__, 'cuda', \
+torch.version.cuda, 'timm', timm.__version__, 'diffusers', diffusers.__version__)"
   status=0
-  timeout "$budget" "$py" examples/fashion_mnist/run.py "${example_size[@]}" "${mode[@]}" \
-    --out "$ws" | tee "$out/example.txt" || status=$?
-  save_workspace
-  [[ $status == 124 ]] && log "stopped at the step budget: call this step again to resume"
-  exit "$status"
+  log "Carlini pipeline, eager: bf16 and fp32, standard and dual, the peer loop"
+  timeout $((budget - 60)) "$py" benchmarks/carlini_pipeline.py "${carlini[@]}" \
+    --out "$out/carlini-eager" | tee "$out/carlini-eager.txt" || status=$?
+  log "certify overhead on small nets"
+  timeout 55 "$py" benchmarks/certify_overhead.py "${overhead[@]}" \
+    --out "$out/certify-overhead.json" | tee "$out/certify-overhead.txt" || status=$?
+  finish "$status" "$budget"
   ;;
-study)
-  log "router study on $ws/gaussian"
+compiled) # budget 180 s: compilation ~90 s, then the bf16 runs ~30 s
+  budget=${STEP_SECONDS:-180}
+  log "Carlini pipeline, torch.compile, bf16"
   status=0
-  variants=(base T0.1 lr1e-3-ep60 lr1e-3-ep60-T0.1 lr1e-3-ep60-T0.1-lam100
-    lr1e-3-ep60-T0.1-se0.75 classmap-shirt0.25-pullcoat0.5 classmap-tops0.5)
-  # a variant already trained and certified is read back, not redone
-  timeout "$budget" "$py" benchmarks/router_study.py "$ws/gaussian" --device "$device" \
-    "${variants[@]/#/--only=}" --json "$out/study.json" | tee "$out/study.txt" || status=$?
-  save_workspace
-  exit "$status"
+  timeout "$budget" "$py" benchmarks/carlini_pipeline.py "${carlini[@]}" --compile \
+    --precision bf16 --no-peer --out "$out/carlini-compiled" \
+    | tee "$out/carlini-compiled.txt" || status=$?
+  finish "$status" "$budget"
   ;;
-routing)
-  log "routing designs (learned, learned-bias, gate, class-gate) on $ws/gaussian: tuned on val, test once"
+example) # budget 360 s: experts ~120 s, val counts ~100 s, test counts ~100 s; resumable
+  budget=${STEP_SECONDS:-360}
+  log "examples/fashion_mnist, Gaussian experts (resumes from $ws)"
+  status=0
+  timeout "$budget" "$py" examples/fashion_mnist/run.py "${example_size[@]}" --mode gaussian \
+    --device "$device" --out "$ws" | tee "$out/example.txt" || status=$?
+  save_workspace
+  finish "$status" "$budget"
+  ;;
+routing) # budget 120 s: the cascades read cached counts; the gate samples its router on test
+  budget=${STEP_SECONDS:-120}
+  log "routing designs on $ws/gaussian: fitted on val, the test split certified once"
   status=0
   timeout "$budget" "$py" benchmarks/routing_study.py "$ws/gaussian" --device "$device" \
+    --only class-gate --only gate --only cascade --only cascade-plain --quiet \
     --out "$out/routing.json" | tee "$out/routing.txt" || status=$?
   save_workspace
-  exit "$status"
+  finish "$status" "$budget"
   ;;
 *)
-  echo "error: unknown step '$step' (bench, compiled, example, study or routing)" >&2
+  echo "error: unknown step '$step' (bench, compiled, example or routing)" >&2
   exit 2
   ;;
 esac

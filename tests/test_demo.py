@@ -73,6 +73,10 @@ def test_bad_pipeline_settings_are_usage_errors():
         PipelineConfig(expert_kind="magic")
     with pytest.raises(UsageError):
         PipelineConfig(router_denoiser=True)
+    with pytest.raises(UsageError, match="learned router"):  # a gate router has no denoiser
+        PipelineConfig(
+            expert_kind="denoised", router_denoiser=True, router_kind="class-gate", validation=8
+        )
     with pytest.raises(UsageError):
         PipelineConfig(certify_limit=0)
 

@@ -111,6 +111,11 @@ class PipelineConfig:
             check_rule(self.rule)
         if self.router_denoiser and self.expert_kind != "denoised":
             raise UsageError("router_denoiser needs expert_kind='denoised' (the trained DDPM).")
+        if self.router_denoiser and self.router_kind != "learned":
+            raise UsageError(
+                "router_denoiser puts the DDPM in front of the learned router; a gate router has "
+                "none: set router_kind='learned'."
+            )
 
     def to_dict(self) -> dict:
         d = asdict(self)
