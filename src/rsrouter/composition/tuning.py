@@ -71,10 +71,11 @@ def expert_certificates(vc: ValidationCounts, alpha: float) -> tuple[np.ndarray,
     return pred, rad
 
 
-def envelope_of(vc: ValidationCounts, alpha: float, step: float = 0.25):
+def envelope_of(vc: ValidationCounts, alpha: float, step: float = 0.25, *, certificates=None):
     """(grid, envelope): the best single expert at full alpha at each radius of the grid, from 0
-    up to the largest radius any expert certifies (the report's regret grid)."""
-    pred, rad = expert_certificates(vc, alpha)
+    up to the largest radius any expert certifies (the report's regret grid). ``certificates``:
+    ``expert_certificates(vc, alpha)`` where the caller has them already."""
+    pred, rad = expert_certificates(vc, alpha) if certificates is None else certificates
     grid = radius_grid(float(rad.max()), step)
     curves = [certified_accuracy(p == vc.labels, r, grid) for p, r in zip(pred, rad, strict=True)]
     return grid, np.max(curves, axis=0)
@@ -343,14 +344,16 @@ FIT_RESAMPLES = 20  # val resamples whose mean worst-case regret the cascade's f
 
 
 def resampled_regret(vc: ValidationCounts, alpha: float, step: float = 0.25, *,
-                     resamples: int = FIT_RESAMPLES, seed: int = 0):  # fmt: skip
+                     resamples: int = FIT_RESAMPLES, seed: int = 0,
+                     certificates=None):  # fmt: skip
     """A function (correct, radius) -> the mean, over ``resamples`` seeded bootstrap resamples of
     the val inputs (the envelope recomputed on each), of the worst-case regret in points. The
     regret of the one val sample is a maximum over radii of noisy shortfalls, which a fit with
     many thresholds learns to chase; the mean over resamples is smoother (docs/results/routing.md,
-    sixth round: 2-fold held-out regret 3.85 against 4.92 on 2,000 Fashion-MNIST val images)."""
+    sixth round: 2-fold held-out regret 3.85 against 4.92 on 2,000 Fashion-MNIST val images).
+    ``certificates`` as in ``envelope_of``."""
     check_count("resamples", resamples)
-    pred, rad = expert_certificates(vc, alpha)
+    pred, rad = expert_certificates(vc, alpha) if certificates is None else certificates
     grid = radius_grid(float(rad.max()), step)
     weights = bootstrap_weights(len(vc.labels), resamples, np.random.default_rng(seed))
     env = np.max([resampled_accuracy(p == vc.labels, r, grid, weights)
@@ -380,8 +383,9 @@ def fit_cascade(
     over ``resamples`` bootstrap resamples of val (``resampled_regret``; ties to the larger
     ACR), from the experts' val counts alone (no router is sampled): (spec, every candidate
     tried with its val scores: ``objective`` that mean, ``regret`` the val sample's own)."""
-    grid_r, env = envelope_of(vc, alpha, step)
-    mean_regret = resampled_regret(vc, alpha, step, resamples=resamples)
+    certificates = expert_certificates(vc, alpha)  # every expert alone, read by both below
+    grid_r, env = envelope_of(vc, alpha, step, certificates=certificates)
+    mean_regret = resampled_regret(vc, alpha, step, resamples=resamples, certificates=certificates)
     bounds = cascades.bounds_of(vc.selection, vc.estimation, vc.sigmas, alpha)
 
     def score(pred, radius, expert) -> dict:
