@@ -159,6 +159,32 @@ def peer_certify(model, xs, sigma, n0, n, alpha, batch_size, classes):
     return out
 
 
+def profile(fn, gpu: bool, rows: int = 25) -> str:
+    """torch.profiler over one call of fn: the top operators by (device, else CPU) time, then the
+    host syncs, copies and noise draws among them, with their call counts."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as profiler
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
+    with profiler(activities=activities) as prof:
+        fn()
+        if gpu:
+            torch.cuda.synchronize()
+    events = prof.key_averages()
+    key = "self_cuda_time_total" if gpu else "self_cpu_time_total"
+    watch = ("synchronize", "memcpy", "copy_", "randn", "item", "_local_scalar_dense", "nonzero")
+    lines = [
+        "# Profile of one standard certification (torch.profiler)",
+        "",
+        events.table(sort_by=key, row_limit=rows),
+        "Host syncs, copies and noise draws (calls, CPU total us):",
+    ]
+    for e in events:
+        if any(w in e.key.lower() for w in watch):
+            lines.append(f"  {e.key}: {e.count} calls, {e.cpu_time_total:.0f} us")
+    return "\n".join(lines) + "\n"
+
+
 def parse(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto")
@@ -196,6 +222,12 @@ def parse(argv=None) -> argparse.Namespace:
         help="torch.compile mode: default, max-autotune, reduce-overhead (CUDA graphs)",
     )
     parser.add_argument("--repeats", type=int, default=1, help="timed repeats; the minimum counts")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="after the timings, profile one standard certification (the first precision) with "
+        "torch.profiler: its top operators, host syncs and copies go to profile.txt in --out",
+    )
     parser.add_argument(
         "--out",
         type=Path,
@@ -252,25 +284,27 @@ def main(argv=None) -> None:
             write_text(args.out / "carlini_pipeline.md", markdown(report))
             write_json(args.out / "carlini_pipeline.json", report)
 
-    for precision in precisions:
-        bf16 = precision == "bf16"
-        sampling = dict(
-            batch_size=args.batch_size, device=device, bf16=bf16, channels_last=channels_last
-        )
+    def runs_of(precision: str) -> dict:
+        """name -> (certify(xs, n), the (model, sigma) pairs a bare loop runs) at a precision."""
+        sampling = dict(batch_size=args.batch_size, device=device, bf16=precision == "bf16",
+                        channels_last=channels_last)  # fmt: skip
         common = dict(n0=args.n0, alpha=args.alpha, seed=0, **sampling)
-        runs = {
+        return {
             "standard": (
-                lambda x, n, c=common: certify_batch(
-                    routed, x, routed.sigma, n=n, indices=list(range(len(x))), **c
+                lambda x, n: certify_batch(
+                    routed, x, routed.sigma, n=n, indices=list(range(len(x))), **common
                 ),
                 [(routed, routed.sigma)],
             ),
             "dual": (
-                lambda x, n, c=common: dual.certify_batch(x, n=n, indices=list(range(len(x))), **c),
+                lambda x, n: dual.certify_batch(x, n=n, indices=list(range(len(x))), **common),
                 [(router, dual.sigma_e), (routed, routed.sigma)],
             ),
         }
-        for name, (fn, pairs) in runs.items():
+
+    for precision in precisions:
+        bf16 = precision == "bf16"
+        for name, (fn, pairs) in runs_of(precision).items():
 
             def bare_fn(x, n, pairs=pairs, bf16=bf16):
                 bare(pairs, x, args.n0, n, args.batch_size, bf16, channels_last)
@@ -294,6 +328,12 @@ def main(argv=None) -> None:
             }
             save()
             print(f"{name} {precision}: {t_cert / args.inputs:.3f} s/input", flush=True)
+
+    if args.profile:
+        text = profile(lambda: runs_of(precisions[0])["standard"][0](xs, args.n), gpu)
+        if args.out is not None:
+            write_text(args.out / "profile.txt", text)
+        print(text, flush=True)
 
     if args.peer:
         peer = dict(

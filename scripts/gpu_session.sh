@@ -13,8 +13,9 @@
 #
 # Needs: .data/fashion-mnist (the four IDX files) for example/routing, and .whl/ (diffusers and
 # importlib_metadata wheels) where diffusers is not installed. Results go to $OUT (default
-# runs/gpu-session); the example's workspace lives in runs/fm-gpu and is copied to $OUT/fm-gpu
-# after each step that changes it, so that a fresh machine can carry it back in.
+# runs/gpu-session), each step's few files at most two folders down (what the device tool brings
+# back); the example's workspace lives in runs/fm-gpu and goes to $OUT/fm-gpu.tar.gz after each
+# step that changes it (its report also to $OUT/report/), so a fresh machine can resume from it.
 # PYTHON picks the interpreter (default python3). SMOKE=1 runs every step at its tiny CPU size
 # (a check of this script, not a measurement). WORKSPACE moves the example's workspace; LIMIT
 # certifies fewer test images; STEP_SECONDS overrides a step's budget.
@@ -41,9 +42,13 @@ else
 fi
 [[ -n ${LIMIT:-} ]] && example_size+=(--limit "$LIMIT")
 
-save_workspace() { # copy the workspace out
+save_workspace() { # the workspace as one archive, and its report as plain files
   if [[ -d $ws ]]; then
-    rm -rf "${out:?}/$(basename "$ws")" && cp -r "$ws" "$out/"
+    tar -czf "$out/$(basename "$ws").tar.gz" -C "$(dirname "$ws")" "$(basename "$ws")"
+    local report=$ws/gaussian/.rsrouter/report
+    if [[ -d $report ]]; then
+      mkdir -p "$out/report" && cp "$report"/{certified_accuracy.md,summary.json,curve.png} "$out/report/"
+    fi
   fi
 }
 
@@ -61,8 +66,8 @@ bench) # budget 210 s: the pipeline ~120 s, the overhead ~30 s (estimates; see t
   "$py" -c "import torch, timm, diffusers; print('torch', torch.__version__, 'cuda', \
 torch.version.cuda, 'timm', timm.__version__, 'diffusers', diffusers.__version__)"
   status=0
-  log "Carlini pipeline, eager: bf16 and fp32, standard and dual, the peer loop"
-  timeout $((budget - 60)) "$py" benchmarks/carlini_pipeline.py "${carlini[@]}" \
+  log "Carlini pipeline, eager: bf16 and fp32, standard and dual, a profile, the peer loop"
+  timeout $((budget - 60)) "$py" benchmarks/carlini_pipeline.py "${carlini[@]}" --profile \
     --out "$out/carlini-eager" | tee "$out/carlini-eager.txt" || status=$?
   log "certify overhead on small nets"
   timeout 55 "$py" benchmarks/certify_overhead.py "${overhead[@]}" \

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -182,19 +183,21 @@ def test_gpu_session_script_smoke_runs_its_steps(tmp_path):
     )
     assert set(pipeline["seconds_per_input"]) == {"standard fp32", "dual fp32"}
     assert pipeline["peer"]["seconds_per_input"] > 0
+    assert "Host syncs" in (tmp_path / "out" / "carlini-eager" / "profile.txt").read_text()
     overhead = json.loads((tmp_path / "out" / "certify-overhead.json").read_text())
     assert [m["arch"] for m in overhead["models"]] == ["cifar_resnet20"]
     done = step("example")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "report:" in (tmp_path / "out" / "example.txt").read_text()
-    saved = tmp_path / "out" / "ws" / "gaussian"
-    assert (saved / ".rsrouter" / "report" / "curve.png").is_file()
-    assert json.loads((saved / ".rsrouter" / "report" / "summary.json").read_text())["rule"] == (
-        "cascade"
-    )
-    assert (saved / "router.toml").read_text() == (
-        tmp_path / "ws" / "gaussian" / "router.toml"
-    ).read_text()
+    report = tmp_path / "out" / "report"
+    assert (report / "curve.png").is_file() and (report / "certified_accuracy.md").is_file()
+    assert json.loads((report / "summary.json").read_text())["rule"] == "cascade"
+    with tarfile.open(tmp_path / "out" / "ws.tar.gz") as archive:  # what a fresh machine resumes
+        toml = archive.extractfile("ws/gaussian/router.toml").read().decode()
+    assert toml == (tmp_path / "ws" / "gaussian" / "router.toml").read_text()
+    shipped = [f for f in (tmp_path / "out").rglob("*") if f.is_file()]
+    depth = max(len(f.relative_to(tmp_path / "out").parts) for f in shipped)
+    assert depth <= 3  # the device tool brings back files at most two folders down
     done = step("routing")
     assert done.returncode == 0, done.stderr[-2000:]
     designs = json.loads((tmp_path / "out" / "routing.json").read_text())["designs"]
