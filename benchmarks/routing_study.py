@@ -71,13 +71,17 @@ RADII = ("0", "0.5", "1", "1.5")
 GRID = [0.0, 0.5, 1.0, 1.5]
 
 
-def certify_test(ws, dual, names, device, progress, envelope=None):
+def certify_test(ws, dual, names, device, progress, envelope=None, sample_router=True):
     """The test run's summary; with ``envelope`` (another study's), each method's worst-case
-    regret against it too (``regret_reference``)."""
+    regret against it too (``regret_reference``). ``sample_router`` False: the cascade alone
+    (it reads no router, so none is sampled)."""
     s = certify_settings(ws)
     test = workspace_dataset(ws, s["split"])
+    options = {**run_options(s), "sample_router": sample_router}
+    if not sample_router:
+        options["rule"] = CASCADE  # the one rule such a run decides: its headline
     run = certify_run(dual, test, ws.artifacts, expert_names=names, device=device,
-                      progress=progress, **run_options(s))  # fmt: skip
+                      progress=progress, **options)  # fmt: skip
     meta = json.loads(run.meta_path.read_text())
     summary = summarize(meta, run.records, grid=GRID)
     if envelope is not None:
@@ -168,7 +172,8 @@ def main(argv=None) -> int:
                    **({"abstain": taught} if taught else {})}  # fmt: skip
             dual = DualSmoothed(gate.to(device), gate.sigma_e, list(experts.values()),
                                 rule=args.rule)  # fmt: skip
-        summary = certify_test(ws, dual, names, device, progress, envelope)
+        summary = certify_test(ws, dual, names, device, progress, envelope,
+                               sample_router=not design.startswith("cascade"))  # fmt: skip
         reference = reference or summary
         rows += rows_of(design, summary, time.perf_counter() - start, fit)
         report = {

@@ -37,6 +37,12 @@ def test_routing_study_runs_every_design_and_writes_every_rule(tmp_path, monkeyp
         sorted(cascade["fit"]["cascade"]["order"]) == [0, 1] and cascade["fit"]["tried_count"] > 2
     )
     assert cascade["forwards_per_input"] == 2 * (report["n"] + ws.settings("certify")["n0"])
+    metas = (ws.artifacts / "certify").glob("*.json")
+    alone = [m for m in metas if json.loads(m.read_text())["rules"] == ["cascade"]]
+    assert len(alone) == 2  # the runs of cascade and cascade-plain: no router sampled
+    for meta in alone:
+        records = meta.with_suffix(".jsonl").read_text().splitlines()
+        assert len(records) == 6 and all(json.loads(r)["router"] is None for r in records)
     assert report["inputs"] == 6 and report["n"] == 32
     for row in rows.values():
         assert row["regret"] >= 0 and row["acr"] >= 0
