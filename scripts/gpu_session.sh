@@ -6,10 +6,10 @@
 #   scripts/gpu_session.sh bench     # Carlini et al. pipeline (bf16 and fp32, standard and dual,
 #                                    # each against the bare forward; Cohen et al.'s loop as the
 #                                    # peer row), then the certify overhead on ResNet-20 and -110
-#   scripts/gpu_session.sh compiled  # the Carlini pipeline again with torch.compile (bf16)
 #   scripts/gpu_session.sh example   # examples/fashion_mnist, Gaussian experts, full size, the
 #                                    # default design (class gate + the experts' cascade)
-#   scripts/gpu_session.sh routing   # the routing designs on the example's cached counts
+#   scripts/gpu_session.sh routing   # cascade-plain and the shared gate on the example's counts
+#   scripts/gpu_session.sh compiled  # the Carlini pipeline again with torch.compile (bf16)
 #
 # Needs: .data/fashion-mnist (the four IDX files) for example/routing, and .whl/ (diffusers and
 # importlib_metadata wheels) where diffusers is not installed. Results go to $OUT (default
@@ -20,7 +20,7 @@
 # (a check of this script, not a measurement). WORKSPACE moves the example's workspace; LIMIT
 # certifies fewer test images; STEP_SECONDS overrides a step's budget.
 set -euo pipefail
-step=${1:?usage: scripts/gpu_session.sh bench|compiled|example|routing}
+step=${1:?usage: scripts/gpu_session.sh bench|example|routing|compiled}
 out=${OUT:-runs/gpu-session}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -74,8 +74,8 @@ torch.version.cuda, 'timm', timm.__version__, 'diffusers', diffusers.__version__
     --out "$out/certify-overhead.json" | tee "$out/certify-overhead.txt" || status=$?
   finish "$status" "$budget"
   ;;
-compiled) # budget 180 s: compilation ~90 s, then the bf16 runs ~30 s
-  budget=${STEP_SECONDS:-180}
+compiled) # budget 240 s: compilation (UNet, ViT, ResNet-110; 2 batch shapes each), bf16 runs
+  budget=${STEP_SECONDS:-240}
   log "Carlini pipeline, torch.compile, bf16"
   status=0
   timeout "$budget" "$py" benchmarks/carlini_pipeline.py "${carlini[@]}" --compile \
@@ -92,12 +92,12 @@ example) # budget 360 s: experts ~120 s, val counts ~100 s, test counts ~100 s; 
   save_workspace
   finish "$status" "$budget"
   ;;
-routing) # budget 120 s: the cascades read cached counts; the gate samples its router on test
-  budget=${STEP_SECONDS:-120}
+routing) # budget 90 s: beside the example's own rows, cascade-plain (cached counts) and the
+  budget=${STEP_SECONDS:-90} # shared gate (its router sampled on val and test)
   log "routing designs on $ws/gaussian: fitted on val, the test split certified once"
   status=0
   timeout "$budget" "$py" benchmarks/routing_study.py "$ws/gaussian" --device "$device" \
-    --only class-gate --only gate --only cascade --only cascade-plain --quiet \
+    --only cascade-plain --only gate --quiet \
     --out "$out/routing.json" | tee "$out/routing.txt" || status=$?
   save_workspace
   finish "$status" "$budget"
