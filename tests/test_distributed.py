@@ -300,12 +300,13 @@ def test_carlini_benchmark_tiny_smoke_run(tmp_path, monkeypatch, capsys):
         torch.set_num_threads(threads)
     report = read_json(tmp_path / "carlini_pipeline.json")
     assert (report["inputs"], report["n"], report["n0"], report["config"]) == (1, 12, 2, "tiny")
-    for name in ("standard", "dual"):
-        t = report["seconds_per_input"][name]
+    assert set(report["seconds_per_input"]) == {"standard fp32", "dual fp32"}  # CPU: fp32 only
+    for t in report["seconds_per_input"].values():
         assert t["certify"] > 0 and t["bare"] > 0
         assert t["ratio"] == pytest.approx(t["certify"] / t["bare"])
+    assert report["peer"]["seconds_per_input"] > 0  # Cohen et al.'s loop, on by default
     table = (tmp_path / "carlini_pipeline.md").read_text()
-    assert (
-        "| standard (denoise + ViT) |" in table and "| dual (denoised router + expert) |" in table
-    )
+    assert "| standard (denoise + ViT) | fp32 |" in table
+    assert "| dual (denoised router + expert) | fp32 |" in table
+    assert "speed-up of ours (fp32) over the peer loop" in table
     assert "warning" not in capsys.readouterr().out  # every input was routed: the dual pass ran
