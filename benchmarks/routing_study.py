@@ -1,9 +1,10 @@
 """Routing designs on a workspace with a val split: tune on val, certify the test split once.
 
-For a workspace made by `examples/fashion_mnist/run.py` (experts, tables, the paper's learned
-router and its test run), every design below is tuned on the workspace's val split only, then
-certified once on the [certify] test inputs; every composition rule is decided from the same
-cached counts, so each design gives one row per rule. Nothing tuned ever reads the test split.
+For a workspace made by `examples/fashion_mnist/run.py` (experts, its router and its test run;
+the learned designs need the paper's router, `--router-kind learned`), every design below is
+tuned on the workspace's val split only, then certified once on the [certify] test inputs;
+every composition rule is decided from the same cached counts, so each design gives one row per
+rule. Nothing tuned ever reads the test split.
 
 Designs (names for --only):
   learned        the paper's router as the workspace trained it (no tuning)
@@ -130,6 +131,9 @@ def main(argv=None) -> int:
     names = list(experts)
     learned = RouterModel.from_pretrained(Path(ws.artifacts) / "router", device=device)
     if {"learned", "learned-bias"} & set(args.only or DESIGNS):
+        if learned.gate is not None:  # e.g. the fashion_mnist example's default design
+            p.error("the workspace's router is a gate router; the learned designs need the "
+                    "paper's router (router train --kind learned).")  # fmt: skip
         try:  # the cascade rows read no router, so a stale one only matters to these designs
             learned.check_experts(names, [e.fingerprint for e in experts.values()])
         except UsageError as exc:

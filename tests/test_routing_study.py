@@ -69,6 +69,12 @@ def test_routing_study_runs_every_design_and_writes_every_rule(tmp_path, monkeyp
         runpy.run_path(str(SCRIPT), run_name="__main__")
     assert refused.value.code == 2 and "changed since the router" in capsys.readouterr().err
     study(monkeypatch, str(ws.root), "--only", "cascade-plain", "--quiet")
+    # a gate router (the example's default design) is not the paper's: refused by name
+    assert run(["train", "--kind", "gate", *w]) == 0, capsys.readouterr().err
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT), str(ws.root), "--only", "learned", "--quiet"])
+    with pytest.raises(SystemExit) as refused:
+        runpy.run_path(str(SCRIPT), run_name="__main__")
+    assert refused.value.code == 2 and "gate router" in capsys.readouterr().err
 
 
 def study(monkeypatch, *argv):
