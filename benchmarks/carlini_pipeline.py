@@ -33,15 +33,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
-from scipy.special import ndtri
 
 from rsrouter.composition import DualSmoothed
 from rsrouter.experts import Expert, ExpertConfig
 from rsrouter.experts.nets import build_classifier, count_parameters
 from rsrouter.io import write_json, write_text
 from rsrouter.router.model import RouterModel
-from rsrouter.runtime import device_name, resolve_device, timed
-from rsrouter.smoothing import certify_batch, lower_confidence_bound
+from rsrouter.runtime import bare_forward, device_name, resolve_device, timed
+from rsrouter.smoothing import certified_radius, certify_batch
 
 SIGMAS = (0.25, 0.5, 1.0)  # the paper's CIFAR-10 candidate set; sigma_e = max
 PRECISIONS = ("bf16", "fp32")
@@ -114,22 +113,11 @@ def build(config: dict, device: torch.device, channels_last: bool):
 
 def bare(models_sigmas, xs, n0: int, n: int, batch_size: int, bf16: bool, channels_last: bool):
     """The same forward passes as certification: noise, model, argmax; nothing else."""
-    device = xs.device
     for x in xs:
         for model, sigma in models_sigmas:
             for total in (n0, n):
-                done = 0
-                while done < total:
-                    m = min(batch_size, total - done)
-                    batch = x.unsqueeze(0) + sigma * torch.randn((m, *x.shape), device=device)
-                    if channels_last:
-                        batch = batch.contiguous(memory_format=torch.channels_last)
-                    with (
-                        torch.inference_mode(),
-                        torch.autocast(device.type, torch.bfloat16, enabled=bf16),
-                    ):
-                        model(batch).argmax(1)
-                    done += m
+                bare_forward(model, x, sigma, total, batch_size, bf16=bf16,
+                             channels_last=channels_last)  # fmt: skip
 
 
 def peer_counts(model, x, sigma: float, num: int, batch_size: int, classes: int) -> np.ndarray:
@@ -148,14 +136,15 @@ def peer_counts(model, x, sigma: float, num: int, batch_size: int, classes: int)
 
 
 def peer_certify(model, xs, sigma, n0, n, alpha, batch_size, classes):
-    """Their CERTIFY, input by input: the top class of n0 draws, its Clopper-Pearson lower bound
-    from n more; (class or -1, radius) per input."""
+    """Their CERTIFY, input by input: the top class of n0 draws, its Clopper-Pearson radius from
+    n more (the statistics are the core's: only the sampling loop is theirs); (class or -1,
+    radius) per input."""
     out = []
     for x in xs:
         top = int(peer_counts(model, x, sigma, n0, batch_size, classes).argmax())
         count = peer_counts(model, x, sigma, n, batch_size, classes)[top]
-        p = lower_confidence_bound(count, n, alpha)
-        out.append((top, sigma * float(ndtri(p))) if p > 0.5 else (-1, 0.0))
+        radius = certified_radius(int(count), n, sigma, alpha)  # 0 where the bound is <= 1/2
+        out.append((top, radius) if radius > 0 else (-1, 0.0))
     return out
 
 

@@ -20,23 +20,10 @@ import torch
 
 from rsrouter.experts import build_classifier
 from rsrouter.io import write_json
-from rsrouter.runtime import device_name, resolve_device, timed
+from rsrouter.runtime import bare_forward, device_name, resolve_device, timed
 from rsrouter.smoothing import certify
 
 SHAPES = {"small_cnn": (1, 28, 28)}  # every other architecture: CIFAR's 3x32x32
-
-
-def bare_loop(model, xs, sigma, total, batch_size, device, bf16, channels_last):
-    for x in xs:
-        done = 0
-        while done < total:
-            m = min(batch_size, total - done)
-            batch = x.unsqueeze(0) + sigma * torch.randn((m, *x.shape), device=device)
-            if channels_last:
-                batch = batch.contiguous(memory_format=torch.channels_last)
-            with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
-                model(batch).argmax(1)
-            done += m
 
 
 def measure(arch: str, args, device) -> dict:
@@ -59,7 +46,8 @@ def measure(arch: str, args, device) -> dict:
             )  # fmt: skip
 
     def bare():
-        bare_loop(model, xs, args.sigma, total, args.batch_size, device, gpu, gpu)
+        for x in xs:
+            bare_forward(model, x, args.sigma, total, args.batch_size, bf16=gpu, channels_last=gpu)
 
     ours(), bare()  # warm-up (allocator, cudnn autotune)
     t_bare = min(timed(bare, device) for _ in range(3))

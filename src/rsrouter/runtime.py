@@ -37,6 +37,21 @@ def timed(fn, device: torch.device, cpu_clock=time.perf_counter) -> float:
     return cpu_clock() - start
 
 
+def bare_forward(model, x: torch.Tensor, sigma: float, total: int, batch_size: int, *,
+                 bf16: bool, channels_last: bool) -> None:  # fmt: skip
+    """A benchmark's plain baseline: ``total`` noisy copies of one input (C, H, W) through
+    ``model``, ``batch_size`` at a time (noise, model, argmax; no seeded streams, no counting)."""
+    done = 0
+    while done < total:
+        m = min(batch_size, total - done)
+        batch = x.unsqueeze(0) + sigma * torch.randn((m, *x.shape), device=x.device)
+        if channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), torch.autocast(x.device.type, torch.bfloat16, enabled=bf16):
+            model(batch).argmax(1)
+        done += m
+
+
 def device_name(device: torch.device) -> str:
     """The GPU's name, or the CPU's as the platform reports it: for benchmark reports."""
     if device.type == "cuda":
