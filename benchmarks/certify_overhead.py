@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from rsrouter.errors import UsageError
 from rsrouter.experts import build_classifier
 from rsrouter.io import write_json
 from rsrouter.runtime import bare_forward, device_name, resolve_device, timed
@@ -83,14 +84,20 @@ def main(argv=None) -> None:
     parser.add_argument("--sigma", type=float, default=0.5)
     parser.add_argument("--out", type=Path, help="also write every figure here as JSON")
     args = parser.parse_args(argv)
-    device = resolve_device(args.device)
+    try:
+        device = resolve_device(args.device)
+    except UsageError as exc:
+        parser.error(str(exc))
     gpu = device.type == "cuda"
     archs = args.arch or (["cifar_resnet20", "cifar_resnet110"] if gpu else ["small_cnn"])
     report = {"machine": device_name(device), "torch": torch.__version__,
               "threads": torch.get_num_threads(), "models": []}  # fmt: skip
     print(f"machine: {report['machine']}, torch {torch.__version__}, threads {report['threads']}")
     for arch in archs:
-        r = measure(arch, args, device)
+        try:
+            r = measure(arch, args, device)
+        except UsageError as exc:  # an unknown architecture, say: one sentence, exit 2
+            parser.error(str(exc))
         report["models"].append(r)
         if args.out is not None:
             write_json(args.out, report)

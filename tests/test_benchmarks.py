@@ -61,3 +61,15 @@ def test_peer_loop_abstains_at_a_coin_flip_and_certifies_far_from_it(carlini):
     assert carlini.peer_certify(FirstPixelSign(), coin, **kw) == [(-1, 0.0)]
     [(top, radius)] = carlini.peer_certify(FirstPixelSign(), far, **kw)
     assert top == 1 and radius == pytest.approx(certified_radius(2_000, 2_000, 0.5, 0.001))
+
+
+def test_certify_overhead_refuses_an_unknown_model_in_one_sentence(capsys):
+    spec = importlib.util.spec_from_file_location(
+        "certify_overhead", SCRIPT.with_name("certify_overhead.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with pytest.raises(SystemExit) as refused:
+        module.main(["--arch", "nope"])
+    assert refused.value.code == 2
+    assert "unknown architecture 'nope'" in capsys.readouterr().err
