@@ -26,10 +26,10 @@ Designs (names for --only):
     python benchmarks/routing_study.py runs/fm/gaussian --out docs/results/routing-fm.json
 
 Printed last: a markdown table with, per design and rule, the worst-case regret to the
-single-expert envelope (with its 95 % bootstrap interval over the test inputs), the regret at
-r = 0 / 0.5 / 1 / 1.5, ACR, routing shares, router abstentions and the cost per input; the single
-experts and Multiscale for reference. Every figure is measured in this run on this machine; the
-JSON keeps the val fits (every candidate).
+single-expert envelope (with its 95 % bootstrap interval over the test inputs), the same over
+every radius with no grid, the regret at r = 0 / 0.5 / 1 / 1.5, ACR, routing shares, router
+abstentions and the cost per input; the single experts and Multiscale for reference. Every
+figure is measured in this run on this machine; the JSON keeps the val fits (every candidate).
 """
 
 from __future__ import annotations
@@ -230,17 +230,19 @@ def _fmt(m: dict, names) -> list[str]:
     cost = f"{fw:,.0f} fwd, {m['seconds_per_input']:.2f} s" if fw else "—"
     acc = " / ".join(f"{100 * a:.1f}" for a in m["certified_accuracy"])
     worst = regret_text({**m, "regret": max(m["regret"], 0)})
-    row = [worst, at, acc, f"{m['acr']:.3f}", routed, abst, cost]
+    every = f"{max(m['regret_every_radius'], 0):.1f}"
+    row = [worst, every, at, acc, f"{m['acr']:.3f}", routed, abst, cost]
     if "regret_reference" in m:
         row.append(f"{max(m['regret_reference'], 0):.1f}")
     return row
 
 
 def markdown(report: dict, names) -> str:
-    head = ("| design | rule | worst-case regret [95 % interval] | gap at r=0 / 0.5 / 1 / 1.5 "
-            "| certified at r=0 / 0.5 / 1 / 1.5 | ACR | routed " + " / ".join(names)
+    head = ("| design | rule | worst-case regret [95 % interval] | every r "
+            "| gap at r=0 / 0.5 / 1 / 1.5 | certified at r=0 / 0.5 / 1 / 1.5 | ACR | routed "
+            + " / ".join(names)
             + " (%) | router abst. (%) | cost per input |")  # fmt: skip
-    columns = 9
+    columns = 10
     if "reference_envelope" in report:
         head += " regret to the reference envelope |"
         columns += 1

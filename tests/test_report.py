@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 
 from rsrouter.composition.report import (
+    certified_accuracy,
     radius_grid,
+    regret,
+    regret_every_radius,
     regret_intervals,
     summarize,
     to_markdown,
@@ -114,7 +117,42 @@ def test_regret_and_cost_by_hand():
     assert fine["methods"]["expert:a"]["regret"] == pytest.approx(100 * 2 / 6)
     md = to_markdown(s)
     lo, hi = m["dual"]["regret_interval"]
-    assert f"| 0.317 | 0.0 [{lo:.1f}, {hi:.1f}] | -16.7 / +0.0 / +0.0 / +0.0 | 202 | 2 |" in md
+    every = m["dual"]["regret_every_radius"]
+    row = f"| 0.317 | 0.0 [{lo:.1f}, {hi:.1f}] | {every:.1f} | -16.7 / +0.0 / +0.0 / +0.0 | 202 |"
+    assert row in md
+    for key in m:  # no grid: never below the grid's figure, and a's dip on (0.3, 0.6] is there
+        assert m[key]["regret_every_radius"] >= m[key]["regret"] - 1e-9
+    assert m["expert:a"]["regret_every_radius"] == pytest.approx(100 * 2 / 6)
+    assert m["expert:b"]["regret_every_radius"] == pytest.approx(0.0)
+
+
+def test_regret_every_radius_finds_the_dip_a_grid_steps_over():
+    # the expert certifies 3 of 4 inputs to 0.2 and one to 1.0; the method one to 0.1, 3 to 1.0
+    expert = (np.ones(4, bool), np.array([0.2, 0.2, 0.2, 1.0]))
+    correct, radius = np.ones(4, bool), np.array([0.1, 1.0, 1.0, 1.0])
+    grid = radius_grid(1.0)  # 0, 0.25, ...: at 0 both 100 %, from 0.25 on the method leads
+    env = certified_accuracy(*expert, grid)
+    assert regret(correct, radius, grid, env) == pytest.approx(0.0)
+    # on (0.1, 0.2] the expert certifies 4 and the method 3: 25 points, between two grid points
+    assert regret_every_radius(correct, radius, [expert]) == pytest.approx(25.0)
+    # only up to the largest radius an expert certifies: beyond it no shortfall is counted
+    short = (np.ones(4, bool), np.array([0.05, 0.05, 0.05, 0.05]))
+    assert regret_every_radius(np.zeros(4, bool), np.zeros(4), [short]) == pytest.approx(100.0)
+    assert regret_every_radius(correct, radius, [short]) == pytest.approx(0.0)
+
+
+def test_regret_every_radius_against_a_dense_grid():
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        rows = int(rng.integers(1, 30))
+        curves = [(rng.random(rows) < 0.7, rng.integers(0, 300, rows) / 100)
+                  for _ in range(int(rng.integers(2, 5)))]  # fmt: skip
+        (correct, radius), singles = curves[0], curves[1:]
+        top = max(r.max() for _, r in singles)
+        dense = np.arange(0, int(round(top * 1000)) + 1) / 1000  # every radius is on it
+        env = np.max([certified_accuracy(c, r, dense) for c, r in singles], axis=0)
+        truth = 100 * np.max(env - certified_accuracy(correct, radius, dense))
+        assert regret_every_radius(correct, radius, singles) == pytest.approx(truth)
 
 
 def test_regret_interval_against_the_binomial():
@@ -147,7 +185,8 @@ def test_files_markdown_csv_json_png(tmp_path):
     rows = list(csv.reader(paths["csv"].open()))
     assert rows[0] == [
         "method", "label", "r=0", "r=0.5", "acr", "regret", "regret_95_lo", "regret_95_hi",
-        "regret r=0", "regret r=0.5", "regret r=1", "regret r=1.5", "forwards_per_input",
+        "regret_every_radius", "regret r=0", "regret r=0.5", "regret r=1", "regret r=1.5",
+        "forwards_per_input",
     ]  # fmt: skip
     dual = next(r for r in rows if r[0] == "dual")
     assert float(dual[2]) == pytest.approx(0.5) and float(dual[3]) == pytest.approx(2 / 6)

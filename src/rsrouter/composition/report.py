@@ -7,10 +7,11 @@ fraction of ALL inputs that are correct (not abstained) with radius >= r; ACR = 
 Regret: the envelope at r is the best single expert's certified accuracy at r (each expert at
 the full alpha); a method's regret is its largest shortfall from the envelope, in points, over
 the grid 0, step, ... up to the largest radius any expert certifies (<= 0: at or above the
-envelope everywhere). Its 95 % interval (``regret_intervals``) is a paired bootstrap over the
-inputs, the envelope recomputed on each resample: how much the figure moves with the sample of
-inputs, not a certificate. Cost: model forward passes per input (router + the experts a method
-reads), and the sampling seconds the records hold.
+envelope everywhere); ``regret_every_radius`` is the same over every radius, no grid. Its 95 %
+interval (``regret_intervals``) is a paired bootstrap over the inputs, the envelope recomputed
+on each resample: how much the figure moves with the sample of inputs, not a certificate.
+Cost: model forward passes per input (router + the experts a method reads), and the sampling
+seconds the records hold.
 """
 
 from __future__ import annotations
@@ -55,9 +56,11 @@ def radius_grid(max_radius: float, step: float = STEP) -> list[float]:
 def certified_accuracy(correct, radius, grid) -> np.ndarray:
     """Fraction of all inputs that are correct with radius >= r, for each r of ``grid``."""
     correct, radius = np.asarray(correct, dtype=bool), np.asarray(radius, dtype=np.float64)
+    grid = np.asarray(grid, dtype=np.float64).reshape(-1)
     if len(correct) == 0:
         return np.zeros(len(grid))
-    return np.array([float(np.mean(correct & (radius >= r))) for r in grid])
+    held = np.sort(radius[correct & ~np.isnan(radius)])  # a NaN radius certifies nothing
+    return (len(held) - np.searchsorted(held, grid, side="left")) / len(correct)
 
 
 def acr(correct, radius) -> float:
@@ -156,6 +159,23 @@ def regret(correct, radius, env_grid, env_acc) -> float:
     return float(100 * np.max(env_acc - certified_accuracy(correct, radius, env_grid)))
 
 
+def regret_every_radius(correct, radius, singles) -> float:
+    """The regret with no grid: the largest shortfall (points) from the envelope of ``singles``
+    (each expert's (correct, radius)) over EVERY r from 0 to the largest radius an expert
+    certifies. Every certified-accuracy curve is constant on each interval (a, b] between two
+    consecutive radii that occur (its own or an expert's), so the largest shortfall is attained
+    at r = 0 or at one of those radii; they are all evaluated. It is never below ``regret`` on
+    any grid inside that range, and shows dips a grid steps over (where one expert's
+    certificates end, say)."""
+    singles = [(np.asarray(c, dtype=bool), np.asarray(r, dtype=np.float64)) for c, r in singles]
+    top = max(float(np.nanmax(r, initial=0.0)) for _, r in singles)
+    radius = np.asarray(radius, dtype=np.float64)
+    points = np.concatenate([[0.0], radius, *(r for _, r in singles)])
+    points = np.unique(points[(points >= 0) & (points <= top)])
+    env = np.max([certified_accuracy(c, r, points) for c, r in singles], axis=0)
+    return float(100 * np.max(env - certified_accuracy(correct, radius, points)))
+
+
 def bootstrap_weights(rows: int, resamples: int, rng: np.random.Generator) -> np.ndarray:
     """(resamples, rows): each row the weights of one bootstrap resample of ``rows`` inputs (how
     often each is drawn, over ``rows``)."""
@@ -232,6 +252,7 @@ def summarize(
     env_grid = envelope(table, regret_grid)
     env_at = envelope(table, REGRET_AT)
     intervals = regret_intervals(table, regret_grid)
+    single_curves = [(table[k]["correct"], table[k]["radius"]) for k in singles]
 
     def one(key: str, m: dict) -> dict:
         at = env_at - certified_accuracy(m["correct"], m["radius"], REGRET_AT)
@@ -241,6 +262,7 @@ def summarize(
             "acr": acr(m["correct"], m["radius"]),
             "regret": regret(m["correct"], m["radius"], regret_grid, env_grid),
             "regret_interval": intervals[key],
+            "regret_every_radius": regret_every_radius(m["correct"], m["radius"], single_curves),
             "regret_at": {f"{r:g}": float(100 * v) for r, v in zip(REGRET_AT, at, strict=True)},
             "seconds_per_input": None if m["seconds"] is None else float(np.mean(m["seconds"])),
             "forwards_per_input": None if m["forwards"] is None else float(np.mean(m["forwards"])),
@@ -299,7 +321,8 @@ def to_markdown(summary: dict) -> str:
     head = (
         "| method | "
         + " | ".join(f"r={r:g}" for r in grid)
-        + f" | ACR | regret [95 % interval] | regret at r={at} | forwards/input | s/input |"
+        + f" | ACR | regret [95 % interval] | regret, every r | regret at r={at} | forwards/input"
+        " | s/input |"
     )
     top = summary["envelope"]["grid"][-1]
     cascade = summary["rule"] == "cascade" or "dual:cascade" in summary["routing_by_method"]
@@ -318,7 +341,7 @@ def to_markdown(summary: dict) -> str:
         f"headline rule {summary['rule']}. Abstentions count as wrong.",
         "",
         head,
-        "|" + "---|" * (len(grid) + 6),
+        "|" + "---|" * (len(grid) + 7),
     ]
     for m in summary["methods"].values():
         cells = [_pct(v) for v in m["certified_accuracy"]]
@@ -326,15 +349,18 @@ def to_markdown(summary: dict) -> str:
         lines.append(
             f"| {m['label']} | "
             + " | ".join(cells)
-            + f" | {m['acr']:.3f} | {regret_text(m)} | {regret_at} | {_cost(m)} |"
+            + f" | {m['acr']:.3f} | {regret_text(m)} | {m['regret_every_radius']:.1f}"
+            f" | {regret_at} | {_cost(m)} |"
         )
     gap = " | ".join(f"{100 * g:+.1f}" for g in summary["gap_to_best_single"])
-    lines.append(f"| dual − best single expert (points) | {gap} | | | | | |")
+    lines.append(f"| dual − best single expert (points) | {gap} | | | | | | |")
     lines += [
         "",
         f"Regret: the largest shortfall (points) from the best single expert at each radius "
         f"(each expert at the full alpha), over r = 0 to {top:g} by {_step(summary)}, the "
         "largest radius any expert certifies; at or below 0, the method never trails it. "
+        "Regret, every r: the same over every radius in that range, no grid (a grid can step "
+        "over a dip, where one expert's certificates end). "
         "Regret at r = ...: the shortfall at those radii (negative: above the envelope). "
         "The interval: a paired bootstrap over the inputs (the envelope recomputed on each of "
         f"{BOOTSTRAP} resamples), how much the regret moves with the sample of inputs; it is "
@@ -389,13 +415,15 @@ def to_csv(summary: dict) -> str:
     regret_at = [f"regret r={r:g}" for r in REGRET_AT]
     writer.writerow(
         ["method", "label", *[f"r={r:g}" for r in summary["grid"]], "acr", "regret",
-         "regret_95_lo", "regret_95_hi", *regret_at, "forwards_per_input"]
+         "regret_95_lo", "regret_95_hi", "regret_every_radius", *regret_at,
+         "forwards_per_input"]
     )  # fmt: skip
     for key, m in summary["methods"].items():
         fw = m["forwards_per_input"]
         writer.writerow(
             [key, m["label"], *[f"{v:.6f}" for v in m["certified_accuracy"]], f"{m['acr']:.6f}",
              f"{m['regret']:.4f}", *[f"{v:.4f}" for v in m["regret_interval"]],
+             f"{m['regret_every_radius']:.4f}",
              *[f"{v:.4f}" for v in m["regret_at"].values()],
              "" if fw is None else f"{fw:.1f}"]
         )  # fmt: skip
