@@ -148,10 +148,10 @@ def methods(meta: dict, records: list[dict]) -> dict[str, dict]:
     return out
 
 
-def envelope(table: dict[str, dict], grid) -> np.ndarray:
-    """The best single expert's certified accuracy at each r of ``grid``."""
-    singles = [m for k, m in table.items() if k.startswith("expert:")]
-    return np.max([certified_accuracy(m["correct"], m["radius"], grid) for m in singles], axis=0)
+def envelope(singles, grid) -> np.ndarray:
+    """The best single expert's certified accuracy at each r of ``grid``; ``singles``: each
+    expert's (correct, radius)."""
+    return np.max([certified_accuracy(c, r, grid) for c, r in singles], axis=0)
 
 
 def regret(correct, radius, env_grid, env_acc) -> float:
@@ -172,8 +172,8 @@ def regret_every_radius(correct, radius, singles) -> float:
     radius = np.asarray(radius, dtype=np.float64)
     points = np.concatenate([[0.0], radius, *(r for _, r in singles)])
     points = np.unique(points[(points >= 0) & (points <= top)])
-    env = np.max([certified_accuracy(c, r, points) for c, r in singles], axis=0)
-    return float(100 * np.max(env - certified_accuracy(correct, radius, points)))
+    shortfall = envelope(singles, points) - certified_accuracy(correct, radius, points)
+    return float(100 * np.max(shortfall))
 
 
 def bootstrap_weights(rows: int, resamples: int, rng: np.random.Generator) -> np.ndarray:
@@ -249,10 +249,10 @@ def summarize(
         grid = radius_grid(max(float(m["radius"].max()) for m in table.values()), step)
     singles = [k for k in table if k.startswith("expert:")]
     regret_grid = radius_grid(max(float(table[k]["radius"].max()) for k in singles), step)
-    env_grid = envelope(table, regret_grid)
-    env_at = envelope(table, REGRET_AT)
-    intervals = regret_intervals(table, regret_grid)
     single_curves = [(table[k]["correct"], table[k]["radius"]) for k in singles]
+    env_grid = envelope(single_curves, regret_grid)
+    env_at = envelope(single_curves, REGRET_AT)
+    intervals = regret_intervals(table, regret_grid)
 
     def one(key: str, m: dict) -> dict:
         at = env_at - certified_accuracy(m["correct"], m["radius"], REGRET_AT)

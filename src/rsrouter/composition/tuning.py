@@ -30,7 +30,7 @@ from rsrouter.composition.dual import decide, split_alpha
 from rsrouter.composition.report import (
     acr,
     bootstrap_weights,
-    certified_accuracy,
+    envelope,
     radius_grid,
     regret,
     resampled_accuracy,
@@ -77,8 +77,7 @@ def envelope_of(vc: ValidationCounts, alpha: float, step: float = 0.25, *, certi
     ``expert_certificates(vc, alpha)`` where the caller has them already."""
     pred, rad = expert_certificates(vc, alpha) if certificates is None else certificates
     grid = radius_grid(float(rad.max()), step)
-    curves = [certified_accuracy(p == vc.labels, r, grid) for p, r in zip(pred, rad, strict=True)]
-    return grid, np.max(curves, axis=0)
+    return grid, envelope([(p == vc.labels, r) for p, r in zip(pred, rad, strict=True)], grid)
 
 
 def decide_all(rule, router_sel, router_est, vc: ValidationCounts, *, sigma_e, alpha_router,
