@@ -27,9 +27,10 @@ Designs (names for --only):
 
 Printed last: a markdown table with, per design and rule, the worst-case regret to the
 single-expert envelope (with its 95 % bootstrap interval over the test inputs), the same over
-every radius with no grid, the regret at r = 0 / 0.5 / 1 / 1.5, ACR, routing shares, router
-abstentions and the cost per input; the single experts and Multiscale for reference. Every
-figure is measured in this run on this machine; the JSON keeps the val fits (every candidate).
+every radius with no grid (with its interval), the regret at r = 0 / 0.5 / 1 / 1.5, ACR,
+routing shares, router abstentions and the cost per input; the single experts and Multiscale
+for reference. Every figure is measured in this run on this machine; the JSON keeps the val
+fits (every candidate).
 """
 
 from __future__ import annotations
@@ -230,7 +231,8 @@ def _fmt(m: dict, names) -> list[str]:
     cost = f"{fw:,.0f} fwd, {m['seconds_per_input']:.2f} s" if fw else "—"
     acc = " / ".join(f"{100 * a:.1f}" for a in m["certified_accuracy"])
     worst = regret_text({**m, "regret": max(m["regret"], 0)})
-    every = f"{max(m['regret_every_radius'], 0):.1f}"
+    every = regret_text({**m, "regret_every_radius": max(m["regret_every_radius"], 0)},
+                        "regret_every_radius")  # fmt: skip
     row = [worst, every, at, acc, f"{m['acr']:.3f}", routed, abst, cost]
     if "regret_reference" in m:
         row.append(f"{max(m['regret_reference'], 0):.1f}")
@@ -238,7 +240,7 @@ def _fmt(m: dict, names) -> list[str]:
 
 
 def markdown(report: dict, names) -> str:
-    head = ("| design | rule | worst-case regret [95 % interval] | every r "
+    head = ("| design | rule | worst-case regret [95 % interval] | every r [95 %] "
             "| gap at r=0 / 0.5 / 1 / 1.5 | certified at r=0 / 0.5 / 1 / 1.5 | ACR | routed "
             + " / ".join(names)
             + " (%) | router abst. (%) | cost per input |")  # fmt: skip

@@ -53,6 +53,7 @@ def test_pipeline_end_to_end_then_resumes_without_recomputing(tmp_path, capsys):
     assert run(["certify", "--workspace", str(tmp_path / "ws")]) == 0
     shown = capsys.readouterr().out  # each regret with its 95 % interval, as in the report
     assert "regret [95 %]" in shown and re.search(r"\d+\.\d \[-?\d+\.\d, \d+\.\d\]", shown)
+    assert "every r" in shown  # the regret with no grid beside it
     assert list((tmp_path / "ws" / ".rsrouter" / "certify").glob("*.jsonl")) == records
 
 

@@ -9,11 +9,14 @@ import numpy as np
 import pytest
 
 from rsrouter.composition.report import (
+    bootstrap_weights,
+    breakpoints,
     certified_accuracy,
     radius_grid,
     regret,
     regret_every_radius,
     regret_intervals,
+    resampled_accuracy,
     summarize,
     to_markdown,
     write_report,
@@ -118,8 +121,13 @@ def test_regret_and_cost_by_hand():
     md = to_markdown(s)
     lo, hi = m["dual"]["regret_interval"]
     every = m["dual"]["regret_every_radius"]
-    row = f"| 0.317 | 0.0 [{lo:.1f}, {hi:.1f}] | {every:.1f} | -16.7 / +0.0 / +0.0 / +0.0 | 202 |"
+    e_lo, e_hi = m["dual"]["regret_every_radius_interval"]
+    row = (f"| 0.317 | 0.0 [{lo:.1f}, {hi:.1f}] | {every:.1f} [{e_lo:.1f}, {e_hi:.1f}] "
+           "| -16.7 / +0.0 / +0.0 / +0.0 | 202 |")  # fmt: skip
     assert row in md
+    for key in m:  # every resample's every-r regret is at least its grid regret
+        assert m[key]["regret_every_radius_interval"][0] >= m[key]["regret_interval"][0] - 1e-9
+        assert m[key]["regret_every_radius_interval"][1] >= m[key]["regret_interval"][1] - 1e-9
     for key in m:  # no grid: never below the grid's figure, and a's dip on (0.3, 0.6] is there
         assert m[key]["regret_every_radius"] >= m[key]["regret"] - 1e-9
     assert m["expert:a"]["regret_every_radius"] == pytest.approx(100 * 2 / 6)
@@ -155,6 +163,42 @@ def test_regret_every_radius_against_a_dense_grid():
         assert regret_every_radius(correct, radius, singles) == pytest.approx(truth)
 
 
+def test_resampled_accuracy_against_the_matrix_it_avoids():
+    """The sorted cumulative sum gives, on every resample, the weighted share of inputs that are
+    correct with radius >= r: the (inputs, grid) matrix product, abstentions (NaN radius, or
+    wrong) certifying nothing."""
+    rng = np.random.default_rng(5)
+    for _ in range(30):
+        rows = int(rng.integers(1, 40))
+        correct = rng.random(rows) < 0.7
+        radius = rng.integers(0, 20, rows) / 10  # ties, and radius 0 on the grid
+        radius[rng.random(rows) < 0.1] = np.nan
+        grid = np.unique(np.concatenate([[0.0, 0.05, 3.0], radius[~np.isnan(radius)]]))
+        weights = bootstrap_weights(rows, 7, rng)
+        hits = correct[:, None] & (np.nan_to_num(radius, nan=-1.0)[:, None] >= grid[None])
+        assert resampled_accuracy(correct, radius, grid, weights) == pytest.approx(weights @ hits)
+
+
+def test_every_radius_interval_against_a_dense_grid():
+    """The every-r regret's interval, taken over the breakpoints alone, is the interval over a
+    dense grid holding every radius (the same seeded resamples)."""
+    rng = np.random.default_rng(8)
+    rows = 60
+    table = {k: {"correct": rng.random(rows) < 0.8, "radius": rng.integers(0, 250, rows) / 100}
+             for k in ("expert:a", "expert:b", "dual")}  # fmt: skip
+    table["expert:a"]["radius"] = np.minimum(table["expert:a"]["radius"], 0.9)  # a short expert
+    top = max(table[k]["radius"].max() for k in ("expert:a", "expert:b"))
+    points = breakpoints([m["radius"] for m in table.values()], top)
+    assert points[0] == 0 and points[-1] == top and np.all(np.diff(points) > 0)
+    dense = np.arange(0, int(round(top * 100)) + 1) / 100
+    on_points = regret_intervals(table, points, resamples=300)
+    on_dense = regret_intervals(table, dense, resamples=300)
+    for key in table:
+        assert on_points[key] == pytest.approx(on_dense[key])
+    coarse = regret_intervals(table, radius_grid(top), resamples=300)  # the 0.25 grid
+    assert any(on_points[k][1] > coarse[k][1] + 1 for k in table)  # it looks between its points
+
+
 def test_regret_interval_against_the_binomial():
     """A method that is the best expert except on a fixed 10 % of inputs trails the envelope by
     exactly that share at every radius, so its regret on a resample is Binomial(N, 0.1) / N:
@@ -185,7 +229,8 @@ def test_files_markdown_csv_json_png(tmp_path):
     rows = list(csv.reader(paths["csv"].open()))
     assert rows[0] == [
         "method", "label", "r=0", "r=0.5", "acr", "regret", "regret_95_lo", "regret_95_hi",
-        "regret_every_radius", "regret r=0", "regret r=0.5", "regret r=1", "regret r=1.5",
+        "regret_every_radius", "regret_every_radius_95_lo", "regret_every_radius_95_hi",
+        "regret r=0", "regret r=0.5", "regret r=1", "regret r=1.5",
         "forwards_per_input",
     ]  # fmt: skip
     dual = next(r for r in rows if r[0] == "dual")

@@ -81,9 +81,11 @@ def certify_cmd(
         table.add_column(f"r={r:g}", justify="right")
     table.add_column("ACR", justify="right")
     table.add_column("regret [95 %]", justify="right")
+    table.add_column("every r", justify="right")
     for m in summary["methods"].values():
         cells = [f"{100 * v:.1f}" for v in m["certified_accuracy"]]
-        table.add_row(m["label"], *cells, f"{m['acr']:.3f}", regret_text(m))
+        every = f"{m['regret_every_radius']:.1f}"
+        table.add_row(m["label"], *cells, f"{m['acr']:.3f}", regret_text(m), every)
     show_table(table)
     console.print(
         f"{result.computed} input(s) certified now, {len(result.records)} in the run.\n"

@@ -7,9 +7,10 @@ fraction of ALL inputs that are correct (not abstained) with radius >= r; ACR = 
 Regret: the envelope at r is the best single expert's certified accuracy at r (each expert at
 the full alpha); a method's regret is its largest shortfall from the envelope, in points, over
 the grid 0, step, ... up to the largest radius any expert certifies (<= 0: at or above the
-envelope everywhere); ``regret_every_radius`` is the same over every radius, no grid. Its 95 %
-interval (``regret_intervals``) is a paired bootstrap over the inputs, the envelope recomputed
-on each resample: how much the figure moves with the sample of inputs, not a certificate.
+envelope everywhere); ``regret_every_radius`` is the same over every radius, no grid. The 95 %
+interval of each (``regret_intervals``) is a paired bootstrap over the inputs, the envelope
+recomputed on each resample: how much the figure moves with the sample of inputs, not a
+certificate.
 Cost: model forward passes per input (router + the experts a method reads), and the sampling
 seconds the records hold.
 """
@@ -159,19 +160,25 @@ def regret(correct, radius, env_grid, env_acc) -> float:
     return float(100 * np.max(env_acc - certified_accuracy(correct, radius, env_grid)))
 
 
+def breakpoints(radii, top: float) -> np.ndarray:
+    """0 and every radius of ``radii`` (arrays) in [0, top], sorted and unique: the only radii
+    where a certified-accuracy curve built from them can step (it is constant on each interval
+    (a, b] between two consecutive ones)."""
+    points = np.concatenate([[0.0], *(np.asarray(r, dtype=np.float64).ravel() for r in radii)])
+    return np.unique(points[(points >= 0) & (points <= top)])
+
+
 def regret_every_radius(correct, radius, singles) -> float:
     """The regret with no grid: the largest shortfall (points) from the envelope of ``singles``
     (each expert's (correct, radius)) over EVERY r from 0 to the largest radius an expert
     certifies. Every certified-accuracy curve is constant on each interval (a, b] between two
     consecutive radii that occur (its own or an expert's), so the largest shortfall is attained
-    at r = 0 or at one of those radii; they are all evaluated. It is never below ``regret`` on
-    any grid inside that range, and shows dips a grid steps over (where one expert's
-    certificates end, say)."""
+    at r = 0 or at one of those radii (``breakpoints``); they are all evaluated. It is never
+    below ``regret`` on any grid inside that range, and shows dips a grid steps over (where one
+    expert's certificates end, say)."""
     singles = [(np.asarray(c, dtype=bool), np.asarray(r, dtype=np.float64)) for c, r in singles]
     top = max(float(np.nanmax(r, initial=0.0)) for _, r in singles)
-    radius = np.asarray(radius, dtype=np.float64)
-    points = np.concatenate([[0.0], radius, *(r for _, r in singles)])
-    points = np.unique(points[(points >= 0) & (points <= top)])
+    points = breakpoints([radius, *(r for _, r in singles)], top)
     shortfall = envelope(singles, points) - certified_accuracy(correct, radius, points)
     return float(100 * np.max(shortfall))
 
@@ -183,11 +190,17 @@ def bootstrap_weights(rows: int, resamples: int, rng: np.random.Generator) -> np
 
 
 def resampled_accuracy(correct, radius, grid, weights: np.ndarray) -> np.ndarray:
-    """(resamples, G): certified accuracy at each r of ``grid`` on each weighted resample."""
-    hits = np.asarray(correct, dtype=bool)[:, None] & (
-        np.asarray(radius, dtype=np.float64)[:, None] >= np.asarray(grid, dtype=np.float64)[None]
-    )
-    return weights @ hits
+    """(resamples, G): certified accuracy at each r of ``grid`` on each weighted resample. One
+    sort of the radii and a cumulative sum, no (inputs, G) matrix, so a grid holding every
+    radius that occurs (the every-r regret's interval) stays cheap."""
+    ok = np.asarray(correct, dtype=bool) & ~np.isnan(np.asarray(radius, dtype=np.float64))
+    r = np.where(ok, np.asarray(radius, dtype=np.float64), -np.inf)  # -inf: certifies nothing
+    order = np.argsort(r, kind="stable")
+    w = np.asarray(weights, dtype=np.float64)[:, order]
+    tail = np.zeros((len(w), len(order) + 1))
+    tail[:, :-1] = np.cumsum(w[:, ::-1], axis=1)[:, ::-1]  # weight of sorted positions >= i
+    at = np.searchsorted(r[order], np.asarray(grid, dtype=np.float64).reshape(-1), side="left")
+    return tail[:, at]
 
 
 def regret_intervals(
@@ -200,21 +213,24 @@ def regret_intervals(
 ) -> dict[str, list[float]]:
     """Each method's worst-case regret's central ``level`` interval (points) over ``resamples``
     paired bootstrap resamples of the inputs (the same resample for every method, the envelope
-    recomputed on each): the noise of the test sample, not a certificate."""
+    recomputed on each): the noise of the test sample, not a certificate. ``env_grid``: the
+    radii the regret is taken over (the report's grid, or every radius that occurs for the
+    every-r regret); the same seed draws the same resamples for either."""
     check_count("resamples", resamples)
     if not 0 < level < 1:
         raise UsageError(f"the interval's level must lie in (0, 1), got {level!r}.")
     keys = list(table)
-    singles = [j for j, k in enumerate(keys) if k.startswith("expert:")]
     rows = len(next(iter(table.values()))["correct"])
     rng = np.random.default_rng(seed)
+
+    def curve(key: str, weights: np.ndarray) -> np.ndarray:
+        return resampled_accuracy(table[key]["correct"], table[key]["radius"], env_grid, weights)
+
     out = []
     for start in range(0, resamples, 100):  # 100 resamples at a time: bounded memory
         weights = bootstrap_weights(rows, min(100, resamples - start), rng)
-        acc = np.stack([resampled_accuracy(table[k]["correct"], table[k]["radius"], env_grid,
-                                           weights) for k in keys], axis=1)  # fmt: skip
-        env = acc[:, singles, :].max(axis=1)
-        out.append(100 * (env[:, None, :] - acc).max(axis=2))
+        env = np.max([curve(k, weights) for k in keys if k.startswith("expert:")], axis=0)
+        out.append(np.stack([100 * (env - curve(k, weights)).max(axis=1) for k in keys], axis=1))
     regrets = np.concatenate(out)
     tail = 50 * (1 - level)
     return {
@@ -253,6 +269,8 @@ def summarize(
     env_grid = envelope(single_curves, regret_grid)
     env_at = envelope(single_curves, REGRET_AT)
     intervals = regret_intervals(table, regret_grid)
+    top = max(float(np.nanmax(table[k]["radius"], initial=0.0)) for k in singles)
+    every = regret_intervals(table, breakpoints([m["radius"] for m in table.values()], top))
 
     def one(key: str, m: dict) -> dict:
         at = env_at - certified_accuracy(m["correct"], m["radius"], REGRET_AT)
@@ -263,6 +281,7 @@ def summarize(
             "regret": regret(m["correct"], m["radius"], regret_grid, env_grid),
             "regret_interval": intervals[key],
             "regret_every_radius": regret_every_radius(m["correct"], m["radius"], single_curves),
+            "regret_every_radius_interval": every[key],
             "regret_at": {f"{r:g}": float(100 * v) for r, v in zip(REGRET_AT, at, strict=True)},
             "seconds_per_input": None if m["seconds"] is None else float(np.mean(m["seconds"])),
             "forwards_per_input": None if m["forwards"] is None else float(np.mean(m["forwards"])),
@@ -309,10 +328,11 @@ def _cost(m: dict) -> str:
     return f"{'—' if fw is None else f'{fw:.0f}'} | {'—' if secs is None else f'{secs:.3g}'}"
 
 
-def regret_text(m: dict) -> str:
-    """A summary method's worst-case regret with its 95 % interval: "3.2 [2.3, 4.7]"."""
-    lo, hi = m["regret_interval"]
-    return f"{m['regret']:.1f} [{lo:.1f}, {hi:.1f}]"
+def regret_text(m: dict, key: str = "regret") -> str:
+    """A summary method's worst-case regret (``key``: "regret" on the grid, or
+    "regret_every_radius") with its 95 % interval: "3.2 [2.3, 4.7]"."""
+    lo, hi = m[f"{key}_interval"]
+    return f"{m[key]:.1f} [{lo:.1f}, {hi:.1f}]"
 
 
 def to_markdown(summary: dict) -> str:
@@ -321,8 +341,8 @@ def to_markdown(summary: dict) -> str:
     head = (
         "| method | "
         + " | ".join(f"r={r:g}" for r in grid)
-        + f" | ACR | regret [95 % interval] | regret, every r | regret at r={at} | forwards/input"
-        " | s/input |"
+        + f" | ACR | regret [95 % interval] | regret, every r [95 %] | regret at r={at}"
+        " | forwards/input | s/input |"
     )
     top = summary["envelope"]["grid"][-1]
     cascade = summary["rule"] == "cascade" or "dual:cascade" in summary["routing_by_method"]
@@ -349,7 +369,7 @@ def to_markdown(summary: dict) -> str:
         lines.append(
             f"| {m['label']} | "
             + " | ".join(cells)
-            + f" | {m['acr']:.3f} | {regret_text(m)} | {m['regret_every_radius']:.1f}"
+            + f" | {m['acr']:.3f} | {regret_text(m)} | {regret_text(m, 'regret_every_radius')}"
             f" | {regret_at} | {_cost(m)} |"
         )
     gap = " | ".join(f"{100 * g:+.1f}" for g in summary["gap_to_best_single"])
@@ -362,9 +382,9 @@ def to_markdown(summary: dict) -> str:
         "Regret, every r: the same over every radius in that range, no grid (a grid can step "
         "over a dip, where one expert's certificates end). "
         "Regret at r = ...: the shortfall at those radii (negative: above the envelope). "
-        "The interval: a paired bootstrap over the inputs (the envelope recomputed on each of "
-        f"{BOOTSTRAP} resamples), how much the regret moves with the sample of inputs; it is "
-        "not a certificate.",
+        "The intervals: a paired bootstrap over the inputs (the envelope recomputed on each of "
+        f"{BOOTSTRAP} resamples, the same for both regrets), how much the regret moves with the "
+        "sample of inputs; they are not certificates.",
         "",
         "## Routing",
         "",
@@ -415,7 +435,8 @@ def to_csv(summary: dict) -> str:
     regret_at = [f"regret r={r:g}" for r in REGRET_AT]
     writer.writerow(
         ["method", "label", *[f"r={r:g}" for r in summary["grid"]], "acr", "regret",
-         "regret_95_lo", "regret_95_hi", "regret_every_radius", *regret_at,
+         "regret_95_lo", "regret_95_hi", "regret_every_radius", "regret_every_radius_95_lo",
+         "regret_every_radius_95_hi", *regret_at,
          "forwards_per_input"]
     )  # fmt: skip
     for key, m in summary["methods"].items():
@@ -424,12 +445,13 @@ def to_csv(summary: dict) -> str:
             [key, m["label"], *[f"{v:.6f}" for v in m["certified_accuracy"]], f"{m['acr']:.6f}",
              f"{m['regret']:.4f}", *[f"{v:.4f}" for v in m["regret_interval"]],
              f"{m['regret_every_radius']:.4f}",
+             *[f"{v:.4f}" for v in m["regret_every_radius_interval"]],
              *[f"{v:.4f}" for v in m["regret_at"].values()],
              "" if fw is None else f"{fw:.1f}"]
         )  # fmt: skip
     writer.writerow(
         ["gap", "dual − best single expert", *[f"{g:.6f}" for g in summary["gap_to_best_single"]],
-         "", "", *[""] * len(REGRET_AT), ""]
+         *[""] * 7, *[""] * len(REGRET_AT), ""]
     )  # fmt: skip
     return buf.getvalue()
 
