@@ -96,13 +96,13 @@ def test_fit_class_gate_gives_each_class_its_own_threshold():
     assert gate["thresholds"] == shared["thresholds"]  # the start: the best shared row
     rows = gate["class_thresholds"]
     assert rows[0][0] < gates.bin_edges(3)[1] <= rows[1][0]  # class 0 -> sigma 0.25 band
-    best = min(tried, key=lambda t: (round(t["regret"], 2), -t["acr"]))
+    best = min(tried, key=lambda t: (round(t["objective"], 2), -t["acr"]))  # resampled regret
     assert best["routed"] == [0.5, 0.5]
     kept = [t for t in tried if t["class"] is not None and t["kept"]]
     assert kept and kept[-1] is best  # the rows kept are the descent's strict improvements
     start = [t for t in tried if t["class"] is None]
     assert len(start) == 4
-    assert all(t["regret"] >= best["regret"] and t["acr"] < best["acr"] for t in start)
+    assert all(t["objective"] >= best["objective"] and t["acr"] < best["acr"] for t in start)
 
 
 def test_gate_spec_is_checked():
@@ -134,8 +134,15 @@ def test_gate_spec_is_checked():
 
 def test_fit_gate_picks_the_thresholds_with_least_val_regret():
     """Two experts; expert 0 (small sigma) is right where the score is high, expert 1 where it
-    is low: the fitted cut must split the inputs there."""
-    from rsrouter.composition.tuning import ValidationCounts, fit_gate
+    is low: the fitted cut must split the inputs there. The fit ranks by the mean regret over
+    val resamples (``objective``, as the cascade's fit does) and records the sample's own."""
+    from rsrouter.composition.dual import split_alpha
+    from rsrouter.composition.tuning import (
+        ValidationCounts,
+        decide_all,
+        fit_gate,
+        resampled_regret,
+    )
 
     n, bins = 400, 4
     labels = np.zeros(8, dtype=np.int64)
@@ -152,6 +159,16 @@ def test_fit_gate_picks_the_thresholds_with_least_val_regret():
     assert len(others) == 2 and all(
         t["regret"] >= chosen["regret"] and t["acr"] < chosen["acr"] for t in others
     )
+    assert all(t["objective"] >= chosen["objective"] for t in others)
+    # the objective recorded is the resampled regret of the chosen gate's own decisions
+    full = [-1.0, *gates.bin_edges(bins), 1.0]
+    cuts = [full.index(t) for t in gate["thresholds"]]
+    a_router, a_expert = split_alpha(0.01)
+    routed = [gates.counts_for(b, cuts, gate["order"]) for b in (hi_score // 4, hi_score)]
+    pred, radius, _ = decide_all(
+        "min", *routed, vc, sigma_e=1.0, alpha_router=a_router, alpha_expert=a_expert
+    )
+    assert chosen["objective"] == pytest.approx(resampled_regret(vc, 0.01)(pred == labels, radius))
 
 
 def test_router_train_kind_gate_end_to_end(tmp_path, monkeypatch, capsys):

@@ -213,7 +213,8 @@ def _train_gate(ws, device: str, router_overrides: dict) -> None:
     console.print(
         f"{router.kind} router: a copy of {router.info['init']}; {fitted} chosen among "
         f"{len(tried)} on {router.info['tuning']['inputs']} val inputs (val regret "
-        f"{chosen['regret']:.1f} points, ACR {chosen['acr']:.3f}; routed {shares}).\n"
+        f"{chosen['regret']:.1f} points, {chosen['objective']:.1f} on average over val "
+        f"resamples, ACR {chosen['acr']:.3f}; routed {shares}).\n"
         f"the experts' cascade, fitted on the same val inputs: stages {stages} (val regret "
         f"{fit['regret']:.1f} points, {fit['objective']:.1f} on average over val resamples, "
         f"ACR {fit['acr']:.3f}); the headline rule of `router "
