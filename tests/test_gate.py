@@ -270,3 +270,38 @@ def test_fit_biases_moves_the_route_where_val_says_it_pays():
     plain = next(t for t in tried if t["biases"] == [0.0, 0.0])
     assert chosen["routed"] == [0.5, 0.5] and plain["routed"][0] == 0.0
     assert chosen["regret"] <= plain["regret"] and chosen["acr"] > plain["acr"]
+
+
+def test_decide_all_reuses_each_experts_certificate_across_candidates(monkeypatch):
+    """A fit decides each val input under many router counts; its experts' certificates do not
+    change, so with one memo each is computed once per (input, expert, level), and every
+    decision equals the one made without the memo."""
+    from rsrouter.composition.tuning import ValidationCounts, decide_all
+    from rsrouter.smoothing import Certificate
+
+    rng = np.random.default_rng(4)
+    rows, n = 6, 500
+    labels = rng.integers(0, 3, rows)
+    est = [np.array([rng.multinomial(n, rng.dirichlet(np.ones(3))) for _ in range(rows)])
+           for _ in range(3)]  # fmt: skip
+    vc = ValidationCounts(labels, [e // 5 for e in est], est, [0.25, 0.5, 1.0])
+    routers = [np.array([rng.multinomial(n, rng.dirichlet(np.ones(3))) for _ in range(rows)])
+               for _ in range(4)]  # fmt: skip
+    kw = {"sigma_e": 1.0, "alpha_router": 0.0005, "alpha_expert": 0.0005}
+    plain = [decide_all("agreement", r // 5, r, vc, **kw) for r in routers]
+    made = []
+    original = Certificate.from_counts.__func__
+
+    def counting(cls, *args):
+        made.append(args[-1])
+        return original(cls, *args)
+
+    monkeypatch.setattr(Certificate, "from_counts", classmethod(counting))
+    memo: dict = {}
+    cached = [decide_all("agreement", r // 5, r, vc, memo=memo, **kw) for r in routers]
+    for a, b in zip(plain, cached, strict=True):
+        for x, y in zip(a, b, strict=True):
+            assert np.array_equal(x, y)
+    experts = len(memo["expert certificates"])
+    assert experts == rows * 3  # one level (alpha_expert / 3) for agreement
+    assert len(made) == experts + 4 * rows  # plus one router certificate per decision
