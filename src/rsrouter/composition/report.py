@@ -229,8 +229,10 @@ def regret_intervals(
     out = []
     for start in range(0, resamples, 100):  # 100 resamples at a time: bounded memory
         weights = bootstrap_weights(rows, min(100, resamples - start), rng)
-        env = np.max([curve(k, weights) for k in keys if k.startswith("expert:")], axis=0)
-        out.append(np.stack([100 * (env - curve(k, weights)).max(axis=1) for k in keys], axis=1))
+        singles = {k: curve(k, weights) for k in keys if k.startswith("expert:")}
+        env = np.max(list(singles.values()), axis=0)
+        out.append(np.stack([100 * (env - (singles[k] if k in singles else curve(k, weights)))
+                             .max(axis=1) for k in keys], axis=1))  # fmt: skip
     regrets = np.concatenate(out)
     tail = 50 * (1 - level)
     return {
@@ -433,10 +435,10 @@ def to_csv(summary: dict) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     regret_at = [f"regret r={r:g}" for r in REGRET_AT]
+    stats = ["acr", "regret", "regret_95_lo", "regret_95_hi", "regret_every_radius",
+             "regret_every_radius_95_lo", "regret_every_radius_95_hi"]  # fmt: skip
     writer.writerow(
-        ["method", "label", *[f"r={r:g}" for r in summary["grid"]], "acr", "regret",
-         "regret_95_lo", "regret_95_hi", "regret_every_radius", "regret_every_radius_95_lo",
-         "regret_every_radius_95_hi", *regret_at,
+        ["method", "label", *[f"r={r:g}" for r in summary["grid"]], *stats, *regret_at,
          "forwards_per_input"]
     )  # fmt: skip
     for key, m in summary["methods"].items():
@@ -451,7 +453,7 @@ def to_csv(summary: dict) -> str:
         )  # fmt: skip
     writer.writerow(
         ["gap", "dual − best single expert", *[f"{g:.6f}" for g in summary["gap_to_best_single"]],
-         *[""] * 7, *[""] * len(REGRET_AT), ""]
+         *[""] * len(stats), *[""] * len(REGRET_AT), ""]
     )  # fmt: skip
     return buf.getvalue()
 
