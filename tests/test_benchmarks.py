@@ -73,3 +73,16 @@ def test_certify_overhead_refuses_an_unknown_model_in_one_sentence(capsys):
         module.main(["--arch", "nope"])
     assert refused.value.code == 2
     assert "unknown architecture 'nope'" in capsys.readouterr().err
+
+
+def test_fit_decisions_benchmark_times_the_same_decisions(capsys):
+    """benchmarks/fit_decisions.py prints a time only once both paths decided alike."""
+    path = SCRIPT.with_name("fit_decisions.py")
+    spec = importlib.util.spec_from_file_location("fit_decisions", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--inputs", "30", "--candidates", "2", "--n", "200"]) == 0
+    out = capsys.readouterr().out
+    assert "Same decisions, input for input, under every rule." in out
+    assert sum(line.startswith(("| min", "| pairwise", "| agreement")) for line in
+               out.splitlines()) == 3  # fmt: skip

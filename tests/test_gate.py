@@ -256,7 +256,13 @@ def test_router_train_defaults_to_the_class_gate_where_there_is_a_val_split(tmp_
 def test_fit_biases_moves_the_route_where_val_says_it_pays():
     """The router leans to expert 1 on the inputs only expert 0 gets right: a negative bias on
     expert 1 (fitted on val) sends them back, while its confident votes stay with expert 1."""
-    from rsrouter.composition.tuning import ValidationCounts, fit_biases
+    from rsrouter.composition.dual import split_alpha
+    from rsrouter.composition.tuning import (
+        ValidationCounts,
+        decide_all,
+        fit_biases,
+        resampled_regret,
+    )
 
     n = 1000
     labels = np.zeros(8, dtype=np.int64)
@@ -270,38 +276,59 @@ def test_fit_biases_moves_the_route_where_val_says_it_pays():
     plain = next(t for t in tried if t["biases"] == [0.0, 0.0])
     assert chosen["routed"] == [0.5, 0.5] and plain["routed"][0] == 0.0
     assert chosen["regret"] <= plain["regret"] and chosen["acr"] > plain["acr"]
+    # the fit minimises the val sample's regret (the resampled objective is recorded beside),
+    # and one scorer decides every candidate as a fresh decide_all does
+    assert chosen["regret"] == min(t["regret"] for t in tried)
+    objective = resampled_regret(vc, 0.01)
+    a_router, a_expert = split_alpha(0.01, None)
+    for t in tried:
+        pred, radius, routed = decide_all("pairwise", r_est // 10, r_est, vc, sigma_e=1.0,
+                                          biases=t["biases"], alpha_router=a_router,
+                                          alpha_expert=a_expert)  # fmt: skip
+        assert t["routed"] == [float(np.mean(routed == j)) for j in range(2)]
+        assert t["objective"] == pytest.approx(objective(pred == labels, radius))
 
 
-def test_decide_all_reuses_each_experts_certificate_across_candidates(monkeypatch):
-    """A fit decides each val input under many router counts; its experts' certificates do not
-    change, so with one memo each is computed once per (input, expert, level), and every
-    decision equals the one made without the memo."""
+@pytest.mark.parametrize("rule", ["min", "pairwise", "agreement"])
+@pytest.mark.parametrize("biased", [False, True])
+def test_decide_all_decides_as_decide_input_by_input(rule, biased):
+    """The val fits decide every input at once (rules.decide_rows); certify runs call decide
+    per input. Random counts, router and expert abstentions, near-ties and unanimous votes
+    included: the same class, radius and route, to the last bit."""
+    from rsrouter.composition.dual import decide
     from rsrouter.composition.tuning import ValidationCounts, decide_all
     from rsrouter.smoothing import Certificate
 
     rng = np.random.default_rng(4)
-    rows, n = 6, 500
-    labels = rng.integers(0, 3, rows)
-    est = [np.array([rng.multinomial(n, rng.dirichlet(np.ones(3))) for _ in range(rows)])
-           for _ in range(3)]  # fmt: skip
-    vc = ValidationCounts(labels, [e // 5 for e in est], est, [0.25, 0.5, 1.0])
-    routers = [np.array([rng.multinomial(n, rng.dirichlet(np.ones(3))) for _ in range(rows)])
-               for _ in range(4)]  # fmt: skip
+    rows, n, classes = 300, 500, 3
+    sigmas = [0.25, 0.5, 1.0]
+
+    def counts(k):  # a mix of sure, split and one-class votes
+        p = rng.dirichlet(np.full(k, rng.choice([0.1, 1.0, 10.0])), size=rows)
+        c = np.array([rng.multinomial(n, q) for q in p])
+        c[rng.random(rows) < 0.1] = np.eye(k, dtype=np.int64)[rng.integers(0, k)] * n
+        return c
+
+    labels = rng.integers(0, classes, rows)
+    est = [counts(classes) for _ in sigmas]
+    vc = ValidationCounts(labels, [e // 5 for e in est], est, sigmas)
+    router = counts(len(sigmas))
+    router[:30] = rng.permuted(np.tile([[240, 210, 50]], (30, 1)), axis=1)  # leaders biases move
+    biases = rng.normal(0, 0.5, len(sigmas)) if biased else None
     kw = {"sigma_e": 1.0, "alpha_router": 0.0005, "alpha_expert": 0.0005}
-    plain = [decide_all("agreement", r // 5, r, vc, **kw) for r in routers]
-    made = []
-    original = Certificate.from_counts.__func__
-
-    def counting(cls, *args):
-        made.append(args[-1])
-        return original(cls, *args)
-
-    monkeypatch.setattr(Certificate, "from_counts", classmethod(counting))
     memo: dict = {}
-    cached = [decide_all("agreement", r // 5, r, vc, memo=memo, **kw) for r in routers]
-    for a, b in zip(plain, cached, strict=True):
-        for x, y in zip(a, b, strict=True):
-            assert np.array_equal(x, y)
-    experts = len(memo["expert certificates"])
-    assert experts == rows * 3  # one level (alpha_expert / 3) for agreement
-    assert len(made) == experts + 4 * rows  # plus one router certificate per decision
+    pred, radius, routed = decide_all(rule, router // 5, router, vc, biases=biases, memo=memo,
+                                      **kw)  # fmt: skip
+    for i in range(rows):
+        c = decide(rule, (router[i] // 5, router[i]), [(s[i], e[i]) for s, e in
+                   zip(vc.selection, vc.estimation, strict=True)], sigmas=sigmas, biases=biases,
+                   **kw)  # fmt: skip
+        assert (pred[i], radius[i], routed[i]) == (c.prediction, c.radius, c.expert)
+    assert len(set(routed.tolist())) > 1 and (pred == -1).any() and (pred >= 0).any()
+    # the experts' certificates are kept per level for the next candidate
+    ((level, (e_pred, e_rad)),) = memo.items()
+    assert level == 0.0005 / (3 if rule == "agreement" else 1)
+    for j, sigma in enumerate(sigmas):
+        for i in range(rows):
+            c = Certificate.from_counts(vc.selection[j][i], vc.estimation[j][i], sigma, level)
+            assert (e_pred[j, i], e_rad[j, i]) == (c.prediction, c.radius)

@@ -102,6 +102,17 @@ def certified_radius(count, n, sigma: float, alpha: float):
     return float(radius) if radius.ndim == 0 else radius
 
 
+def certify_rows(selection_counts, counts, sigma: float, alpha: float):
+    """(prediction, radius) arrays of ``Certificate.from_counts`` for (N, K) counts at once: the
+    same numbers, row by row (prediction -1 where the radius is 0)."""
+    sel = np.atleast_2d(np.asarray(selection_counts, dtype=np.int64))
+    est = np.atleast_2d(np.asarray(counts, dtype=np.int64))
+    selected = sel.argmax(axis=1)
+    radius = np.atleast_1d(certified_radius(est[np.arange(len(est)), selected],
+                                            est.sum(axis=1), sigma, alpha))  # fmt: skip
+    return np.where(radius > 0, selected, ABSTAIN), radius.astype(np.float64)
+
+
 @dataclass(frozen=True)
 class Certificate:
     """CERTIFY's outcome with the counts it came from (prediction -1 means abstain)."""

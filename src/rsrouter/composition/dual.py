@@ -152,13 +152,10 @@ def decide(
     alpha_expert: float,
     biases=None,
     cascade=None,
-    expert_certificate=None,
 ) -> DualCertificate:
     """The certificate of ``rule`` from stored counts: (selection, estimation) of the router and
     of each expert (None for an expert the rule does not read, see ``experts_needed``; the
-    router's may be None for the cascade, which reads none). ``expert_certificate(i, level)``,
-    if given, returns expert i's Certificate from those counts at ``level`` (a cache: a val fit
-    decides each input under many router counts, its experts' counts never change).
+    router's may be None for the cascade, which reads none).
 
     "min" routes by the plain argmax and ignores ``biases``. "cascade" needs ``cascade`` (a
     checked CascadeSpec), ignores the router's counts and spends alpha_router + alpha_expert on
@@ -176,8 +173,6 @@ def decide(
     def cert(i: int, level: float) -> Certificate:
         if expert_counts[i] is None:
             raise UsageError(f"the {rule} rule needs the counts of expert {i}.")
-        if expert_certificate is not None:
-            return expert_certificate(i, level)
         return Certificate.from_counts(*expert_counts[i], sigmas[i], level)
 
     if check_rule(rule) == CASCADE:

@@ -26,7 +26,7 @@ import numpy as np
 from scipy.special import ndtri
 
 from rsrouter.errors import UsageError
-from rsrouter.smoothing import ABSTAIN, lower_confidence_bound
+from rsrouter.smoothing import ABSTAIN, certify_rows, lower_confidence_bound
 
 RULES = ("min", "pairwise", "agreement")  # the rules that read the router
 # the experts' class-aware cascade (composition/cascade.py): no router is read; its stage order
@@ -154,6 +154,57 @@ def agreement_sweep(j: int, gaps, predictions, radii) -> tuple[int, float]:
         if all(int(predictions[k]) == c and radii[k] >= r for k in inside):
             best = max(best, r)
     return (c, best) if best > 0 else (ABSTAIN, 0.0)
+
+
+def decide_rows(rule: str, router_sel, router_est, expert_pred, expert_rad, *, sigma_e: float,
+                alpha_router: float, biases=None):  # fmt: skip
+    """(prediction, radius, route) arrays of ``dual.decide`` under ``rule`` (min, pairwise or
+    agreement) for N inputs at once, with the same numbers input by input: the router's (N, E)
+    selection and estimation counts, and each expert's certified class and radius (E, N) at the
+    level the rule reads them (alpha_expert for min and pairwise, alpha_expert / E for
+    agreement). The val fits decide thousands of candidates this way; certify runs call
+    ``decide``, which keeps every certificate for the record."""
+    sel = np.atleast_2d(np.asarray(router_sel, dtype=np.int64))
+    est = np.atleast_2d(np.asarray(router_est, dtype=np.int64))
+    e_pred, e_rad = np.asarray(expert_pred), np.asarray(expert_rad, dtype=np.float64)
+    rows, width = est.shape
+    idx = np.arange(rows)
+    if check_rule(rule) == "min":  # the router's own certificate picks the expert
+        j, r_router = certify_rows(sel, est, sigma_e, alpha_router)
+        routed = j >= 0
+        pred = np.where(routed, e_pred[np.maximum(j, 0), idx], ABSTAIN)
+        ok = pred != ABSTAIN
+        radius = np.where(ok, np.minimum(r_router, e_rad[np.maximum(j, 0), idx]), 0.0)
+        return pred, radius, j
+    if rule == CASCADE:
+        raise UsageError("decide_rows reads the router: the cascade is decided by certify_cascade.")
+    b = check_biases(biases, width)
+    shares = sel / np.maximum(sel.sum(axis=1, keepdims=True), 1.0)
+    j = np.argmax(_scores(shares, b), axis=1)  # leader() row by row
+    n = est.sum(axis=1)
+    level = alpha_router / width
+    lo = np.atleast_1d(lower_confidence_bound(est[idx, j], n, level)).astype(np.float64)
+    hi = 1.0 - np.atleast_2d(lower_confidence_bound(n[:, None] - est, n[:, None], level))
+    hi = np.minimum(hi, 1.0 - lo[:, None])
+    hi[idx, j] = 1.0
+    with np.errstate(invalid="ignore"):  # score_gaps() row by row
+        gaps = sigma_e / 2 * (_scores(lo, b[j])[:, None] - _scores(hi, b))
+    gaps = np.where(np.isnan(gaps), -np.inf, gaps)
+    gaps[idx, j] = np.inf
+    r_router = gaps.min(axis=1)
+    r_router = np.where(r_router > 0, r_router, 0.0)
+    route = np.where(r_router > 0, j, ABSTAIN)
+    c, r_j = e_pred[j, idx], e_rad[j, idx]
+    if rule == "pairwise":
+        ok = (r_router > 0) & (c != ABSTAIN)
+        return np.where(ok, c, ABSTAIN), np.where(ok, np.minimum(r_router, r_j), 0.0), route
+    # agreement_radius() row by row: k != j* binds at max(gap_k, R_k if k certifies c else 0)
+    agree = np.where(c[:, None] == e_pred.T, e_rad.T, 0.0)
+    bound = np.maximum(gaps, agree)
+    bound[idx, j] = r_j
+    radius = bound.min(axis=1)
+    ok = (c != ABSTAIN) & (radius > 0)
+    return np.where(ok, c, ABSTAIN), np.where(ok, radius, 0.0), route
 
 
 def simultaneous_bounds(counts, alpha: float) -> tuple[np.ndarray, np.ndarray]:
