@@ -83,8 +83,8 @@ compiled) # budget 240 s: compilation (UNet, ViT, ResNet-110; 2 batch shapes eac
     | tee "$out/carlini-compiled.txt" || status=$?
   finish "$status" "$budget"
   ;;
-example) # budget 420 s: experts ~120 s, val counts ~100 s, class-gate fit ~60-110 s (a CPU
-  budget=${STEP_SECONDS:-420} # loop: 53 s on 500 val images, 2-core VM), test counts ~100 s; resumable
+example) # budget 420 s: experts ~120 s, val counts ~100 s, class-gate fit ~30 s (CPU: 13 s on
+  budget=${STEP_SECONDS:-420} # 500 val images, 2-core VM), test counts ~100 s; headroom; resumable
   log "examples/fashion_mnist, Gaussian experts (resumes from $ws)"
   status=0
   timeout "$budget" "$py" examples/fashion_mnist/run.py "${example_size[@]}" --mode gaussian \
