@@ -418,10 +418,10 @@ def fit_biases(
 ) -> tuple[list[float], list[dict]]:
     """Per-expert biases b on Phi^-1(q) (expert 0's fixed at 0) under ``rule`` (pairwise or
     agreement: "min" ignores biases) with the least val regret, ties to the larger ACR:
-    (biases, every candidate's scores, the resampled ``objective`` recorded beside). Not the
-    resampled objective of the other fits: on 2-fold splits of 500 Fashion-MNIST val images it
-    gave the same biases on four halves of six and a higher held-out regret on the other two
-    (docs/results/routing.md, twelfth round)."""
+    (biases, every candidate's scores, each with the resampled ``objective`` beside its
+    ``regret``). Not ranked by that objective, as the other fits are: on 2-fold splits of 500
+    Fashion-MNIST val images it chose the same biases on four halves of six and ones with a
+    higher held-out regret on the other two (docs/results/routing.md, twelfth round)."""
     if rule == "min":
         raise UsageError("biases need the pairwise or agreement rule: min ignores them.")
     score = _scorer(vc, sigma_e=sigma_e, alpha=alpha, alpha_router=alpha_router, rule=rule,
