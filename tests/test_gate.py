@@ -313,7 +313,8 @@ def test_decide_all_decides_as_decide_input_by_input(rule, biased):
     est = [counts(classes) for _ in sigmas]
     vc = ValidationCounts(labels, [e // 5 for e in est], est, sigmas)
     router = counts(len(sigmas))
-    router[:30] = rng.permuted(np.tile([[240, 210, 50]], (30, 1)), axis=1)  # leaders biases move
+    # near ties, where the biases move the leader
+    router[:30] = rng.permuted(np.tile([[240, 210, 50]], (30, 1)), axis=1)
     biases = rng.normal(0, 0.5, len(sigmas)) if biased else None
     kw = {"sigma_e": 1.0, "alpha_router": 0.0005, "alpha_expert": 0.0005}
     memo: dict = {}
