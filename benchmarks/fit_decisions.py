@@ -45,6 +45,13 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=2000, help="estimation draws per input (2,000)")
     p.add_argument("--alpha", type=float, default=0.001)
     args = p.parse_args(argv)
+    for name in ("inputs", "candidates", "n"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be at least 1, got {getattr(args, name)}.")
+    if args.classes < 2:
+        p.error(f"--classes must be at least 2, got {args.classes}.")
+    if not 0 < args.alpha < 1:
+        p.error(f"--alpha must lie strictly between 0 and 1, got {args.alpha}.")
     rng = np.random.default_rng(0)
     rows, width = args.inputs, len(SIGMAS)
     est = [votes(rng, rows, args.classes, args.n) for _ in SIGMAS]

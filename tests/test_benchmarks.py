@@ -86,3 +86,7 @@ def test_fit_decisions_benchmark_times_the_same_decisions(capsys):
     assert "Same decisions, input for input, under every rule." in out
     assert sum(line.startswith(("| min", "| pairwise", "| agreement")) for line in
                out.splitlines()) == 3  # fmt: skip
+    for bad in (["--candidates", "0"], ["--inputs", "0"], ["--classes", "1"], ["--alpha", "2"]):
+        with pytest.raises(SystemExit) as exit_info:
+            module.main(bad)
+        assert exit_info.value.code == 2  # argparse's one-sentence usage error
