@@ -275,14 +275,15 @@ def fit_gate(
     """The gate thresholds (on the bin edges) with the least mean regret over bootstrap
     resamples of val under ``rule`` (``resampled_regret``), ties to the larger ACR: (gate spec
     without "classes", every candidate's scores)."""
-    order = list(order if order is not None else gates.default_order(vc.sigmas))
     score = _scorer(vc, sigma_e=sigma_e, alpha=alpha, alpha_router=alpha_router, rule=rule,
                     step=step)  # fmt: skip
-    return _fit_shared(score, sel_bins, est_bins, order)
+    return _fit_shared(score, sel_bins, est_bins, order, vc.sigmas)
 
 
-def _fit_shared(score, sel_bins, est_bins, order) -> tuple[dict, list[dict]]:
-    """``fit_gate``'s search with a given ``_scorer``: every threshold row on the bin edges."""
+def _fit_shared(score, sel_bins, est_bins, order, sigmas) -> tuple[dict, list[dict]]:
+    """``fit_gate``'s search with a given ``_scorer``: every threshold row on the bin edges
+    (``order`` None: ``gates.default_order`` of the experts' ``sigmas``)."""
+    order = list(order if order is not None else gates.default_order(sigmas))
     edges = gates.bin_edges(sel_bins.shape[1])
     tried = [
         {"thresholds": gates.cut_thresholds(cuts, edges),
@@ -322,9 +323,9 @@ def fit_class_gate(
     per_class = (np.asarray(c).reshape(len(c), classes, bins) for c in (sel_bins, est_bins))
     sel_shared, est_shared = (c.sum(axis=1) for c in per_class)
     order = fit.pop("order", None)
-    order = list(order if order is not None else gates.default_order(vc.sigmas))
     score = _scorer(vc, **fit)  # one for the shared start and the descent: one memo
-    start, shared_tried = _fit_shared(score, sel_shared, est_shared, order)
+    start, shared_tried = _fit_shared(score, sel_shared, est_shared, order, vc.sigmas)
+    order = start["order"]
     edges = gates.bin_edges(bins)
     candidates = list(gates.threshold_grid(bins, len(order)))
     tried = [{"class": None, **t} for t in shared_tried]
