@@ -19,6 +19,9 @@ Designs (names for --only):
   cascade        no router: the experts gate themselves on their own smoothed confidence, a
                  threshold per stage and class and the stage order fitted on val (the cascade
                  rule, composition/cascade.py; `router train --kind gate` fits it too)
+  cascade-keep   the same rule with the largest sigma first at 1/2 for every class, the later
+                 stages' order and thresholds fitted on val (`router train --cascade
+                 keep-multiscale`: Multiscale's certificates from that stage are all kept)
   cascade-plain  the same rule unfitted: Multiscale's stages (largest sigma first) and
                  thresholds (all 1/2), where a stage that may fire with the certified class
                  does not stop the cascade (Multiscale itself abstains there)
@@ -66,7 +69,8 @@ from rsrouter.router.tables import workspace_dataset
 from rsrouter.runtime import resolve_device
 
 DESIGNS = ("learned", "learned-bias", "gate", "class-gate", "abstain-gate", "cascade",
-           "cascade-plain")  # fmt: skip
+           "cascade-keep", "cascade-plain")  # fmt: skip
+CASCADE_FIT = {"cascade": "regret", "cascade-keep": "keep-multiscale"}  # fitted on val
 # the abstain-gate copy's training (Adam: AdamW without decay), chosen on val
 ABSTAIN = FinetuneConfig(epochs=10, batch_size=128, lr=1e-3, weight_decay=0.0)
 RADII = ("0", "0.5", "1", "1.5")
@@ -146,9 +150,10 @@ def main(argv=None) -> int:
         if design == "learned":
             dual = DualSmoothed(learned, learned.sigma_e, list(experts.values()), rule=args.rule)
         elif design.startswith("cascade"):
-            if design == "cascade":
+            if design in CASCADE_FIT:
                 vc = experts_val_counts(ws, experts, device=device, progress=progress)
-                spec, tried = fit_cascade(vc, alpha=_alphas(ws)["alpha"])
+                spec, tried = fit_cascade(vc, alpha=_alphas(ws)["alpha"],
+                                          fit=CASCADE_FIT[design])  # fmt: skip
                 fit = {"cascade": spec.to_dict(), "tried": [t for t in tried if t["kept"]],
                        "tried_count": len(tried)}  # fmt: skip
             else:

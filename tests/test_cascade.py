@@ -188,6 +188,56 @@ def test_the_val_fit_minimises_the_resampled_regret():
         assert ranks == sorted(ranks, reverse=True) and len(set(ranks)) == len(ranks)
 
 
+def sure_but_sometimes_wrong(seed: int, rows: int = 150):
+    """Val counts of three experts on 3 classes: sigma = 1 sure and right on 70 % of the inputs,
+    sure and wrong on 12 %, split evenly on the rest; sigma = 0.25 and 0.5 right, less sure."""
+    from rsrouter.composition.tuning import ValidationCounts
+
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 3, rows)
+    u = rng.uniform(size=rows)
+    counts = []
+    for top in (0.85, 0.7, None):
+        p = np.full((rows, 3), 0.05)
+        if top is None:
+            said = np.where(u < 0.7, labels, (labels + 1) % 3)
+            p[np.arange(rows), said] = 0.99
+            p[u >= 0.82] = 1 / 3
+        else:
+            p[np.arange(rows), labels] = top
+        p /= p.sum(axis=1, keepdims=True)
+        counts.append(np.array([rng.multinomial(500, q) for q in p]))
+    return ValidationCounts(labels, [c // 5 for c in counts], counts, [0.25, 0.5, 1.0])
+
+
+def test_the_keep_multiscale_fit_keeps_every_certificate_of_the_largest_sigma():
+    """fit="keep-multiscale": sigma = 1 first at 1/2 for every class, only the later stages
+    fitted; so every input Multiscale certifies with sigma = 1 keeps its class and at least its
+    radius (the regret fit here cuts about 20 of them). "plain" is Multiscale's spec."""
+    from rsrouter.composition.tuning import fit_cascade as fit_on_val
+
+    alpha, vc = 0.001, sure_but_sometimes_wrong(0)
+    bounds = bounds_of(vc.selection, vc.estimation, vc.sigmas, alpha)
+    regret_fit, _ = fit_on_val(vc, alpha=alpha)
+    keep, tried = fit_on_val(vc, alpha=alpha, fit="keep-multiscale")
+    plain = multiscale_spec(vc.sigmas, 3)
+    assert regret_fit.order[0] != 2 and keep.order[0] == 2 and keep != plain  # it fitted
+    assert keep.thresholds[0] == (0.5,) * 3 and all(t["order"][0] == 2 for t in tried)
+    p_keep, r_keep, _ = certify_cascade(bounds, keep)
+    by_big = 0
+    for i in range(len(vc.labels)):
+        draws = zip(vc.selection, vc.estimation, vc.sigmas, strict=True)
+        certs = [Certificate.from_counts(s[i], e[i], sg, alpha) for s, e, sg in draws]
+        ms = multiscale(certs, alpha)
+        if ms.stage == 2:  # Multiscale's certificate from sigma = 1
+            by_big += 1
+            assert p_keep[i] == ms.prediction and r_keep[i] >= ms.radius - 1e-12
+    assert by_big > 100
+    assert fit_on_val(vc, alpha=alpha, fit="plain")[0] == plain
+    with pytest.raises(UsageError, match="unknown cascade fit 'best'"):
+        fit_on_val(vc, alpha=alpha, fit="best")
+
+
 def test_cascade_ground_truth_on_linear_experts():
     """Three linear experts (3 classes, one-vs-rest argmax of linear scores is not a halfspace,
     so two classes: a halfspace each): the claimed class is the true output of g on the whole

@@ -80,6 +80,8 @@ def test_bad_pipeline_settings_are_usage_errors():
         )
     with pytest.raises(UsageError):
         PipelineConfig(certify_limit=0)
+    with pytest.raises(UsageError, match="unknown cascade fit 'best'"):
+        PipelineConfig(cascade_fit="best")
 
 
 def _accuracies(result) -> dict:
@@ -134,18 +136,23 @@ def test_the_demos_router_design_runs_at_a_tiny_size(tmp_path, capsys):
     assert list((tmp_path / "ws" / ".rsrouter" / "certify" / "router").glob("*")) == router_counts
 
 
-def test_the_pipeline_writes_its_tune_limit_into_the_workspace(tmp_path):
-    """[tune] limit comes from the config (None: the whole val split), so a rerun of the
-    pipeline fits on the same val images as the run before it."""
+def test_the_pipeline_writes_its_tune_settings_into_the_workspace(tmp_path):
+    """[tune] limit (None: the whole val split) and cascade come from the config, so a rerun
+    of the pipeline fits on the same val images, the same way, as the run before it."""
     from rsrouter.composition.tuning import _val_setup
 
     config = replace(TINY, workspace=tmp_path / "ws", validation=40, router_kind="class-gate",
                      gate_bins=4, tune_limit=24)  # fmt: skip
     ws = pipeline.open_workspace(config)
     pipeline.configure_workspace(ws, config, ["a"])
-    assert ws.settings("tune") == {"bins": 4, "limit": 24}
+    assert ws.settings("tune") == {"bins": 4, "limit": 24, "cascade": "regret"}
     tune, *_ = _val_setup(type(ws).open(tmp_path / "ws"), "cpu")  # as `router train` reads it
-    assert tune["limit"] == 24
+    assert tune["limit"] == 24 and tune["cascade"] == "regret"
+    pipeline.configure_workspace(ws, replace(config, cascade_fit="keep-multiscale"), ["a"])
+    tune, *_ = _val_setup(type(ws).open(tmp_path / "ws"), "cpu")
+    assert tune["cascade"] == "keep-multiscale"
+    tune, *_ = _val_setup(type(ws).open(tmp_path / "ws"), "cpu", "plain")  # a CLI flag wins
+    assert tune["cascade"] == "plain"
     pipeline.configure_workspace(ws, replace(config, tune_limit=None), ["a"])
     tune, *_ = _val_setup(type(ws).open(tmp_path / "ws"), "cpu")
     assert tune["limit"] is None and "limit" not in ws.settings("tune")

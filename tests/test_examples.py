@@ -58,6 +58,11 @@ def test_fashion_mnist_example_full_sizes_follow_the_issue():
     assert gate.router_kind == "class-gate" and gate.validation == 500  # no tables needed
     learned = example.config_for(example.parse(["--cpu", "--router-kind", "learned"]), "gaussian")
     assert learned.router_kind == "learned"
+    assert gate.cascade_fit == "regret"
+    keep = example.config_for(
+        example.parse(["--cpu", "--cascade-fit", "keep-multiscale"]), "gaussian"
+    )
+    assert keep.cascade_fit == "keep-multiscale"
     # the DDPM in front of the router means the paper's learned router, for the denoised family
     args = example.parse(["--router-denoiser"])
     assert example.config_for(args, "denoised").router_kind == "learned"

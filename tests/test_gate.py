@@ -199,7 +199,7 @@ def test_router_train_kind_gate_end_to_end(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "class-gate router: a copy of g0.5" in out, out
     assert "entropy thresholds per predicted class" in out and "on 12 val inputs" in out, out
-    assert "the experts' cascade, fitted on the same val inputs: stages" in out, out
+    assert "the experts' cascade, fitted on the same val inputs (regret): stages" in out, out
     assert read == ["train"]
     router = RouterModel.from_pretrained(ws.artifacts / "router")
     assert router.kind == "class-gate" and len(router.gate["class_thresholds"]) == 10
@@ -214,6 +214,43 @@ def test_router_train_kind_gate_end_to_end(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     assert run(["certify", "--rule", "cascade", *w]) == 0, capsys.readouterr().err
     assert "class-aware cascade" in capsys.readouterr().out
+
+
+def test_router_train_cascade_fits(tmp_path, capsys):
+    """`router train --cascade`: keep-multiscale keeps the largest sigma first at 1/2 and fits
+    the rest; plain is Multiscale's spec; a bad name, or a router that fits no cascade, is
+    refused in one sentence and the saved router is left as it was."""
+    from rsrouter.cli.main import run
+    from rsrouter.composition.cascade import multiscale_spec
+
+    ws = val_split_workspace(tmp_path, (0.25, 0.5, 1.0))
+    w = ["-w", str(ws.root), "--device", "cpu"]
+    folder = ws.artifacts / "router"
+    for fit in ("keep-multiscale", "plain"):
+        assert run(["train", "--kind", "class-gate", "--cascade", fit, *w]) == 0, (
+            capsys.readouterr().err
+        )
+        assert f"fitted on the same val inputs ({fit}): stages g1.0 → " in (capsys.readouterr().out)
+        router = RouterModel.from_pretrained(folder)
+        cascade = router.info["cascade"]
+        assert cascade["order"][0] == 2 and cascade["thresholds"][0] == [0.5] * 10
+        assert router.info["tuning"]["cascade_fit"].startswith(f"{fit}: ")
+        tried = json.loads((folder / "tuning.json").read_text())["cascade"]
+        assert all(t["order"][0] == 2 for t in tried)
+        if fit == "plain":
+            assert cascade == multiscale_spec([0.25, 0.5, 1.0], 10).to_dict() and len(tried) == 1
+        else:
+            assert len(tried) > 1 and all(t["thresholds"][0] == [0.5] * 10 for t in tried
+                                          if "thresholds" in t)  # fmt: skip
+    saved = {f.name: f.read_bytes() for f in folder.iterdir() if f.is_file()}
+    for argv, match in (
+        (["--kind", "class-gate", "--cascade", "bogus"], "unknown cascade fit 'bogus': use one"),
+        (["--kind", "learned", "--cascade", "plain"], "a learned router fits no cascade"),
+    ):
+        status = run(["train", *argv, *w])
+        err = capsys.readouterr().err
+        assert status != 0 and match in " ".join(err.split()), err
+        assert {f.name: f.read_bytes() for f in folder.iterdir() if f.is_file()} == saved
 
 
 def test_card_of_a_gate_router_states_its_bands():
@@ -236,6 +273,11 @@ def test_card_of_a_gate_router_states_its_bands():
     config["cascade"] = {"order": [2, 0, 1], "thresholds": [[0.5, 0.9], [0.5, 1.0], [0.5, 0.5]]}
     text = str(render_card(config))
     assert "class-aware cascade of the experts" in text and "| cascade.order | [2, 0, 1] |" in text
+    assert "(fit " not in text  # a router fitted before the fit was recorded
+    config["tuning"] = {"cascade_fit": "keep-multiscale: the largest sigma first at 1/2"}
+    assert "no router is read (fit keep-multiscale: the largest sigma first" in str(
+        render_card(config)
+    )
 
 
 def test_router_train_defaults_to_the_class_gate_where_there_is_a_val_split(tmp_path):

@@ -30,6 +30,7 @@ def test_routing_study_runs_every_design_and_writes_every_rule(tmp_path, monkeyp
     rows = {(r["design"], r["rule"]): r for r in report["designs"]}
     assert set(rows) == {(d, r) for d in designs for r in ("min", "pairwise", "agreement")} | {
         ("cascade", "cascade"),
+        ("cascade-keep", "cascade"),
         ("cascade-plain", "cascade"),
     }
     cascade = rows[("cascade", "cascade")]
@@ -37,9 +38,13 @@ def test_routing_study_runs_every_design_and_writes_every_rule(tmp_path, monkeyp
         sorted(cascade["fit"]["cascade"]["order"]) == [0, 1] and cascade["fit"]["tried_count"] > 2
     )
     assert cascade["forwards_per_input"] == 2 * (report["n"] + ws.settings("certify")["n0"])
+    keep = rows[("cascade-keep", "cascade")]["fit"]["cascade"]  # sigma = 1 first at 1/2
+    assert keep["order"][0] == 1 and keep["thresholds"][0] == [0.5] * 10
     metas = (ws.artifacts / "certify").glob("*.json")
     alone = [m for m in metas if json.loads(m.read_text())["rules"] == ["cascade"]]
-    assert len(alone) == 2  # the runs of cascade and cascade-plain: no router sampled
+    # the runs of cascade and cascade-plain, no router sampled (with two experts cascade-keep's
+    # spec is plain's: the same run)
+    assert len(alone) == 2
     for meta in alone:
         records = meta.with_suffix(".jsonl").read_text().splitlines()
         assert len(records) == 6 and all(json.loads(r)["router"] is None for r in records)

@@ -19,6 +19,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from rsrouter.composition.tuning import CASCADE_FITS
 from rsrouter.errors import UsageError
 from rsrouter.experts.train import DenoiserConfig
 from rsrouter.pipeline import PipelineConfig, run_pipeline
@@ -132,6 +133,12 @@ def parse(argv):
         "the experts' cascade, the report's headline), gate, or learned (the paper's router, "
         "trained on radius tables; the default with --router-denoiser)",
     )
+    p.add_argument(
+        "--cascade-fit",
+        choices=tuple(CASCADE_FITS),
+        help="how a gate router's fit fits the experts' cascade: regret (the default), "
+        "keep-multiscale (the largest sigma first at 1/2, never below Multiscale there) or plain",
+    )
     p.add_argument("--limit", type=int, help="test images to certify (default 1000)")
     p.add_argument("--expert-epochs", type=int, help="epochs of each expert's training")
     p.add_argument("--table-subset", type=float, help="fraction of train rows in the tables")
@@ -169,7 +176,7 @@ def config_for(args, mode: str) -> PipelineConfig:
         overrides["dataset"] = args.dataset
     if overrides["router_denoiser"] and args.router_kind is None:
         overrides["router_kind"] = "learned"  # the DDPM goes in front of the learned router
-    for field in ("validation", "expert_epochs", "table_subset", "router_kind"):
+    for field in ("validation", "expert_epochs", "table_subset", "router_kind", "cascade_fit"):
         if getattr(args, field) is not None:
             overrides[field] = getattr(args, field)
     if not (args.smoke or args.cpu):

@@ -62,6 +62,7 @@ class PipelineConfig:
     router_kind: str = "learned"  # learned (the paper's), or gate / class-gate (fitted on val)
     gate_bins: int = 20  # score bins of a gate router's fit: its thresholds lie on their edges
     tune_limit: int | None = None  # a gate's fit reads the first K val images (None: all)
+    cascade_fit: str = "regret"  # how the experts' cascade is fitted (tuning.CASCADE_FITS)
     router_arch: str = "small_cnn"
     router_arch_args: dict = field(default_factory=lambda: {"width": 8})
     router_denoiser: bool = False  # put the trained DDPM in front of the router (denoised kind)
@@ -103,6 +104,9 @@ class PipelineConfig:
             raise UsageError(
                 f"router_kind must be learned, gate or class-gate, got {self.router_kind!r}."
             )
+        from rsrouter.composition.tuning import check_cascade_fit
+
+        check_cascade_fit(self.cascade_fit)
         if self.router_kind in GATE_KINDS and not self.validation:
             raise UsageError("a gate router is fitted on a val split: set validation > 0.")
         if self.rule is not None:
@@ -193,7 +197,11 @@ def configure_workspace(ws, config: PipelineConfig, experts: Sequence[str]) -> N
             "arch_args": config.router_arch_args,
             "denoiser": experts[0] if config.router_denoiser else None,
         },
-        "tune": {"bins": config.gate_bins, "limit": config.tune_limit}
+        "tune": {
+            "bins": config.gate_bins,
+            "limit": config.tune_limit,
+            "cascade": config.cascade_fit,
+        }
         if config.router_kind in GATE_KINDS
         else {},
         "train": {

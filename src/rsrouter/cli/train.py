@@ -128,6 +128,13 @@ def train_cmd(
         "[router] kind, else class-gate when the workspace has a val split ([data] "
         "validation), else learned.",
     ),
+    cascade: str = typer.Option(
+        None,
+        help="How a gate router's fit fits the experts' cascade: regret (order and thresholds "
+        "with the least val regret), keep-multiscale (the largest sigma first at 1/2, so never "
+        "below Multiscale where only it certifies; the rest fitted) or plain (Multiscale's "
+        "stages, nothing fitted). Default: workspace [tune] cascade, else regret.",
+    ),
     class_map: str = typer.Option(
         None,
         "--class-map",
@@ -158,13 +165,18 @@ def train_cmd(
         class_map=class_map,
     )
     chosen = router_kind(router_settings(ws, **router_overrides))
+    if cascade is not None and chosen not in GATE_KINDS:
+        raise typer.BadParameter(
+            f"a {chosen} router fits no cascade: use it with --kind gate or class-gate.",
+            param_hint="--cascade",
+        )
     if kind is None and ws.settings("router").get("kind") is None and chosen == "learned":
         console.print(
             "no val split in router.toml ([data] validation = K): training the paper's learned "
             "router; with one, `router train` fits a gate router (the best design measured)."
         )
     if chosen in GATE_KINDS:
-        _train_gate(ws, device, router_overrides)
+        _train_gate(ws, device, router_overrides, cascade)
         return
     from rsrouter import distributed
 
@@ -188,12 +200,12 @@ def train_cmd(
     )
 
 
-def _train_gate(ws, device: str, router_overrides: dict) -> None:
+def _train_gate(ws, device: str, router_overrides: dict, cascade: str | None) -> None:
     from rsrouter import distributed
     from rsrouter.composition.tuning import train_gate_workspace
 
     router, tried, folder = train_gate_workspace(
-        ws, device=device, router_overrides=router_overrides
+        ws, device=device, router_overrides=router_overrides, cascade_fit=cascade
     )
     if not distributed.context().is_main:  # under torchrun rank 0 reports
         return
@@ -215,7 +227,8 @@ def _train_gate(ws, device: str, router_overrides: dict) -> None:
         f"{len(tried)} on {router.info['tuning']['inputs']} val inputs (val regret "
         f"{chosen['regret']:.1f} points, {chosen['objective']:.1f} on average over val "
         f"resamples, ACR {chosen['acr']:.3f}; routed {shares}).\n"
-        f"the experts' cascade, fitted on the same val inputs: stages {stages} (val regret "
+        f"the experts' cascade, fitted on the same val inputs "
+        f"({router.info['tuning']['cascade_fit'].split(':')[0]}): stages {stages} (val regret "
         f"{fit['regret']:.1f} points, {fit['objective']:.1f} on average over val resamples, "
         f"ACR {fit['acr']:.3f}); the headline rule of `router "
         f"certify` unless [certify] rule says otherwise.\n"

@@ -170,6 +170,9 @@ def render_card(
             "when its own smoothed probability of a class passes that class's threshold, and no "
             "router is read"
         )
+        fit = (config.get("tuning") or {}).get("cascade_fit")
+        if fit:  # routers fitted since session 15 record how
+            routes += f" (fit {_cell(fit)})"
     results = (
         _demote(report_md.strip())
         if report_md

@@ -188,26 +188,35 @@ def fit_cascade(
     classes: int,
     grid: Sequence[float] = THRESHOLD_GRID,
     sweeps: int = 2,
+    first: int | None = None,
 ) -> tuple[CascadeSpec, list[dict]]:
     """The order and thresholds with the best ``rank(score(prediction, radius, expert))`` on the
     val split's bounds. For every stage order: first one threshold shared by every class of a
     stage, every combination on ``grid`` (a small-sigma stage that fires only when very sure is
     one such); then, from the best, coordinate descent over each (stage, class) threshold,
     keeping a change only when it ranks strictly better, ``sweeps`` passes at most. The last
-    stage keeps 1/2 (its thresholds only shrink its own radii). Returns (spec, every candidate
-    tried: the shared rows, marked ``"shared"``, then one row per (stage, class, tau) tried,
-    ``"kept"`` when taken)."""
+    stage keeps 1/2 (its thresholds only shrink its own radii). ``first``: only orders that
+    start with that expert, its thresholds kept at 1/2 too (with the largest sigma, Multiscale's
+    first stage: every certificate it gives is kept, so the cascade's large radii are
+    Multiscale's). Returns (spec, every candidate tried: the shared rows, marked ``"shared"``,
+    then one row per (stage, class, tau) tried, ``"kept"`` when taken)."""
     tried: list[dict] = []
     best, best_spec = None, None
     grid = [float(t) for t in grid]
+    fixed = 0 if first is None else 1  # leading stages kept at 1/2
+    if first is not None and first not in range(len(bounds)):
+        raise UsageError(f"the cascade's first stage must be one of {len(bounds)} experts.")
     for order in cascade_orders(len(bounds)):
+        if first is not None and order[0] != first:
+            continue
 
         def scored(rows, order=order, **what) -> dict:
             spec = CascadeSpec(tuple(order), tuple(map(tuple, rows)))
             return {"order": list(order), **what, **score(*certify_cascade(bounds, spec))}
 
         shared = []
-        for taus in itertools.product(grid, repeat=len(order) - 1):
+        for taus in itertools.product(grid, repeat=len(order) - 1 - fixed):
+            taus = (0.5,) * fixed + taus
             rows = [[t] * classes for t in taus] + [[0.5] * classes]
             shared.append(scored(rows, shared=list(taus), thresholds=rows))
         current = min(shared, key=rank)
@@ -217,7 +226,7 @@ def fit_cascade(
         rows = [list(r) for r in current["thresholds"]]
         for _ in range(sweeps):
             changed = False
-            for s, c in itertools.product(range(len(order) - 1), range(classes)):
+            for s, c in itertools.product(range(fixed, len(order) - 1), range(classes)):
                 for tau in grid:
                     if tau == rows[s][c]:
                         continue

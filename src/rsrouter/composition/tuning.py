@@ -377,6 +377,22 @@ def resampled_regret(vc: ValidationCounts, alpha: float, step: float = 0.25, *,
     return mean_regret
 
 
+# how the cascade is fitted ([tune] cascade, `router train --cascade`; docs/results/routing.md)
+CASCADE_FITS = {
+    "regret": "every stage's order and thresholds fitted (the least regret measured)",
+    "keep-multiscale": "the largest sigma first at 1/2 for every class (Multiscale's first "
+    "stage, so never below Multiscale where only it certifies), the rest fitted",
+    "plain": "Multiscale's stages and thresholds, nothing fitted",
+}
+
+
+def check_cascade_fit(fit) -> str:
+    """``fit`` if it names a way of fitting the cascade, else a UsageError listing them."""
+    if not isinstance(fit, str) or fit not in CASCADE_FITS:
+        raise UsageError(f"unknown cascade fit {fit!r}: use one of {', '.join(CASCADE_FITS)}.")
+    return fit
+
+
 def fit_cascade(
     vc: ValidationCounts,
     *,
@@ -384,11 +400,15 @@ def fit_cascade(
     step: float = 0.25,
     grid: Sequence[float] = cascades.THRESHOLD_GRID,
     resamples: int = FIT_RESAMPLES,
+    fit: str = "regret",
 ) -> tuple[cascades.CascadeSpec, list[dict]]:
     """The class-aware cascade's stage order and thresholds with the least mean worst-case regret
     over ``resamples`` bootstrap resamples of val (``resampled_regret``; ties to the larger
     ACR), from the experts' val counts alone (no router is sampled): (spec, every candidate
-    tried with its val scores: ``objective`` that mean, ``regret`` the val sample's own)."""
+    tried with its val scores: ``objective`` that mean, ``regret`` the val sample's own).
+    ``fit`` (CASCADE_FITS): "keep-multiscale" fits only the stages after the largest sigma,
+    which decides first at 1/2; "plain" scores Multiscale's spec alone (one candidate)."""
+    fit = check_cascade_fit(fit)
     certificates = expert_certificates(vc, alpha)  # every expert alone, read by both below
     grid_r, env = envelope_of(vc, alpha, step, certificates=certificates)
     mean_regret = resampled_regret(vc, alpha, step, resamples=resamples, certificates=certificates)
@@ -399,7 +419,19 @@ def fit_cascade(
                 "objective": mean_regret(pred == vc.labels, radius)}  # fmt: skip
 
     classes = vc.selection[0].shape[1]
-    return cascades.fit_cascade(bounds, score, _objective_rank, classes=classes, grid=grid)
+    plain = cascades.multiscale_spec(vc.sigmas, classes)
+    if fit == "plain":
+        return plain, [
+            {
+                "order": list(plain.order),
+                "thresholds": plain.to_dict()["thresholds"],
+                "kept": True,
+                **score(*cascades.certify_cascade(bounds, plain)),
+            }
+        ]
+    first = plain.order[0] if fit == "keep-multiscale" else None
+    return cascades.fit_cascade(bounds, score, _objective_rank, classes=classes, grid=grid,
+                                first=first)  # fmt: skip
 
 
 BIAS_GRID = tuple(np.round(np.arange(-1.5, 1.51, 0.25), 2))
@@ -437,7 +469,7 @@ def fit_biases(
 # ---------------------------------------------------------------- workspace level
 
 # [tune]: limit None fits on the whole val split ([data] validation = K); a number caps it
-TUNE_DEFAULTS = {"limit": None, "bins": gates.BINS, "step": 0.25}
+TUNE_DEFAULTS = {"limit": None, "bins": gates.BINS, "step": 0.25, "cascade": "regret"}
 
 
 def _chosen(tried: list[dict], gate: dict) -> dict:
@@ -448,12 +480,14 @@ def _chosen(tried: list[dict], gate: dict) -> dict:
     return next(t for t in tried if t["thresholds"] == gate["thresholds"])
 
 
-def _val_setup(ws, device):
-    """([tune] settings, [certify] settings, the val split, the sampling keywords)."""
+def _val_setup(ws, device, cascade_fit: str | None = None):
+    """([tune] settings, ``cascade_fit`` over its cascade, checked; [certify] settings, the val
+    split, the sampling keywords)."""
     from rsrouter.composition.certify_run import certify_settings
     from rsrouter.router.tables import workspace_dataset
 
-    tune = ws.settings_over("tune", TUNE_DEFAULTS, {})
+    tune = ws.settings_over("tune", TUNE_DEFAULTS, {"cascade": cascade_fit})
+    check_cascade_fit(tune["cascade"])
     c = certify_settings(ws)
     common = {"n0": c["n0"], "n": c["n"], "seed": c["seed"], "batch_size": c["batch_size"],
               "device": device}  # fmt: skip
@@ -506,11 +540,13 @@ def train_gate_workspace(
     folder: str | Path | None = None,
     rule: str | None = None,
     copy=None,
+    cascade_fit: str | None = None,
 ):
     """`router train --kind gate` (or ``class-gate``): copy the sigma_e expert, fit its
     thresholds on the val split ([tune] limit inputs; [certify] n0 / n / alpha / seed; ``rule``,
     default [certify] rule; agreement for the cascade), fit the experts' class-aware cascade
-    from the same val counts (the router's config field "cascade", for the cascade rule), save
+    from the same val counts (the router's config field "cascade", for the cascade rule; fitted
+    as ``cascade_fit`` says, default [tune] cascade, CASCADE_FITS), save
     the router (default: the workspace's router folder) and ``tuning.json`` (every candidate
     tried). Returns (router, tried, folder).
 
@@ -531,7 +567,7 @@ def train_gate_workspace(
     kind = router_kind(settings)
     kind = kind if kind in GATE_KINDS else "gate"
     settings = {**settings, "kind": kind, "gate": None}
-    tune, c, val, common = _val_setup(ws, device)
+    tune, c, val, common = _val_setup(ws, device, cascade_fit)
     rule = check_rule(rule or c.get("rule") or "agreement")
     if rule == CASCADE:  # the gate itself is fitted for the best rule that reads it
         rule = "agreement"
@@ -548,7 +584,8 @@ def train_gate_workspace(
         gate, tried = fit_class_gate(sel, est, vc, classes=router.gate["classes"], **fit)
     else:
         gate, tried = fit_gate(sel, est, vc, **fit)
-    spec, cascade_tried = fit_cascade(vc, alpha=c["alpha"], step=tune["step"])
+    spec, cascade_tried = fit_cascade(vc, alpha=c["alpha"], step=tune["step"],
+                                      fit=tune["cascade"])  # fmt: skip
     info["cascade"] = spec.to_dict()
     info["tuning"] = {
         "split": "val",
@@ -561,6 +598,7 @@ def train_gate_workspace(
         "cascade": min(cascade_tried, key=_objective_rank),  # the chosen spec's scores
         "cascade_objective": f"least mean worst-case regret over {FIT_RESAMPLES} bootstrap "
         "resamples of val, then ACR",
+        "cascade_fit": f"{tune['cascade']}: {CASCADE_FITS[tune['cascade']]}",
     }
     router = _with_copy(build_router(experts, {**settings, "gate": gate}, info=info), copy).eval()
     folder = Path(folder) if folder is not None else router_folder(ws)
