@@ -84,6 +84,10 @@ def test_numbers_by_hand():
     )
     assert m["oracle"]["certified_accuracy"] == pytest.approx([3 / 6, 2 / 6, 2 / 6, 1 / 6, 1 / 6])
     assert s["gap_to_best_single"] == pytest.approx([1 / 6, 0, 0, 0, 0])
+    assert s["gap_to_multiscale"] == pytest.approx([1 / 6, 0, 0, 0, 0])
+    # below Multiscale [2, 2, 2, 1, 1] / 6 at most: a [2, 1, 0, 0, 0] / 6 by 2/6 at r = 0.5
+    assert m["expert:a"]["below_multiscale"] == pytest.approx(100 * 2 / 6)
+    assert m["dual"]["below_multiscale"] == 0.0 and m["expert:b"]["below_multiscale"] == 0.0
     assert s["best_single"][1:] == ["expert:b"] * 4
     assert s["routing"] == pytest.approx({"a": 3 / 6, "b": 2 / 6})
     assert s["abstention"] == pytest.approx(
@@ -230,14 +234,23 @@ def test_files_markdown_csv_json_png(tmp_path):
     assert rows[0] == [
         "method", "label", "r=0", "r=0.5", "acr", "regret", "regret_95_lo", "regret_95_hi",
         "regret_every_radius", "regret_every_radius_95_lo", "regret_every_radius_95_hi",
-        "regret r=0", "regret r=0.5", "regret r=1", "regret r=1.5",
+        "below_multiscale", "regret r=0", "regret r=0.5", "regret r=1", "regret r=1.5",
         "forwards_per_input",
     ]  # fmt: skip
     dual = next(r for r in rows if r[0] == "dual")
     assert float(dual[2]) == pytest.approx(0.5) and float(dual[3]) == pytest.approx(2 / 6)
     assert float(next(r for r in rows if r[0] == "expert:a")[5]) == pytest.approx(33.3333)
+    assert float(next(r for r in rows if r[0] == "expert:a")[11]) == pytest.approx(33.3333)
+    assert next(r for r in rows if r[0] == "gap_multiscale")[2:4] == ["0.166667", "0.000000"]
     md = paths["markdown"].read_text()
     assert "| 50.0 | 33.3 |" in md and "oracle — not a certificate" in md
+    assert "| dual − Multiscale (points) | +16.7 | +0.0 | | |" in md
+    assert "The headline is never below Multiscale on that grid." in md
+    s = summarize(META, RECORDS)
+    s["methods"]["dual"]["below_multiscale"] = 2.5
+    assert "The headline is up to 2.5 points below Multiscale on that grid." in to_markdown(s)
+    del s["methods"]["dual"]["below_multiscale"], s["gap_to_multiscale"]  # an older summary
+    assert "below Multiscale" not in to_markdown(s) and "dual − Multiscale" not in to_markdown(s)
     assert json.loads(paths["summary"].read_text())["inputs"] == 6
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert to_markdown(summarize(META, RECORDS)).count("\n| ") >= 6

@@ -50,13 +50,14 @@ def test_routing_study_runs_every_design_and_writes_every_rule(tmp_path, monkeyp
         assert len(records) == 6 and all(json.loads(r)["router"] is None for r in records)
     assert report["inputs"] == 6 and report["n"] == 32
     for row in rows.values():
-        assert row["regret"] >= 0 and row["acr"] >= 0
+        assert row["regret"] >= 0 and row["acr"] >= 0 and row["below_multiscale"] >= 0
         assert abs(sum(row["routing"].values()) + row["abstention"]["router"] - 1) < 1e-9
     taught = rows[("abstain-gate", "agreement")]["fit"]["abstain"]
     assert taught["finetuned_from"] == ["g1.0"] and taught["abstain"]["table"]["n"] == 12
     assert rows[("learned-bias", "min")]["fit"]["biases"] is not None
     table = capsys.readouterr().out
     assert "| abstain-gate | agreement |" in table and "alone" in table
+    assert "| below Multiscale, at most |" in table
     # scored against a study's envelope too: its own, so both regrets agree (counts are cached)
     again = tmp_path / "again.json"
     study(monkeypatch, str(ws.root), "--only", "gate", "--envelope", str(out), "--out", str(again))

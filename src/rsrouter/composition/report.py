@@ -273,9 +273,12 @@ def summarize(
     intervals = regret_intervals(table, regret_grid)
     top = max(float(np.nanmax(table[k]["radius"], initial=0.0)) for k in singles)
     every = regret_intervals(table, breakpoints([m["radius"] for m in table.values()], top))
+    ms = table["multiscale"]
+    ms_grid = certified_accuracy(ms["correct"], ms["radius"], regret_grid)
 
     def one(key: str, m: dict) -> dict:
         at = env_at - certified_accuracy(m["correct"], m["radius"], REGRET_AT)
+        below_ms = ms_grid - certified_accuracy(m["correct"], m["radius"], regret_grid)
         return {
             "label": m["label"],
             "certified_accuracy": certified_accuracy(m["correct"], m["radius"], grid).tolist(),
@@ -285,6 +288,8 @@ def summarize(
             "regret_every_radius": regret_every_radius(m["correct"], m["radius"], single_curves),
             "regret_every_radius_interval": every[key],
             "regret_at": {f"{r:g}": float(100 * v) for r, v in zip(REGRET_AT, at, strict=True)},
+            # the largest shortfall below Multiscale on the regret grid, points (0: never below)
+            "below_multiscale": float(100 * max(below_ms.max(initial=0.0), 0.0)),
             "seconds_per_input": None if m["seconds"] is None else float(np.mean(m["seconds"])),
             "forwards_per_input": None if m["forwards"] is None else float(np.mean(m["forwards"])),
         }
@@ -296,6 +301,7 @@ def summarize(
     ]
     dual_acc = summary_methods["dual"]["certified_accuracy"]
     gap = [dual_acc[j] - summary_methods[k]["certified_accuracy"][j] for j, k in enumerate(best)]
+    ms_acc = summary_methods["multiscale"]["certified_accuracy"]
     names = list(meta["experts"])
     duals = {k: _routing(m, names) for k, m in table.items() if k.startswith("dual")}
     return {
@@ -316,6 +322,7 @@ def summarize(
         "envelope": {"grid": list(regret_grid), "certified_accuracy": env_grid.tolist()},
         "best_single": best,
         "gap_to_best_single": gap,
+        "gap_to_multiscale": [d - m for d, m in zip(dual_acc, ms_acc, strict=True)],
         **duals["dual"],
         "routing_by_method": duals,
     }
@@ -374,8 +381,11 @@ def to_markdown(summary: dict) -> str:
             + f" | {m['acr']:.3f} | {regret_text(m)} | {regret_text(m, 'regret_every_radius')}"
             f" | {regret_at} | {_cost(m)} |"
         )
-    gap = " | ".join(f"{100 * g:+.1f}" for g in summary["gap_to_best_single"])
-    lines.append(f"| dual − best single expert (points) | {gap} | | | | | | |")
+    for name, key in (("best single expert", "gap_to_best_single"),
+                      ("Multiscale", "gap_to_multiscale")):  # fmt: skip
+        if key in summary:  # a summary written before session 15 has no Multiscale row
+            gap = " | ".join(f"{100 * g:+.1f}" for g in summary[key])
+            lines.append(f"| dual − {name} (points) | {gap} | | | | | | |")
     lines += [
         "",
         f"Regret: the largest shortfall (points) from the best single expert at each radius "
@@ -384,6 +394,7 @@ def to_markdown(summary: dict) -> str:
         "Regret, every r: the same over every radius in that range, no grid (a grid can step "
         "over a dip, where one expert's certificates end). "
         "Regret at r = ...: the shortfall at those radii (negative: above the envelope). "
+        f"{_below_multiscale(summary)}"
         "The intervals: a paired bootstrap over the inputs (the envelope recomputed on each of "
         f"{BOOTSTRAP} resamples, the same for both regrets), how much the regret moves with the "
         "sample of inputs; they are not certificates.",
@@ -426,6 +437,16 @@ def to_markdown(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def _below_multiscale(summary: dict) -> str:
+    """The report's sentence on the headline against Multiscale ("" for an older summary)."""
+    below = summary["methods"]["dual"].get("below_multiscale")
+    if below is None:
+        return ""
+    if below == 0:
+        return "The headline is never below Multiscale on that grid. "
+    return f"The headline is up to {below:.1f} points below Multiscale on that grid. "
+
+
 def _step(summary: dict) -> str:
     g = summary["envelope"]["grid"]
     return f"{g[1] - g[0]:g}" if len(g) > 1 else "its step"
@@ -436,7 +457,8 @@ def to_csv(summary: dict) -> str:
     writer = csv.writer(buf, lineterminator="\n")
     regret_at = [f"regret r={r:g}" for r in REGRET_AT]
     stats = ["acr", "regret", "regret_95_lo", "regret_95_hi", "regret_every_radius",
-             "regret_every_radius_95_lo", "regret_every_radius_95_hi"]  # fmt: skip
+             "regret_every_radius_95_lo", "regret_every_radius_95_hi",
+             "below_multiscale"]  # fmt: skip
     writer.writerow(
         ["method", "label", *[f"r={r:g}" for r in summary["grid"]], *stats, *regret_at,
          "forwards_per_input"]
@@ -448,13 +470,17 @@ def to_csv(summary: dict) -> str:
              f"{m['regret']:.4f}", *[f"{v:.4f}" for v in m["regret_interval"]],
              f"{m['regret_every_radius']:.4f}",
              *[f"{v:.4f}" for v in m["regret_every_radius_interval"]],
+             f"{m['below_multiscale']:.4f}",
              *[f"{v:.4f}" for v in m["regret_at"].values()],
              "" if fw is None else f"{fw:.1f}"]
         )  # fmt: skip
-    writer.writerow(
-        ["gap", "dual − best single expert", *[f"{g:.6f}" for g in summary["gap_to_best_single"]],
-         *[""] * len(stats), *[""] * len(REGRET_AT), ""]
-    )  # fmt: skip
+    for key, label in (
+        ("gap", "dual − best single expert"),
+        ("gap_multiscale", "dual − Multiscale"),
+    ):
+        values = summary["gap_to_best_single" if key == "gap" else "gap_to_multiscale"]
+        writer.writerow([key, label, *[f"{g:.6f}" for g in values], *[""] * len(stats),
+                         *[""] * len(REGRET_AT), ""])  # fmt: skip
     return buf.getvalue()
 
 
