@@ -8,7 +8,7 @@
 #                                    # peer row), then the certify overhead on ResNet-20 and -110
 #   scripts/gpu_session.sh example   # examples/fashion_mnist, Gaussian experts, full size, the
 #                                    # default design (class gate + the experts' cascade)
-#   scripts/gpu_session.sh routing   # cascade-plain and the shared gate on the example's counts
+#   scripts/gpu_session.sh routing   # cascade-keep, cascade-plain and the shared gate on its counts
 #   scripts/gpu_session.sh compiled  # the Carlini pipeline again with torch.compile (bf16)
 #
 # Needs: .data/fashion-mnist (the four IDX files) for example/routing, and .whl/ (diffusers and
@@ -92,12 +92,12 @@ example) # budget 420 s: experts ~120 s, val counts ~100 s, class-gate fit ~30 s
   save_workspace
   finish "$status" "$budget"
   ;;
-routing) # budget 90 s: beside the example's own rows, cascade-plain (cached counts) and the
-  budget=${STEP_SECONDS:-90} # shared gate (its router sampled on val and test)
+routing) # budget 90 s: beside the example's own rows, cascade-keep and cascade-plain (cached
+  budget=${STEP_SECONDS:-90} # counts) and the shared gate (its router sampled on val and test)
   log "routing designs on $ws/gaussian: fitted on val, the test split certified once"
   status=0
   timeout "$budget" "$py" benchmarks/routing_study.py "$ws/gaussian" --device "$device" \
-    --only cascade-plain --only gate --quiet \
+    --only cascade-keep --only cascade-plain --only gate --quiet \
     --out "$out/routing.json" | tee "$out/routing.txt" || status=$?
   save_workspace
   finish "$status" "$budget"

@@ -210,6 +210,7 @@ def test_gpu_session_script_smoke_runs_its_steps(tmp_path):
         ("gate", "min"),
         ("gate", "pairwise"),
         ("gate", "agreement"),
+        ("cascade-keep", "cascade"),
         ("cascade-plain", "cascade"),
     }
     bad = step("study")
