@@ -200,7 +200,7 @@ def train_cmd(
     )
 
 
-def _train_gate(ws, device: str, router_overrides: dict, cascade: str | None) -> None:
+def _train_gate(ws, device: str, router_overrides: dict, cascade: str | None = None) -> None:
     from rsrouter import distributed
     from rsrouter.composition.tuning import train_gate_workspace
 

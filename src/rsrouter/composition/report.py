@@ -474,12 +474,10 @@ def to_csv(summary: dict) -> str:
              *[f"{v:.4f}" for v in m["regret_at"].values()],
              "" if fw is None else f"{fw:.1f}"]
         )  # fmt: skip
-    for key, label in (
-        ("gap", "dual − best single expert"),
-        ("gap_multiscale", "dual − Multiscale"),
-    ):
-        values = summary["gap_to_best_single" if key == "gap" else "gap_to_multiscale"]
-        writer.writerow([key, label, *[f"{g:.6f}" for g in values], *[""] * len(stats),
+    gaps = (("gap", "dual − best single expert", "gap_to_best_single"),
+            ("gap_multiscale", "dual − Multiscale", "gap_to_multiscale"))  # fmt: skip
+    for row, label, key in gaps:
+        writer.writerow([row, label, *[f"{g:.6f}" for g in summary[key]], *[""] * len(stats),
                          *[""] * len(REGRET_AT), ""])  # fmt: skip
     return buf.getvalue()
 
