@@ -166,6 +166,17 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, capsys):
     assert _strip(resumed.records) == _strip(clean.records)
 
 
+def test_a_smaller_limit_reads_only_its_own_first_inputs(tmp_path):
+    """A run grows with its limit; certified again with a smaller one, it returns that many
+    records (the first ones, unchanged), not the larger run's (a study mixing 1,000- and
+    1,500-image rows in one table, before session 15)."""
+    whole = _run(_dual(), tmp_path)
+    first = _run(_dual(), tmp_path, limit=10)
+    assert (first.computed, len(first.records), first.stored) == (0, 10, 24)
+    assert first.path == whole.path and first.records == whole.records[:10]
+    assert (whole.computed, whole.stored) == (24, 24)
+
+
 def test_rank_shards_merge_to_the_single_process_result(tmp_path, monkeypatch):
     single = _run(_dual(), tmp_path / "one")
     for rank in (1, 0):  # rank 1 first: rank 0 then finds its shard and merges
@@ -221,6 +232,15 @@ def test_cli_certify_report_predict(tmp_path, capsys):
         assert (report / name).stat().st_size > 0
     summary = json.loads((report / "summary.json").read_text())
     assert summary["inputs"] == 6 and summary["alpha_router"] == pytest.approx(0.005)
+    capsys.readouterr()
+    assert run(["certify", *args[:1], "3", *args[2:], *w]) == 0  # the first 3 of the 6
+    out = " ".join(capsys.readouterr().out.split())
+    assert "0 input(s) certified now, 3 in the run (and 3 more from a larger --limit" in out
+    assert "certified accuracy (%) on 3 inputs" in out
+    assert run(["report", "--limit", "4", *w]) == 0
+    assert json.loads((report / "summary.json").read_text())["inputs"] == 4
+    assert run(["report", "--limit", "0", *w]) == 1
+    assert "limit must be a whole number of at least 1, got 0" in capsys.readouterr().err
 
     image = (load_dataset("fashion-mnist-subset", "test").images[0, 0] * 255).byte().numpy()
     Image.fromarray(image).save(tmp_path / "ok.png")

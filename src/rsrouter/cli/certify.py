@@ -87,8 +87,12 @@ def certify_cmd(
         every = f"{m['regret_every_radius']:.1f}"
         table.add_row(m["label"], *cells, f"{m['acr']:.3f}", regret_text(m), every)
     show_table(table)
+    more = result.stored - len(result.records)
+    kept = (
+        f" (and {more} more from a larger --limit: `router report` shows them all)" if more else ""
+    )
     console.print(
-        f"{result.computed} input(s) certified now, {len(result.records)} in the run.\n"
+        f"{result.computed} input(s) certified now, {len(result.records)} in the run{kept}.\n"
         f"records: {result.path}\nsettings: {result.meta_path}\n"
         "next: `router report` for the full table and the plot."
     )
@@ -115,15 +119,23 @@ def _print_plan(device, plan) -> None:
 def report_cmd(
     run: Path = typer.Option(None, help="A run's .jsonl (default: the latest under certify/)."),
     step: float = typer.Option(0.25, help="Radius grid step."),
+    limit: int = typer.Option(
+        None, help="Report the run's first K inputs only (default: every input it holds)."
+    ),
     workspace: Path = WORKSPACE,
 ) -> None:
     """Certified-accuracy table (md + csv), ACR, routing, abstentions and a PNG curve."""
     from rsrouter.composition.certify_run import latest_run, load_run
     from rsrouter.composition.report import write_report
+    from rsrouter.smoothing import check_count
 
+    if limit is not None:
+        check_count("limit", limit)
     ws = Workspace.open(workspace)
     path = run if run is not None else latest_run(ws.artifacts)
     meta, records = load_run(path)
+    if limit is not None:
+        records = [r for r in records if r["index"] < limit]
     if not records:
         raise UsageError(f"{path} has no records yet; run `router certify` first.")
     paths = write_report(meta, records, Path(ws.artifacts) / "report", step=step)

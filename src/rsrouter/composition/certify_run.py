@@ -136,8 +136,9 @@ def merge_shards(path: Path) -> None:
 class RunResult:
     path: Path  # the records (JSONL)
     meta_path: Path  # the run's settings (JSON)
-    records: list[dict]  # every record of the run, sorted by index
+    records: list[dict]  # the records of the first ``limit`` inputs, sorted by index
     computed: int  # inputs certified by this call (0 when everything was there)
+    stored: int = 0  # records the run's file holds (more than ``records`` after a larger limit)
 
 
 def _certs(counts: dict, sigma: float, alpha: float) -> Certificate:
@@ -535,8 +536,11 @@ def certify_run(
                 merge_shards(p)
     ctx.barrier()
     records = read_records(path)
-    rows = [records[i] for i in sorted(records)]
-    return RunResult(path=path, meta_path=meta_path, records=rows, computed=computed)
+    # a run grows with its limit (the limit is not in its key): a smaller limit later reads only
+    # its own first inputs, never the larger run's rest
+    rows = [records[i] for i in sorted(records) if i < size]
+    return RunResult(path=path, meta_path=meta_path, records=rows, computed=computed,
+                     stored=len(records))  # fmt: skip
 
 
 def _read_meta(path: Path) -> dict | None:
