@@ -420,15 +420,9 @@ def fit_cascade(
 
     classes = vc.selection[0].shape[1]
     plain = cascades.multiscale_spec(vc.sigmas, classes)
-    if fit == "plain":
-        return plain, [
-            {
-                "order": list(plain.order),
-                "thresholds": plain.to_dict()["thresholds"],
-                "kept": True,
-                **score(*cascades.certify_cascade(bounds, plain)),
-            }
-        ]
+    if fit == "plain":  # one candidate, recorded as the fit records its rows
+        return plain, [{**plain.to_dict(), "kept": True,
+                        **score(*cascades.certify_cascade(bounds, plain))}]  # fmt: skip
     first = plain.order[0] if fit == "keep-multiscale" else None
     return cascades.fit_cascade(bounds, score, _objective_rank, classes=classes, grid=grid,
                                 first=first)  # fmt: skip
