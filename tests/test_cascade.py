@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy.stats import beta, binom, norm
 
-from rsrouter.composition.baselines import multiscale
+from rsrouter.composition.baselines import keep_multiscale_ceiling, multiscale
 from rsrouter.composition.cascade import (
     NEVER,
     THRESHOLD_GRID,
@@ -236,6 +236,42 @@ def test_the_keep_multiscale_fit_keeps_every_certificate_of_the_largest_sigma():
     assert fit_on_val(vc, alpha=alpha, fit="plain")[0] == plain
     with pytest.raises(UsageError, match="unknown cascade fit 'best'"):
         fit_on_val(vc, alpha=alpha, fit="best")
+
+
+def test_the_keep_multiscale_ceiling_bounds_every_member_and_is_reached():
+    """keep_multiscale_ceiling: per input, the best any cascade with sigma = 1 first at 1/2
+    certifies the label. Written out here from the bounds (scipy's Phi^-1), it is the larger of
+    sigma = 1's own radius and, for each later expert j, sigma_j Phi^-1(lo_j) capped by sigma = 1's
+    caps off j's class; no member of the family (random orders and thresholds, the val fit)
+    certifies the label further; a cascade outside the family (the regret fit) does on some."""
+    from rsrouter.composition.tuning import fit_cascade as fit_on_val
+
+    alpha, rng = 0.001, np.random.default_rng(3)
+    for seed in range(3):
+        vc = sure_but_sometimes_wrong(seed)
+        y, bounds = vc.labels, bounds_of(vc.selection, vc.estimation, vc.sigmas, alpha)
+        ceiling = keep_multiscale_ceiling(bounds, y)
+        big, idx = bounds[2], np.arange(len(y))
+        want = np.where((big.selected == y) & (big.lo > 0.5), norm.ppf(big.lo), 0.0)
+        for j in (0, 1):
+            b, caps = bounds[j], -norm.ppf(big.up)
+            caps[idx, b.selected] = np.inf
+            r = np.minimum(b.sigma * norm.ppf(b.lo), caps.min(axis=1))
+            want = np.maximum(want, np.where((b.selected == y) & (r > 0), r, 0.0))
+        np.testing.assert_allclose(ceiling, want, rtol=1e-9, atol=1e-12)
+        assert np.sum(ceiling > 0) > 100
+        members = [fit_on_val(vc, alpha=alpha, fit="keep-multiscale")[0],
+                   multiscale_spec(vc.sigmas, 3)]  # fmt: skip
+        for _ in range(30):
+            rest = tuple(rng.permutation([0, 1]))
+            rows = [(0.5,) * 3] + [tuple(rng.choice(THRESHOLD_GRID, 3)) for _ in rest]
+            members.append(CascadeSpec((2, *rest), tuple(rows)))
+        for spec in members:
+            pred, radius, _ = certify_cascade(bounds, spec)
+            assert np.all(np.where(pred == y, radius, 0.0) <= ceiling + 1e-12)
+        outside, _ = fit_on_val(vc, alpha=alpha)  # sigma = 1 not first at 1/2
+        pred, radius, _ = certify_cascade(bounds, outside)
+        assert np.any(np.where(pred == y, radius, 0.0) > ceiling + 1e-9)
 
 
 def test_cascade_ground_truth_on_linear_experts():

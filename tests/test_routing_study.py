@@ -1,4 +1,5 @@
-"""benchmarks/routing_study.py end to end on a tiny workspace: every design, every rule."""
+"""benchmarks/routing_study.py end to end on a tiny workspace: every design, every rule; and
+benchmarks/cascade_ceiling.py on the counts it cached."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 from helpers import val_split_workspace
 
 SCRIPT = Path(__file__).parents[1] / "benchmarks" / "routing_study.py"
+CEILING = Path(__file__).parents[1] / "benchmarks" / "cascade_ceiling.py"
 
 
 def test_routing_study_runs_every_design_and_writes_every_rule(tmp_path, monkeypatch, capsys):
@@ -81,15 +83,38 @@ def test_routing_study_runs_every_design_and_writes_every_rule(tmp_path, monkeyp
     with pytest.raises(SystemExit) as refused:
         runpy.run_path(str(SCRIPT), run_name="__main__")
     assert refused.value.code == 2 and "gate router" in capsys.readouterr().err
+    # the Multiscale-keeping family's ceiling, from the counts the study cached
+    ceiling = tmp_path / "ceiling.json"
+    run_script(monkeypatch, CEILING, str(ws.root), "--plug-in", "--quiet", "--out", str(ceiling))
+    bounds = json.loads(ceiling.read_text())
+    assert set(bounds["splits"]) == {"val", "val, plug-in", "test", "test, plug-in"}
+    test = bounds["splits"]["test"]
+    assert test["inputs"] == 6 and test["grid"] == report["envelope"]["grid"]
+    acc = test["certified_accuracy"]
+    for member in ("cascade-plain", "cascade-keep"):  # both are in the family
+        assert all(m <= c + 1e-9 for m, c in zip(acc[member], acc["ceiling"], strict=True))
+        assert test["regret"][member] >= test["regret"]["ceiling"] - 1e-9
+    plain = rows[("cascade-plain", "cascade")]
+    assert abs(test["regret"]["cascade-plain"] - plain["regret"]) < 1e-3  # JSON: to 0.001
+    assert "| ceiling |" in capsys.readouterr().out
+    monkeypatch.setattr(sys, "argv", [str(CEILING), str(ws.root), "--limit", "7", "--quiet"])
+    with pytest.raises(SystemExit) as refused:  # test input 6 was never certified
+        runpy.run_path(str(CEILING), run_name="__main__")
+    err = capsys.readouterr().err
+    assert refused.value.code == 2 and "no cached test counts for 1 of the first 7" in err
 
 
 def study(monkeypatch, *argv):
-    monkeypatch.setattr(sys, "argv", [str(SCRIPT), *argv])
+    run_script(monkeypatch, SCRIPT, *argv)
+
+
+def run_script(monkeypatch, script: Path, *argv):
+    monkeypatch.setattr(sys, "argv", [str(script), *argv])
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models: more threads only spin on a shared 2-core runner
     try:
         try:
-            runpy.run_path(str(SCRIPT), run_name="__main__")
+            runpy.run_path(str(script), run_name="__main__")
         except SystemExit as exit_:
             assert exit_.code == 0
     finally:

@@ -14,7 +14,9 @@ u_j = max over c != y of up_j(c) (also <= 1 - lo_j for c != c_j). Phi^-1(p) of a
 classifier moves by at most ||delta|| / sigma (Salman et al. 2019), which gives both terms.
 Their code bounds the off-class probabilities with a multinomial (Goodman) interval instead.
 
-The oracle is the best single expert per input using the label: not a certificate.
+The oracle is the best single expert per input using the label: not a certificate. So is the
+ceiling of the Multiscale-keeping cascades (``keep_multiscale_ceiling``): how far any cascade
+whose first stage is the largest sigma at 1/2 could certify each input's label, from its bounds.
 """
 
 from __future__ import annotations
@@ -25,10 +27,17 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy.stats import norm
 
-from rsrouter.composition.cascade import stage_bounds
+from rsrouter.composition.cascade import (
+    CascadeSpec,
+    StageBounds,
+    certify_cascade,
+    multiscale_spec,
+    stage_bounds,
+)
 from rsrouter.errors import UsageError
 from rsrouter.smoothing import ABSTAIN, Certificate, check_alpha
 
+KEEP_CEILING_LABEL = "ceiling of every Multiscale-keeping cascade — not a certificate"
 MULTISCALE_LABEL = "Multiscale (cascade rule of Jeong & Shin 2024, our re-implementation)"
 ORACLE_LABEL = "oracle — not a certificate"
 
@@ -111,3 +120,32 @@ def oracle(certificates: Sequence[Certificate], label: int) -> tuple[int, float]
     if best < 0 or radii[best] <= 0:
         return ABSTAIN, 0.0
     return best, float(radii[best])
+
+
+def keep_multiscale_ceiling(bounds: Sequence[StageBounds], labels) -> np.ndarray:
+    """Per input, the largest radius at which ANY cascade whose first stage is the largest sigma
+    at tau = 1/2 for every class (the ``keep-multiscale`` family, which keeps every certificate
+    Multiscale gives with that sigma) certifies the label from these bounds (0 where none does).
+    It reads the label: the ceiling of the family, not a certificate.
+
+    Why it bounds every member: stage 1 is the same in all of them, so its R_1 is too. A later
+    stage s with class c_s has R_s = min(sure_s(tau_s), caps of the stages before it), and
+    tau_s >= 1/2 only lowers sure_s, each cap only lowers R_s: so R_s <= min(sure_s(1/2), stage 1's
+    caps off c_s), which is what s certifies right after stage 1 at 1/2. The certificate is the
+    largest R_s. Each input's ceiling is reached by a member (the largest sigma, then the stage
+    that gives it, then the rest, all at 1/2): the maximum of those K - 1 cascades' certificates
+    of the label, computed by ``certify_cascade`` itself."""
+    labels = np.asarray(labels, dtype=np.int64)
+    sigmas = [b.sigma for b in bounds]
+    classes = bounds[0].up.shape[1]
+    big = multiscale_spec(sigmas, classes).order[0]
+    best = np.zeros(len(labels))
+    for j in range(len(bounds)):
+        if j == big and len(bounds) > 1:
+            continue
+        rest = [i for i in range(len(bounds)) if i not in (big, j)]
+        order = (big, j, *rest) if j != big else (big,)
+        spec = CascadeSpec(order, tuple((0.5,) * classes for _ in order))
+        pred, radius, _ = certify_cascade(bounds, spec)
+        best = np.maximum(best, np.where(pred == labels, radius, 0.0))
+    return best
