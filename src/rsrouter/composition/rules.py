@@ -72,69 +72,106 @@ def _scores(q, biases) -> np.ndarray:
     return ndtri(np.clip(np.asarray(q, dtype=np.float64), 0.0, 1.0)) + biases
 
 
+def leader_rows(selection_counts, biases=None) -> np.ndarray:
+    """The candidate route j* of each of N inputs: the biased argmax of its (N, E) selection
+    draws' vote shares."""
+    sel = np.atleast_2d(np.asarray(selection_counts, dtype=np.float64))
+    shares = sel / np.maximum(sel.sum(axis=1, keepdims=True), 1.0)
+    return np.argmax(_scores(shares, check_biases(biases, sel.shape[1])), axis=1)
+
+
 def leader(selection_counts, biases=None) -> int:
-    """The candidate route j*: the biased argmax of the selection draws' vote shares."""
-    sel = np.asarray(selection_counts, dtype=np.float64)
-    shares = sel / max(sel.sum(), 1.0)
-    return int(np.argmax(_scores(shares, check_biases(biases, len(sel)))))
+    """The candidate route j* of one input (``leader_rows`` of one row)."""
+    return int(leader_rows(selection_counts, biases)[0])
+
+
+def router_bounds_rows(selection_counts, counts, alpha_router: float, biases=None):
+    """(j* (N,), q_lo of j* (N,), q_hi of every output (N, E)) of N inputs: per input, E
+    one-sided bounds at alpha_router / E each.
+
+    j* comes from the selection draws only. q_hi_k is also capped by 1 - q_lo (the q's sum to
+    1). The entry of q_hi at j* is 1.0 and unused.
+    """
+    est = np.atleast_2d(np.asarray(counts, dtype=np.int64))
+    rows, width = est.shape
+    idx, n, level = np.arange(rows), est.sum(axis=1), alpha_router / width
+    j = leader_rows(selection_counts, biases)
+    lo = np.atleast_1d(lower_confidence_bound(est[idx, j], n, level)).astype(np.float64)
+    hi = 1.0 - np.atleast_2d(lower_confidence_bound(n[:, None] - est, n[:, None], level))
+    hi = np.minimum(hi, 1.0 - lo[:, None])
+    hi[idx, j] = 1.0
+    return j, lo, hi
 
 
 def router_bounds(
     selection_counts, counts, alpha_router: float, biases=None
 ) -> tuple[int, float, np.ndarray]:
-    """(j*, q_lo of j*, q_hi of every output): E one-sided bounds at alpha_router / E each.
-
-    j* comes from the selection draws only. q_hi_k is also capped by 1 - q_lo (the q's sum to
-    1). The entry of q_hi at j* is 1.0 and unused.
-    """
-    est = np.asarray(counts, dtype=np.int64)
-    width, n = len(est), int(est.sum())
-    level = alpha_router / width
-    j = leader(selection_counts, biases)
-    lo = float(lower_confidence_bound(int(est[j]), n, level))
-    hi = 1.0 - np.atleast_1d(lower_confidence_bound(n - est, n, level))
-    hi = np.minimum(hi, 1.0 - lo)
-    hi[j] = 1.0
-    return j, lo, hi
+    """(j*, q_lo of j*, q_hi of every output) of one input (``router_bounds_rows`` of one row)."""
+    j, lo, hi = router_bounds_rows(selection_counts, counts, alpha_router, biases)
+    return int(j[0]), float(lo[0]), hi[0]
 
 
-def score_gaps(j: int, q_lo: float, q_hi, sigma_e: float, biases=None) -> np.ndarray:
-    """gap_k = sigma_e / 2 * (score_lo(j*) - score_hi(k)) for each output k (+inf at j*).
+def score_gaps_rows(j, q_lo, q_hi, sigma_e: float, biases=None) -> np.ndarray:
+    """gap_k = sigma_e / 2 * (score_lo(j*) - score_hi(k)) for each output k of N inputs (N, E)
+    (+inf at j*).
 
     Output k is not the router's argmax anywhere in B(x, r) while r < gap_k. An undefined gap
     (inf - inf) counts as -inf: nothing is excluded on it.
     """
-    q_hi = np.asarray(q_hi, dtype=np.float64)
-    b = check_biases(biases, len(q_hi))
+    j = np.atleast_1d(np.asarray(j, dtype=np.int64))
+    q_lo = np.atleast_1d(np.asarray(q_lo, dtype=np.float64))
+    q_hi = np.atleast_2d(np.asarray(q_hi, dtype=np.float64))
+    b = check_biases(biases, q_hi.shape[1])
     with np.errstate(invalid="ignore"):
-        gaps = sigma_e / 2 * (_scores(q_lo, b[j]) - _scores(q_hi, b))
+        gaps = sigma_e / 2 * (_scores(q_lo, b[j])[:, None] - _scores(q_hi, b))
     gaps = np.where(np.isnan(gaps), -np.inf, gaps)
-    gaps[j] = np.inf
+    gaps[np.arange(len(j)), j] = np.inf
     return gaps
 
 
+def score_gaps(j: int, q_lo: float, q_hi, sigma_e: float, biases=None) -> np.ndarray:
+    """The gaps of one input (``score_gaps_rows`` of one row)."""
+    return score_gaps_rows([j], [q_lo], [q_hi], sigma_e, biases)[0]
+
+
+def pairwise_rows(gaps) -> np.ndarray:
+    """The radius on which each input's route stays j*: min_k gap_k (0.0 if not positive; inf
+    if E = 1), from (N, E) gaps."""
+    r = np.atleast_2d(gaps).min(axis=1)
+    return np.where(r > 0, r, 0.0)
+
+
 def pairwise_radius(gaps) -> float:
-    """The radius on which the route stays j*: min_k gap_k (0.0 if not positive; inf if E = 1)."""
-    r = float(np.min(gaps))
-    return r if r > 0 else 0.0
+    """The pairwise radius of one input (``pairwise_rows`` of one row)."""
+    return float(pairwise_rows(gaps)[0])
 
 
-def agreement_radius(j: int, gaps, predictions: Sequence[int], radii: Sequence[float]):
-    """(class, radius) of the agreement rule from each expert's certified class and radius.
+def agreement_rows(j, gaps, predictions, radii) -> tuple[np.ndarray, np.ndarray]:
+    """(class, radius) of the agreement rule for N inputs: j* (N,), gaps (N, E), and each
+    expert's certified class and radius (E, N).
 
     The composition is constant on B(x, R) if the leader j* certifies c to R and, for every
     other k, either k cannot route inside B(x, R) (R <= gap_k) or k certifies c to R (R <= R_k).
     Every constraint is an interval [0, bound], so R is the minimum of the bounds: the largest r
     at which every expert of S(r) = {j*} + {k: gap_k <= r} certifies c with radius >= r.
     """
-    c = int(predictions[j])
-    if c == ABSTAIN:
-        return ABSTAIN, 0.0
-    radius = float(radii[j])
-    for k, (p, rk) in enumerate(zip(predictions, radii, strict=True)):
-        if k != j:
-            radius = min(radius, max(float(gaps[k]), float(rk) if int(p) == c else 0.0))
-    return (c, radius) if radius > 0 else (ABSTAIN, 0.0)
+    j = np.atleast_1d(np.asarray(j, dtype=np.int64))
+    gaps = np.atleast_2d(np.asarray(gaps, dtype=np.float64))
+    pred = np.asarray(predictions, dtype=np.int64).reshape(gaps.shape[1], len(j))
+    rad = np.asarray(radii, dtype=np.float64).reshape(pred.shape)
+    idx = np.arange(len(j))
+    c = pred[j, idx]
+    bound = np.maximum(gaps, np.where(c[:, None] == pred.T, rad.T, 0.0))  # k != j* binds here
+    bound[idx, j] = rad[j, idx]
+    radius = bound.min(axis=1)
+    ok = (c != ABSTAIN) & (radius > 0)
+    return np.where(ok, c, ABSTAIN), np.where(ok, radius, 0.0)
+
+
+def agreement_radius(j: int, gaps, predictions: Sequence[int], radii: Sequence[float]):
+    """(class, radius) of the agreement rule for one input (``agreement_rows`` of one row)."""
+    c, radius = agreement_rows([j], [gaps], predictions, radii)
+    return int(c[0]), float(radius[0])
 
 
 def agreement_sweep(j: int, gaps, predictions, radii) -> tuple[int, float]:
@@ -167,8 +204,7 @@ def decide_rows(rule: str, router_sel, router_est, expert_pred, expert_rad, *, s
     sel = np.atleast_2d(np.asarray(router_sel, dtype=np.int64))
     est = np.atleast_2d(np.asarray(router_est, dtype=np.int64))
     e_pred, e_rad = np.asarray(expert_pred), np.asarray(expert_rad, dtype=np.float64)
-    rows, width = est.shape
-    idx = np.arange(rows)
+    idx = np.arange(est.shape[0])
     if check_rule(rule) == "min":  # the router's own certificate picks the expert
         j, r_router = certify_rows(sel, est, sigma_e, alpha_router)
         routed = j >= 0
@@ -178,33 +214,15 @@ def decide_rows(rule: str, router_sel, router_est, expert_pred, expert_rad, *, s
         return pred, radius, j
     if rule == CASCADE:
         raise UsageError("decide_rows reads the router: the cascade is decided by certify_cascade.")
-    b = check_biases(biases, width)
-    shares = sel / np.maximum(sel.sum(axis=1, keepdims=True), 1.0)
-    j = np.argmax(_scores(shares, b), axis=1)  # leader() row by row
-    n = est.sum(axis=1)
-    level = alpha_router / width
-    lo = np.atleast_1d(lower_confidence_bound(est[idx, j], n, level)).astype(np.float64)
-    hi = 1.0 - np.atleast_2d(lower_confidence_bound(n[:, None] - est, n[:, None], level))
-    hi = np.minimum(hi, 1.0 - lo[:, None])
-    hi[idx, j] = 1.0
-    with np.errstate(invalid="ignore"):  # score_gaps() row by row
-        gaps = sigma_e / 2 * (_scores(lo, b[j])[:, None] - _scores(hi, b))
-    gaps = np.where(np.isnan(gaps), -np.inf, gaps)
-    gaps[idx, j] = np.inf
-    r_router = gaps.min(axis=1)
-    r_router = np.where(r_router > 0, r_router, 0.0)
+    j, lo, hi = router_bounds_rows(sel, est, alpha_router, biases)
+    gaps = score_gaps_rows(j, lo, hi, sigma_e, biases)
+    r_router = pairwise_rows(gaps)
     route = np.where(r_router > 0, j, ABSTAIN)
-    c, r_j = e_pred[j, idx], e_rad[j, idx]
     if rule == "pairwise":
+        c, r_j = e_pred[j, idx], e_rad[j, idx]
         ok = (r_router > 0) & (c != ABSTAIN)
         return np.where(ok, c, ABSTAIN), np.where(ok, np.minimum(r_router, r_j), 0.0), route
-    # agreement_radius() row by row: k != j* binds at max(gap_k, R_k if k certifies c else 0)
-    agree = np.where(c[:, None] == e_pred.T, e_rad.T, 0.0)
-    bound = np.maximum(gaps, agree)
-    bound[idx, j] = r_j
-    radius = bound.min(axis=1)
-    ok = (c != ABSTAIN) & (radius > 0)
-    return np.where(ok, c, ABSTAIN), np.where(ok, radius, 0.0), route
+    return (*agreement_rows(j, gaps, e_pred, e_rad), route)
 
 
 def simultaneous_bounds(counts, alpha: float) -> tuple[np.ndarray, np.ndarray]:
