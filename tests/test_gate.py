@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from helpers import small_cnn_expert, val_split_workspace
+from rsrouter.composition.tuning import CASCADE_FITS
 from rsrouter.router import gate as gates
 from rsrouter.router.model import RouterModel
 from rsrouter.smoothing import ROUTER_ESTIMATION, sample_counts
@@ -234,7 +235,8 @@ def test_router_train_cascade_fits(tmp_path, capsys):
         router = RouterModel.from_pretrained(folder)
         cascade = router.info["cascade"]
         assert cascade["order"][0] == 2 and cascade["thresholds"][0] == [0.5] * 10
-        assert router.info["tuning"]["cascade_fit"].startswith(f"{fit}: ")
+        assert router.info["tuning"]["cascade_fit"] == fit
+        assert router.info["tuning"]["cascade_fit_meaning"] == CASCADE_FITS[fit]
         tried = json.loads((folder / "tuning.json").read_text())["cascade"]
         assert all(t["order"][0] == 2 for t in tried)
         if fit == "plain":
@@ -274,7 +276,9 @@ def test_card_of_a_gate_router_states_its_bands():
     text = str(render_card(config))
     assert "class-aware cascade of the experts" in text and "| cascade.order | [2, 0, 1] |" in text
     assert "(fit " not in text  # a router fitted before the fit was recorded
-    config["tuning"] = {"cascade_fit": "keep-multiscale: the largest sigma first at 1/2"}
+    config["tuning"] = {"cascade_fit": "keep-multiscale"}  # the name, and what it means
+    assert "no router is read (fit keep-multiscale)" in str(render_card(config))
+    config["tuning"]["cascade_fit_meaning"] = "the largest sigma first at 1/2"
     assert "no router is read (fit keep-multiscale: the largest sigma first" in str(
         render_card(config)
     )

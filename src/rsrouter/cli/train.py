@@ -228,7 +228,7 @@ def _train_gate(ws, device: str, router_overrides: dict, cascade: str | None = N
         f"{chosen['regret']:.1f} points, {chosen['objective']:.1f} on average over val "
         f"resamples, ACR {chosen['acr']:.3f}; routed {shares}).\n"
         f"the experts' cascade, fitted on the same val inputs "
-        f"({router.info['tuning']['cascade_fit'].split(':')[0]}): stages {stages} (val regret "
+        f"({router.info['tuning']['cascade_fit']}): stages {stages} (val regret "
         f"{fit['regret']:.1f} points, {fit['objective']:.1f} on average over val resamples, "
         f"ACR {fit['acr']:.3f}); the headline rule of `router "
         f"certify` unless [certify] rule says otherwise.\n"

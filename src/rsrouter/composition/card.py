@@ -170,9 +170,11 @@ def render_card(
             "when its own smoothed probability of a class passes that class's threshold, and no "
             "router is read"
         )
-        fit = (config.get("tuning") or {}).get("cascade_fit")
-        if fit:  # routers fitted since session 15 record how
-            routes += f" (fit {_cell(fit)})"
+        tuning = config.get("tuning") or {}
+        fit = tuning.get("cascade_fit")  # routers fitted since session 15 record how
+        if fit:
+            meaning = tuning.get("cascade_fit_meaning")
+            routes += f" (fit {_cell(f'{fit}: {meaning}' if meaning else fit)})"
     results = (
         _demote(report_md.strip())
         if report_md

@@ -592,7 +592,8 @@ def train_gate_workspace(
         "cascade": min(cascade_tried, key=_objective_rank),  # the chosen spec's scores
         "cascade_objective": f"least mean worst-case regret over {FIT_RESAMPLES} bootstrap "
         "resamples of val, then ACR",
-        "cascade_fit": f"{tune['cascade']}: {CASCADE_FITS[tune['cascade']]}",
+        "cascade_fit": tune["cascade"],
+        "cascade_fit_meaning": CASCADE_FITS[tune["cascade"]],
     }
     router = _with_copy(build_router(experts, {**settings, "gate": gate}, info=info), copy).eval()
     folder = Path(folder) if folder is not None else router_folder(ws)
