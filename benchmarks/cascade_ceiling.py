@@ -160,6 +160,9 @@ def main(argv=None) -> int:
         "machine": f"{platform.node()} {platform.machine()}, torch {torch.__version__}",
         "what": f"'ceiling': {KEEP_CEILING_LABEL}; 'plug-in': every bound replaced by its "
         "point estimate (not a certificate)",
+        "experts": {name: e.sigma for name, e in experts.items()},
+        "n0": certify_settings(ws)["n0"],
+        "n": certify_settings(ws)["n"],
         "alpha": alpha,
         "keep_multiscale_fit": keep.to_dict(),
         "splits": {},
