@@ -50,11 +50,13 @@ from rsrouter.errors import UsageError
 from rsrouter.io import write_json
 from rsrouter.registry import Workspace
 from rsrouter.router.tables import workspace_dataset
+from rsrouter.runtime import resolve_device
+from rsrouter.smoothing import uses_bf16
 
 
-def test_counts(ws, experts: dict, limit: int | None) -> ValidationCounts:
-    """Every expert's cached counts on the first ``limit`` test inputs (as a certify run of the
-    workspace sampled them, on the CPU: float32)."""
+def test_counts(ws, experts: dict, limit: int | None, device) -> ValidationCounts:
+    """Every expert's cached counts on the first ``limit`` test inputs, as a certify run of the
+    workspace sampled them on ``device`` (bf16 autocast on CUDA, float32 elsewhere)."""
     s = certify_settings(ws)
     test = workspace_dataset(ws, s["split"])
     size = len(test.labels) if limit is None else min(int(limit), len(test.labels))
@@ -62,7 +64,8 @@ def test_counts(ws, experts: dict, limit: int | None) -> ValidationCounts:
     ctx = distributed.context()
     sel, est = [], []
     for name, e in experts.items():
-        path = expert_counts_path(root, e.fingerprint, test, s["n0"], s["n"], s["seed"], False)
+        path = expert_counts_path(root, e.fingerprint, test, s["n0"], s["n"], s["seed"],
+                                  uses_bf16(device))  # fmt: skip
         have = CountsCache(path, ctx).have
         missing = [i for i in range(size) if i not in have]
         if missing:
@@ -140,19 +143,22 @@ def main(argv=None) -> int:
     p.add_argument("--step", type=float, default=0.25, help="the regret grid's step")
     p.add_argument("--show", type=float, default=1.0, help="print radii up to this one")
     p.add_argument("--plug-in", action="store_true", help="also with point estimates")
+    p.add_argument("--device", default="cpu", help="where the counts were sampled (and missing "
+                   "val counts are)")  # fmt: skip
     p.add_argument("--out", type=Path, help="write every figure as JSON here")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     try:
         ws = Workspace.open(args.workspace)
-        experts = ws.load_experts(device="cpu")
+        device = resolve_device(args.device)
+        experts = ws.load_experts(device=device)
         alpha = certify_settings(ws)["alpha"]
         limit = args.limit if args.limit is not None else certify_settings(ws)["limit"]
-        val = experts_val_counts(ws, experts, progress=not args.quiet)
+        val = experts_val_counts(ws, experts, device=device, progress=not args.quiet)
         classes = next(iter(experts.values())).num_classes
         keep, _ = fit_cascade(val, alpha=alpha, fit="keep-multiscale")
         specs = {"cascade-plain": multiscale_spec(val.sigmas, classes), "cascade-keep": keep}
-        splits = {"val": val, "test": test_counts(ws, experts, limit)}
+        splits = {"val": val, "test": test_counts(ws, experts, limit, device)}
     except UsageError as exc:
         p.exit(2, f"cascade_ceiling: {exc}\n")
     out = {

@@ -8,7 +8,8 @@
 #                                    # peer row), then the certify overhead on ResNet-20 and -110
 #   scripts/gpu_session.sh example   # examples/fashion_mnist, Gaussian experts, full size, the
 #                                    # default design (class gate + the experts' cascade)
-#   scripts/gpu_session.sh routing   # cascade-keep, cascade-plain and the shared gate on its counts
+#   scripts/gpu_session.sh routing   # cascade-keep, cascade-plain and the shared gate on its counts,
+#                                    # and the Multiscale-keeping cascades' ceiling
 #   scripts/gpu_session.sh compiled  # the Carlini pipeline again with torch.compile (bf16)
 #
 # Needs: .data/fashion-mnist (the four IDX files) for example/routing, and .whl/ (diffusers and
@@ -99,6 +100,9 @@ routing) # budget 90 s: beside the example's own rows, cascade-keep and cascade-
   timeout "$budget" "$py" benchmarks/routing_study.py "$ws/gaussian" --device "$device" \
     --only cascade-keep --only cascade-plain --only gate --quiet \
     --out "$out/routing.json" | tee "$out/routing.txt" || status=$?
+  # how far any cascade that keeps Multiscale could go on these experts (cached counts, seconds)
+  timeout "$budget" "$py" benchmarks/cascade_ceiling.py "$ws/gaussian" --device "$device" \
+    --plug-in --quiet --out "$out/ceiling.json" | tee "$out/ceiling.txt" || status=$?
   save_workspace
   finish "$status" "$budget"
   ;;

@@ -90,6 +90,25 @@ def test_records_match_the_api_and_hold_every_baseline(tmp_path):
     assert counts_key("m", "d", 1, 2, 3) != counts_key("m", "d", 1, 2, 3, bf16=True)
 
 
+def test_counts_are_keyed_by_the_precision_they_are_sampled_in():
+    """bf16 autocast is the core's default on CUDA only; the val counts' cache key follows what
+    sampling does (it once recorded float32 for CUDA's bf16 counts)."""
+    from types import SimpleNamespace
+
+    from rsrouter.composition.tuning import _tuning_path
+    from rsrouter.smoothing import uses_bf16
+
+    assert not uses_bf16("cpu") and not uses_bf16(None) and uses_bf16("cuda")
+    assert uses_bf16("cpu", True) and not uses_bf16("cuda", False)
+    val = SimpleNamespace(fingerprint="d")
+    key = {
+        d: _tuning_path("a", "expert", "m", val, 1, 2, 3, {"device": d}) for d in ("cpu", "cuda")
+    }
+    assert key["cpu"] != key["cuda"]
+    assert key["cpu"] == _tuning_path("a", "expert", "m", val, 1, 2, 3, {"device": "cpu"})
+    assert key["cuda"] == _tuning_path("a", "expert", "m", val, 1, 2, 3, {"bf16": True})
+
+
 def test_every_rule_from_the_same_counts_and_the_headline(tmp_path):
     from rsrouter.composition.report import summarize
     from rsrouter.composition.rules import RULES

@@ -166,7 +166,7 @@ def test_gpu_session_script_smoke_runs_its_steps(tmp_path):
     """scripts/gpu_session.sh (issue 15's runbook) at its tiny CPU sizes: the bench step writes
     the pipeline's figures (both halves, the peer row) and the overhead's; the example's step
     writes the report of the default design and copies the workspace to $OUT; the routing step
-    reads the example's cached counts."""
+    reads the example's cached counts (the routing designs, the Multiscale-keeping ceiling)."""
     env = {
         **os.environ,
         "SMOKE": "1",
@@ -213,6 +213,8 @@ def test_gpu_session_script_smoke_runs_its_steps(tmp_path):
         ("cascade-keep", "cascade"),
         ("cascade-plain", "cascade"),
     }
+    ceiling = json.loads((tmp_path / "out" / "ceiling.json").read_text())
+    assert {"val", "test", "test, plug-in"} <= set(ceiling["splits"])
     bad = step("study")
     assert bad.returncode == 2 and "unknown step" in bad.stderr
 

@@ -266,6 +266,14 @@ class _Forward:
             return _as_labels(self.base(chunk), len(chunk))
 
 
+def uses_bf16(device, bf16: bool | None = None) -> bool:
+    """Whether sampling on ``device`` runs under bf16 autocast: as asked, else on CUDA only (the
+    core's default). Cache keys of counts record it, so bf16 and float32 counts never mix."""
+    if bf16 is not None:
+        return bool(bf16)
+    return device is not None and torch.device(device).type == "cuda"
+
+
 def sample_counts(
     base: Base,
     xs: torch.Tensor,
@@ -295,7 +303,7 @@ def sample_counts(
     )
     xs = check_inputs(xs, batched=True)
     device = torch.device(device) if device is not None else xs.device
-    bf16 = device.type == "cuda" if bf16 is None else bf16
+    bf16 = uses_bf16(device, bf16)
     xs = xs.to(device=device, dtype=torch.float32)
     gens = _generators(len(xs), seed, generator, indices, stage, device)
     forward = _Forward(base, batch_size, device, bf16, channels_last)

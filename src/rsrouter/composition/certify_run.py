@@ -21,7 +21,6 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from rsrouter import distributed
 from rsrouter.composition.baselines import MULTISCALE_LABEL, ORACLE_LABEL, multiscale, oracle
@@ -37,7 +36,7 @@ from rsrouter.composition.rules import CASCADE, RULES, check_biases, check_rule,
 from rsrouter.errors import UsageError
 from rsrouter.io import append_jsonl, read_json, read_jsonl, sha256_json, write_json, write_text
 from rsrouter.progress import note, progress_bar
-from rsrouter.smoothing import Certificate, check_count, check_seed
+from rsrouter.smoothing import Certificate, check_count, check_seed, uses_bf16
 
 FORMAT = "rsrouter.certify-run/1"
 
@@ -433,9 +432,7 @@ def certify_run(
     total = len(dataset.labels)
     size = total if limit is None else min(check_count("limit", limit), total)
     device = sampling.get("device")
-    bf16 = sampling.get("bf16")
-    if bf16 is None:  # the core's default: bf16 autocast on CUDA
-        bf16 = device is not None and torch.device(device).type == "cuda"
+    bf16 = uses_bf16(device, sampling.get("bf16"))  # the core's default: bf16 on CUDA
     router_fp = _fingerprint(dual.router, "router")
     expert_fps = [
         _fingerprint(e, f"expert {name!r}") for e, name in zip(dual.experts, names, strict=True)

@@ -49,6 +49,7 @@ from rsrouter.smoothing import (
     certify_rows,
     check_count,
     sample_counts,
+    uses_bf16,
 )
 
 
@@ -177,8 +178,8 @@ def tuning_counts(model, dataset, path: Path, *, sigma, width, size, n0, n, seed
 
 
 def _tuning_path(artifacts, what: str, fingerprint: str, dataset, n0, n, seed, sampling) -> Path:
-    key = counts_key(f"{fingerprint}:tuning", dataset.fingerprint, n0, n, seed,
-                     bool(sampling.get("bf16")))  # fmt: skip
+    bf16 = uses_bf16(sampling.get("device"), sampling.get("bf16"))  # as sample_counts runs
+    key = counts_key(f"{fingerprint}:tuning", dataset.fingerprint, n0, n, seed, bf16)
     return Path(artifacts) / "tune" / what / f"{key}.jsonl"
 
 
