@@ -39,7 +39,12 @@ from rsrouter.composition.cascade import (
     multiscale_spec,
 )
 from rsrouter.composition.certify_run import CountsCache, certify_settings, expert_counts_path
-from rsrouter.composition.report import certified_accuracy, envelope, radius_grid
+from rsrouter.composition.report import (
+    certified_accuracy,
+    envelope,
+    radius_grid,
+    regret_intervals,
+)
 from rsrouter.composition.tuning import (
     ValidationCounts,
     expert_certificates,
@@ -96,25 +101,36 @@ def plug_in(vc: ValidationCounts):
 
 
 def score(vc: ValidationCounts, alpha: float, specs: dict, step: float, plugin: bool) -> dict:
-    """Certified accuracy (%) on the report's grid of the envelope, the ceiling and each spec."""
+    """Certified accuracy (%) on the report's grid of the envelope, the ceiling and each spec,
+    and each one's worst-case regret with its 95 % paired bootstrap interval over the inputs."""
     y = vc.labels
     singles = expert_certificates(vc, alpha)
     grid = radius_grid(float(singles[1].max()), step)  # the report's grid, either way
     bounds = bounds_of(vc.selection, vc.estimation, vc.sigmas, alpha)
     if plugin:
         bounds, singles = plug_in(vc)
-    env = envelope([(p == y, r) for p, r in zip(*singles, strict=True)], grid)
+    table = {f"expert:{i}": {"correct": p == y, "radius": r}
+             for i, (p, r) in enumerate(zip(*singles, strict=True))}  # fmt: skip
     ceiling = keep_multiscale_ceiling(bounds, y)
-    curves = {"envelope": env, "ceiling": certified_accuracy(ceiling > 0, ceiling, grid)}
+    table["ceiling"] = {"correct": ceiling > 0, "radius": ceiling}
     for name, spec in specs.items():
         pred, radius, _ = certify_cascade(bounds, spec)
-        curves[name] = certified_accuracy(pred == y, radius, grid)
+        table[name] = {"correct": pred == y, "radius": radius}
+    env = envelope([(t["correct"], t["radius"]) for k, t in table.items() if k[:7] == "expert:"],
+                   grid)  # fmt: skip
+    curves = {"envelope": env}
+    curves |= {k: certified_accuracy(t["correct"], t["radius"], grid) for k, t in table.items()
+               if not k.startswith("expert:")}  # fmt: skip
+    intervals = regret_intervals(table, grid)
     return {
         "grid": grid,
         "certified_accuracy": {k: [round(100 * float(v), 3) for v in c] for k, c in curves.items()},
         "regret": {
             k: round(100 * float(np.max(env - c)), 3) for k, c in curves.items() if k != "envelope"
         },
+        "regret_interval": {
+            k: [round(v, 3) for v in intervals[k]] for k in curves if k != "envelope"
+        },  # fmt: skip
     }
 
 
@@ -125,12 +141,15 @@ def markdown(out: dict, show: float) -> str:
         cols = [i for i, r in enumerate(grid) if r <= show + 1e-9]
         lines += [
             f"\n{key} ({block['inputs']} inputs)\n",
-            "| | worst-case regret | " + " | ".join(f"r={grid[i]:g}" for i in cols) + " |",
+            "| | worst-case regret [95 %] | " + " | ".join(f"r={grid[i]:g}" for i in cols) + " |",
             "|---|---|" + "---|" * len(cols),
         ]
         acc = block["certified_accuracy"]
         for name, curve in acc.items():
-            worst = "" if name == "envelope" else f"{block['regret'][name]:.2f}"
+            worst = ""
+            if name != "envelope":
+                lo, hi = block["regret_interval"][name]
+                worst = f"{block['regret'][name]:.2f} [{lo:.1f}, {hi:.1f}]"
             lines.append(f"| {name} | {worst} | " + " | ".join(f"{curve[i]:.2f}" for i in cols)
                          + " |")  # fmt: skip
     return "\n".join(lines)

@@ -96,6 +96,8 @@ def test_routing_study_runs_every_design_and_writes_every_rule(tmp_path, monkeyp
         assert test["regret"][member] >= test["regret"]["ceiling"] - 1e-9
     plain = rows[("cascade-plain", "cascade")]
     assert abs(test["regret"]["cascade-plain"] - plain["regret"]) < 1e-3  # JSON: to 0.001
+    lo, hi = test["regret_interval"]["cascade-plain"]  # the study's, from the same resamples
+    assert [lo, hi] == pytest.approx(plain["regret_interval"], abs=1e-3)
     assert "| ceiling |" in capsys.readouterr().out
     monkeypatch.setattr(sys, "argv", [str(CEILING), str(ws.root), "--limit", "7", "--quiet"])
     with pytest.raises(SystemExit) as refused:  # test input 6 was never certified
