@@ -59,7 +59,7 @@ from rsrouter.runtime import resolve_device
 from rsrouter.smoothing import uses_bf16
 
 
-def test_counts(ws, experts: dict, limit: int | None, device) -> ValidationCounts:
+def cached_test_counts(ws, experts: dict, limit: int | None, device) -> ValidationCounts:
     """Every expert's cached counts on the first ``limit`` test inputs, as a certify run of the
     workspace sampled them on ``device`` (bf16 autocast on CUDA, float32 elsewhere)."""
     s = certify_settings(ws)
@@ -177,7 +177,7 @@ def main(argv=None) -> int:
         classes = next(iter(experts.values())).num_classes
         keep, _ = fit_cascade(val, alpha=alpha, fit="keep-multiscale")
         specs = {"cascade-plain": multiscale_spec(val.sigmas, classes), "cascade-keep": keep}
-        splits = {"val": val, "test": test_counts(ws, experts, limit, device)}
+        splits = {"val": val, "test": cached_test_counts(ws, experts, limit, device)}
     except UsageError as exc:
         p.exit(2, f"cascade_ceiling: {exc}\n")
     out = {
