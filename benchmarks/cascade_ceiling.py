@@ -59,10 +59,10 @@ from rsrouter.runtime import resolve_device
 from rsrouter.smoothing import uses_bf16
 
 
-def cached_test_counts(ws, experts: dict, limit: int | None, device) -> ValidationCounts:
+def cached_test_counts(ws, experts: dict, s: dict, limit: int | None, device) -> ValidationCounts:
     """Every expert's cached counts on the first ``limit`` test inputs, as a certify run of the
-    workspace sampled them on ``device`` (bf16 autocast on CUDA, float32 elsewhere)."""
-    s = certify_settings(ws)
+    workspace (``s``: its [certify] settings) sampled them on ``device`` (bf16 autocast on
+    CUDA, float32 elsewhere)."""
     test = workspace_dataset(ws, s["split"])
     size = len(test.labels) if limit is None else min(int(limit), len(test.labels))
     root = Path(ws.artifacts) / "certify"
@@ -106,9 +106,10 @@ def score(vc: ValidationCounts, alpha: float, specs: dict, step: float, plugin: 
     y = vc.labels
     singles = expert_certificates(vc, alpha)
     grid = radius_grid(float(singles[1].max()), step)  # the report's grid, either way
-    bounds = bounds_of(vc.selection, vc.estimation, vc.sigmas, alpha)
     if plugin:
         bounds, singles = plug_in(vc)
+    else:
+        bounds = bounds_of(vc.selection, vc.estimation, vc.sigmas, alpha)
     table = {f"expert:{i}": {"correct": p == y, "radius": r}
              for i, (p, r) in enumerate(zip(*singles, strict=True))}  # fmt: skip
     ceiling = keep_multiscale_ceiling(bounds, y)
@@ -116,8 +117,8 @@ def score(vc: ValidationCounts, alpha: float, specs: dict, step: float, plugin: 
     for name, spec in specs.items():
         pred, radius, _ = certify_cascade(bounds, spec)
         table[name] = {"correct": pred == y, "radius": radius}
-    env = envelope([(t["correct"], t["radius"]) for k, t in table.items() if k[:7] == "expert:"],
-                   grid)  # fmt: skip
+    env = envelope([(t["correct"], t["radius"]) for k, t in table.items()
+                    if k.startswith("expert:")], grid)  # fmt: skip
     curves = {"envelope": env}
     curves |= {k: certified_accuracy(t["correct"], t["radius"], grid) for k, t in table.items()
                if not k.startswith("expert:")}  # fmt: skip
@@ -171,13 +172,14 @@ def main(argv=None) -> int:
         ws = Workspace.open(args.workspace)
         device = resolve_device(args.device)
         experts = ws.load_experts(device=device)
-        alpha = certify_settings(ws)["alpha"]
-        limit = args.limit if args.limit is not None else certify_settings(ws)["limit"]
+        settings = certify_settings(ws)
+        alpha = settings["alpha"]
+        limit = args.limit if args.limit is not None else settings["limit"]
         val = experts_val_counts(ws, experts, device=device, progress=not args.quiet)
         classes = next(iter(experts.values())).num_classes
         keep, _ = fit_cascade(val, alpha=alpha, fit="keep-multiscale")
         specs = {"cascade-plain": multiscale_spec(val.sigmas, classes), "cascade-keep": keep}
-        splits = {"val": val, "test": cached_test_counts(ws, experts, limit, device)}
+        splits = {"val": val, "test": cached_test_counts(ws, experts, settings, limit, device)}
     except UsageError as exc:
         p.exit(2, f"cascade_ceiling: {exc}\n")
     out = {
@@ -186,8 +188,8 @@ def main(argv=None) -> int:
         "what": f"'ceiling': {KEEP_CEILING_LABEL}; 'plug-in': every bound replaced by its "
         "point estimate (not a certificate)",
         "experts": {name: e.sigma for name, e in experts.items()},
-        "n0": certify_settings(ws)["n0"],
-        "n": certify_settings(ws)["n"],
+        "n0": settings["n0"],
+        "n": settings["n"],
         "alpha": alpha,
         "keep_multiscale_fit": keep.to_dict(),
         "splits": {},

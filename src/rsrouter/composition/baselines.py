@@ -139,12 +139,10 @@ def keep_multiscale_ceiling(bounds: Sequence[StageBounds], labels) -> np.ndarray
     sigmas = [b.sigma for b in bounds]
     classes = bounds[0].up.shape[1]
     big = multiscale_spec(sigmas, classes).order[0]
+    others = [i for i in range(len(bounds)) if i != big]
+    orders = [(big, j, *(i for i in others if i != j)) for j in others] or [(big,)]
     best = np.zeros(len(labels))
-    for j in range(len(bounds)):
-        if j == big and len(bounds) > 1:
-            continue
-        rest = [i for i in range(len(bounds)) if i not in (big, j)]
-        order = (big, j, *rest) if j != big else (big,)
+    for order in orders:
         spec = CascadeSpec(order, tuple((0.5,) * classes for _ in order))
         pred, radius, _ = certify_cascade(bounds, spec)
         best = np.maximum(best, np.where(pred == labels, radius, 0.0))
