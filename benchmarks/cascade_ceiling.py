@@ -56,7 +56,7 @@ from rsrouter.io import write_json
 from rsrouter.registry import Workspace
 from rsrouter.router.tables import workspace_dataset
 from rsrouter.runtime import resolve_device
-from rsrouter.smoothing import uses_bf16
+from rsrouter.smoothing import check_count, uses_bf16
 
 
 def cached_test_counts(ws, experts: dict, s: dict, limit: int | None, device) -> ValidationCounts:
@@ -168,7 +168,11 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, help="write every figure as JSON here")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
+    if not args.step > 0:
+        p.error(f"--step must be positive, got {args.step}.")
     try:
+        if args.limit is not None:
+            check_count("limit", args.limit)
         ws = Workspace.open(args.workspace)
         device = resolve_device(args.device)
         experts = ws.load_experts(device=device)

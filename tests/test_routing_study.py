@@ -104,6 +104,11 @@ def test_routing_study_runs_every_design_and_writes_every_rule(tmp_path, monkeyp
         runpy.run_path(str(CEILING), run_name="__main__")
     err = capsys.readouterr().err
     assert refused.value.code == 2 and "no cached test counts for 1 of the first 7" in err
+    for bad, says in ((["--limit", "0"], "limit must be"), (["--step", "0"], "--step must be")):
+        monkeypatch.setattr(sys, "argv", [str(CEILING), str(ws.root), *bad, "--quiet"])
+        with pytest.raises(SystemExit) as refused:
+            runpy.run_path(str(CEILING), run_name="__main__")
+        assert refused.value.code == 2 and says in capsys.readouterr().err
 
 
 def study(monkeypatch, *argv):
